@@ -1,0 +1,1 @@
+"""DiaNA: chat-based person retrieval."""
