@@ -1,1 +1,75 @@
-"""DiaNA: chat-based person retrieval."""
+"""DiaNA: chat-based person retrieval. Data side: processor, tokenizer set-up, datasets.
+
+Importing the package stays cheap: `build_processor` imports transformers only when called.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .processing_diana import DiaNAProcessor
+
+PRESETS = {
+    # DESIGN.md §1: ChatPedes fine-tuning uses CUHK-PEDES statistics and 400 tokens; MALS
+    # pretraining uses the MALS statistics and 56 tokens.
+    "finetune": {"max_length": 400, "stats": "cuhk_pedes"},
+    "pretrain": {"max_length": 56, "stats": "mals"},
+}
+
+
+def build_processor(
+    tokenizer_dir: str | os.PathLike | None = None,
+    preset: str = "finetune",
+    image_size: tuple[int, int] = (384, 192),
+) -> "DiaNAProcessor":
+    """Build DiaNA's processor from a Llama-3.2 tokenizer folder.
+
+    Args:
+        tokenizer_dir: A folder with the Llama-3.2 tokenizer (`tokenizer.json` + config): the one
+            made by `python -m diana.processing.tokenizer_setup` (the default,
+            `default_tokenizer_dir()`), or a user's own download of meta-llama/Llama-3.2-1B.
+        preset: "finetune" (ChatPedes: CUHK-PEDES statistics, 400 tokens) or "pretrain" (MALS
+            statistics, 56 tokens).
+        image_size: (height, width) of the model input.
+
+    Returns:
+        A `DiaNAProcessor` (right padding with `<|finetune_right_pad_id|>`, DiaNA chat template).
+    """
+    from transformers import AutoTokenizer, ViTImageProcessor
+
+    from .processing_diana import (
+        CUHK_PEDES_MEAN, CUHK_PEDES_STD, DIALOGUE_CHAT_TEMPLATE, MALS_MEAN, MALS_STD, PAD_TOKEN, DiaNAProcessor,
+    )
+    from .tokenizer_setup import default_tokenizer_dir, missing_tokenizer_message
+
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    height, width = (int(v) for v in image_size)
+    path = Path(tokenizer_dir) if tokenizer_dir is not None else default_tokenizer_dir()
+    if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
+        raise FileNotFoundError(missing_tokenizer_message(path))
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    # Meta's own Llama-3.2 files define no pad token and other Llama tokenizers pad on the left;
+    # DiaNA pools the last non-pad token of right-padded input.
+    if tokenizer.pad_token != PAD_TOKEN:
+        tokenizer.pad_token = PAD_TOKEN
+    tokenizer.padding_side = "right"
+    tokenizer.truncation_side = "right"
+    tokenizer.chat_template = DIALOGUE_CHAT_TEMPLATE
+
+    mean, std = (CUHK_PEDES_MEAN, CUHK_PEDES_STD) if PRESETS[preset]["stats"] == "cuhk_pedes" else (MALS_MEAN, MALS_STD)
+    image_processor = ViTImageProcessor(
+        size={"height": height, "width": width},
+        do_resize=True, resample=2,  # PILImageResampling.BILINEAR, as torchvision's Resize in the paper code
+        do_rescale=True, rescale_factor=1 / 255,
+        do_normalize=True, image_mean=list(mean), image_std=list(std),
+        do_convert_rgb=False,  # the processor converts every mode to RGB itself (16-bit, alpha...)
+    )
+    return DiaNAProcessor(image_processor, tokenizer, max_length=PRESETS[preset]["max_length"])
+
+
+__all__ = ["build_processor", "PRESETS"]

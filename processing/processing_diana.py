@@ -1,0 +1,592 @@
+"""DiaNA processor: raw dialogues and pedestrian photos to DiaNA model inputs.
+
+Shipped next to the weights (trust_remote_code), so this file imports only torch, transformers,
+PIL, numpy and the standard library.
+
+The dialogue text must match what DiaNA was trained on (DESIGN.md §1):
+
+    {system prompt}\\n\\nASSISTANT: {q1}\\nUSER: {a1}\\nASSISTANT: {q2}\\nUSER: {a2}...
+
+encoded as BOS + tokens, no EOS, right-padded with `<|finetune_right_pad_id|>`.
+
+Prefix-consistent tokenisation. The model reads the vector of "the first k rounds" at the end of
+round k inside ONE pass over the full dialogue (the text tower is causal and pools the last
+token). That is only exact if the ids of the first k rounds are a prefix of the full dialogue's
+ids. Plain tokenisation of the whole string breaks this: the Llama-3 pre-tokenizer glues
+punctuation to the newlines after it (` ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*`), so "...coat.\\nASSISTANT"
+yields the token ".\\n" while the 1-round prefix ends in ".". The processor therefore tokenises
+the text in round segments (segment 1 = system prompt + "\\n\\nASSISTANT: q1\\nUSER: a1",
+segment k = "\\nASSISTANT: qk\\nUSER: ak") and concatenates their ids. Only round boundaries that
+follow punctuation differ from plain tokenisation; decoding the ids gives the template string
+exactly.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from transformers import BatchFeature
+from transformers.processing_utils import ProcessorMixin
+
+SYSTEM_PROMPT = (
+    "You are an intelligent system designed to retrieve pedestrian images from dialogues. Extract key "
+    "attributes such as clothing, accessories, gender, and distinctive features from the conversation. "
+    "Use the aggregated information from all dialogue turns to perform accurate person image retrieval."
+)
+DEFAULT_FIRST_QUESTION = "Please describe the person you saw."
+QUESTION_PREFIX = "ASSISTANT: "
+ANSWER_PREFIX = "USER: "
+BOS_TOKEN = "<|begin_of_text|>"
+PAD_TOKEN = "<|finetune_right_pad_id|>"
+
+# Image statistics (DESIGN.md §1): CUHK-PEDES for ChatPedes fine-tuning, MALS for pretraining.
+CUHK_PEDES_MEAN = (0.38901, 0.36516, 0.34836)
+CUHK_PEDES_STD = (0.24344, 0.23739, 0.23369)
+MALS_MEAN = (0.44168, 0.41813, 0.42375)
+MALS_STD = (0.30883, 0.29743, 0.30101)
+
+# Message roles. ChatPedes stores the questioner as "gpt" and the witness as "user"; chat-template
+# users write "assistant" for the questioner.
+QUESTION_ROLES = frozenset({"gpt", "assistant"})
+ANSWER_ROLES = frozenset({"user"})
+SYSTEM_ROLE = "system"
+
+# The same rendering as `render_dialogue`, for `apply_chat_template(messages, tokenize=False)`.
+# Jinja's `trim` is Python's `str.strip`, matching `normalize_dialogue`. A system message is
+# optional; without one DiaNA's fixed system prompt is inserted.
+DIALOGUE_CHAT_TEMPLATE = (
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set system_prompt = messages[0]['content'] -%}{%- set turns = messages[1:] -%}"
+    "{%- else -%}"
+    "{%- set system_prompt = '" + SYSTEM_PROMPT.replace("'", "\\'") + "' -%}{%- set turns = messages -%}"
+    "{%- endif -%}"
+    "{%- macro text(content) -%}"
+    "{%- if content is string -%}{{- content | trim -}}"
+    "{%- else -%}{%- for part in content if part['type'] == 'text' -%}{{- part['text'] | trim -}}{%- endfor -%}"
+    "{%- endif -%}"
+    "{%- endmacro -%}"
+    "{{- text(system_prompt) -}}"
+    "{%- for message in turns -%}"
+    "{%- set expect_question = loop.index0 % 2 == 0 -%}"
+    "{%- if message['role'] in ['assistant', 'gpt'] and expect_question -%}"
+    "{{- ('\\n\\n' if loop.first else '\\n') + 'ASSISTANT: ' + text(message['content']) -}}"
+    "{%- elif message['role'] == 'user' and not expect_question -%}"
+    "{{- '\\nUSER: ' + text(message['content']) -}}"
+    "{%- else -%}"
+    "{{- raise_exception('DiaNA dialogues alternate assistant (question) and user (answer) messages, "
+    "starting with a question; message ' ~ loop.index0 ~ ' has role ' ~ message['role']) -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+
+class DialogueError(ValueError):
+    """A dialogue that cannot be rendered; the message names the dialogue index and round."""
+
+
+class ImageInputError(ValueError):
+    """An image that cannot be used; the message names its index in the batch."""
+
+
+def _where(index: int | None, round_index: int | None = None) -> str:
+    parts = []
+    if index is not None:
+        parts.append(f"dialogue {index}")
+    if round_index is not None:
+        parts.append(f"round {round_index + 1}")
+    return (", ".join(parts) + ": ") if parts else ""
+
+
+def _text(value: Any, index: int | None, round_index: int, field: str) -> str:
+    if not isinstance(value, str):
+        raise DialogueError(f"{_where(index, round_index)}{field} must be a string, got {type(value).__name__}: {value!r:.80}")
+    # Each question/answer is stripped so that a round's text never ends in whitespace: the
+    # template strips trailing whitespace, and a k-round prefix must render as a prefix.
+    value = value.strip()
+    if not value:
+        raise DialogueError(f"{_where(index, round_index)}empty {field}")
+    return value
+
+
+def _message_role_and_value(message: Mapping, index: int | None, position: int) -> tuple[str, Any]:
+    if "from" in message:
+        return message["from"], message.get("value")
+    if "role" in message:
+        content = message.get("content")
+        if isinstance(content, list):  # chat-template content parts: keep the text parts
+            content = "".join(p.get("text", "") for p in content if isinstance(p, Mapping) and p.get("type") == "text")
+        return message["role"], content
+    raise DialogueError(
+        f"{_where(index)}message {position} has neither 'from'/'value' (ChatPedes) nor 'role'/'content' keys: "
+        f"{sorted(message)}"
+    )
+
+
+def _pairs_from_messages(messages: Sequence[Mapping], index: int | None) -> list[tuple[str, str]]:
+    """Flat message list ([{"from": "gpt", ...}, {"from": "user", ...}, ...]) to (q, a) pairs."""
+    pairs: list[tuple[str, str]] = []
+    question: Any = None
+    has_question = False
+    for position, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise DialogueError(f"{_where(index, len(pairs))}message {position} must be a dict, got {type(message).__name__}")
+        role, value = _message_role_and_value(message, index, position)
+        round_index = len(pairs)
+        if role == SYSTEM_ROLE:
+            if position != 0:
+                raise DialogueError(f"{_where(index, round_index)}a system message is only allowed first")
+            if not isinstance(value, str) or value.strip() != SYSTEM_PROMPT:
+                raise DialogueError(
+                    f"{_where(index)}DiaNA was trained with one fixed system prompt; drop the system message or "
+                    "pass exactly processing_diana.SYSTEM_PROMPT"
+                )
+            continue
+        if role in QUESTION_ROLES:
+            if has_question:
+                raise DialogueError(f"{_where(index, round_index)}two questions in a row (message {position}, role {role!r})")
+            question, has_question = value, True
+        elif role in ANSWER_ROLES:
+            if not has_question:
+                raise DialogueError(f"{_where(index, round_index)}answer without a question (message {position})")
+            pairs.append((_text(question, index, round_index, "question"), _text(value, index, round_index, "answer")))
+            has_question = False
+        else:
+            raise DialogueError(
+                f"{_where(index, round_index)}unknown role {role!r} in message {position} "
+                f"(questions: {sorted(QUESTION_ROLES)}, answers: {sorted(ANSWER_ROLES)})"
+            )
+    if has_question:
+        raise DialogueError(f"{_where(index, len(pairs))}question without an answer")
+    return pairs
+
+
+def normalize_dialogue(dialogue: Any, index: int | None = None) -> list[tuple[str, str]]:
+    """Bring a dialogue in any accepted form to a list of stripped (question, answer) pairs.
+
+    Accepted forms:
+        - ChatPedes messages, flat: `[{"from": "gpt", "value": q}, {"from": "user", "value": a}, ...]`
+          (chat-style `{"role": "assistant"|"user", "content": ...}` works the same);
+        - ChatPedes rounds: `[[{"from": "gpt", ...}, {"from": "user", ...}], ...]`;
+        - `(question, answer)` pairs: `[(q1, a1), (q2, a2), ...]`;
+        - `{"question", "answer"}` dicts (the dataset column format);
+        - a string: one round answering "Please describe the person you saw.".
+
+    Args:
+        dialogue: The dialogue.
+        index: Its index in the batch, used in error messages.
+
+    Raises:
+        DialogueError: Unknown role, two questions in a row, empty dialogue / question / answer, a
+            non-string value; the message names the dialogue index and the (1-based) round.
+    """
+    if isinstance(dialogue, str):
+        return [(DEFAULT_FIRST_QUESTION, _text(dialogue, index, 0, "answer"))]
+    if isinstance(dialogue, Mapping) or not isinstance(dialogue, Sequence) or isinstance(dialogue, bytes):
+        raise DialogueError(f"{_where(index)}a dialogue must be a list of rounds or a string, got {type(dialogue).__name__}")
+    if len(dialogue) == 0:
+        raise DialogueError(f"{_where(index)}empty dialogue")
+
+    first = dialogue[0]
+    if isinstance(first, Mapping) and ("question" in first or "answer" in first):
+        pairs = []
+        for round_index, item in enumerate(dialogue):
+            if not isinstance(item, Mapping) or "question" not in item or "answer" not in item:
+                raise DialogueError(f"{_where(index, round_index)}expected a {{'question', 'answer'}} dict, got {item!r:.80}")
+            pairs.append((_text(item["question"], index, round_index, "question"),
+                          _text(item["answer"], index, round_index, "answer")))
+        return pairs
+    if isinstance(first, Mapping):
+        pairs = _pairs_from_messages(dialogue, index)
+    else:
+        pairs = []
+        messages: list[Mapping] = []
+        for round_index, item in enumerate(dialogue):
+            if isinstance(item, (str, bytes, Mapping)) or not isinstance(item, Sequence) or len(item) != 2:
+                raise DialogueError(
+                    f"{_where(index, round_index)}expected a (question, answer) pair or a 2-message round, got {item!r:.80}"
+                )
+            if isinstance(item[0], Mapping):  # ChatPedes round: [{"from": "gpt"}, {"from": "user"}]
+                messages.extend(item)
+            else:
+                if messages:
+                    raise DialogueError(f"{_where(index, round_index)}mixes message rounds and (question, answer) pairs")
+                pairs.append((_text(item[0], index, round_index, "question"), _text(item[1], index, round_index, "answer")))
+        if messages:
+            if pairs:
+                raise DialogueError(f"{_where(index)}mixes message rounds and (question, answer) pairs")
+            pairs = _pairs_from_messages(messages, index)
+    if not pairs:
+        raise DialogueError(f"{_where(index)}empty dialogue (no question/answer round)")
+    return pairs
+
+
+def round_segments(pairs: Sequence[tuple[str, str]]) -> list[str]:
+    """The template text of each round; their concatenation is the rendered dialogue.
+
+    Segment 1 carries the system prompt; every later segment starts with its newline, so the first
+    k segments render exactly the first k rounds.
+    """
+    segments = []
+    for k, (question, answer) in enumerate(pairs):
+        head = SYSTEM_PROMPT + "\n\n" if k == 0 else "\n"
+        segments.append(f"{head}{QUESTION_PREFIX}{question}\n{ANSWER_PREFIX}{answer}")
+    return segments
+
+
+def render_dialogue(dialogue: Any, max_rounds: int | None = None, index: int | None = None) -> str:
+    """The exact training text of a dialogue (without BOS), optionally only its first `max_rounds` rounds."""
+    pairs = normalize_dialogue(dialogue, index)
+    if max_rounds is not None:
+        pairs = pairs[: _check_max_rounds(max_rounds)]
+    return "".join(round_segments(pairs)).rstrip()
+
+
+def _check_max_rounds(max_rounds: Any) -> int:
+    if isinstance(max_rounds, bool) or not isinstance(max_rounds, (int, np.integer)) or max_rounds < 1:
+        raise ValueError(f"max_rounds must be a positive integer, got {max_rounds!r}")
+    return int(max_rounds)
+
+
+def _as_dialogue_batch(dialogues: Any) -> list[Any]:
+    """A batch of dialogues from one dialogue or a list of them.
+
+    A single dialogue is recognised when unambiguous: a string, a flat list of dicts, or a list of
+    (question, answer) string pairs. Anything else that is a list is a batch; a single dialogue in
+    the nested ChatPedes round form must be passed in a list.
+    """
+    if isinstance(dialogues, str):
+        return [dialogues]
+    if isinstance(dialogues, Sequence) and len(dialogues) > 0:
+        first = dialogues[0]
+        if isinstance(first, Mapping):
+            return [dialogues]
+        if (isinstance(first, (tuple, list)) and len(first) == 2
+                and all(isinstance(x, str) for x in first)):
+            return [dialogues]
+        return list(dialogues)
+    if isinstance(dialogues, Sequence):
+        raise DialogueError("dialogues is an empty list")
+    raise DialogueError(f"dialogues must be a dialogue or a list of dialogues, got {type(dialogues).__name__}")
+
+
+def _to_uint8(array: np.ndarray, what: str) -> np.ndarray:
+    """Scale an integer / float / bool image array to uint8 without guessing silently."""
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8) * 255
+    if array.size == 0:
+        return array.astype(np.uint8)
+    low, high = float(array.min()), float(array.max())
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise ImageInputError(f"{what} contains NaN or infinite values")
+        if low >= 0.0 and high <= 1.0:  # float images in [0, 1] (torchvision / matplotlib convention)
+            return np.round(array * 255.0).astype(np.uint8)
+        if low >= 0.0 and high <= 255.0:
+            return np.round(array).astype(np.uint8)
+        raise ImageInputError(f"{what}: float values must lie in [0, 1] or [0, 255], got [{low}, {high}]")
+    if np.issubdtype(array.dtype, np.integer):
+        if low < 0:
+            raise ImageInputError(f"{what}: negative pixel values ({low})")
+        # 16-bit data (uint16 arrays, PIL "I;16"/"I" from 16-bit PNGs) uses the full 0..65535 range:
+        # 65535 / 257 = 255 maps it onto 8 bits exactly.
+        if array.dtype == np.uint16 or high > 255:
+            if high > 65535:
+                raise ImageInputError(f"{what}: integer values above 16 bits ({high})")
+            return np.round(array.astype(np.float64) / 257.0).astype(np.uint8)
+        return array.astype(np.uint8)
+    raise ImageInputError(f"{what}: unsupported array dtype {array.dtype}")
+
+
+def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
+    """(H, W, 4) uint8 -> (H, W, 3) uint8, alpha-blended onto white as transformers' convert_to_rgb does."""
+    rgb = rgba[..., :3].astype(np.float32)
+    alpha = rgba[..., 3:4].astype(np.float32) / 255.0
+    return np.round(rgb * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+
+
+def _array_to_rgb(array: np.ndarray, what: str, channels_first: bool) -> np.ndarray:
+    if array.ndim == 3 and channels_first and array.shape[0] in (1, 2, 3, 4) and array.shape[-1] not in (1, 2, 3, 4):
+        array = np.moveaxis(array, 0, -1)  # (C, H, W) -> (H, W, C)
+    elif array.ndim == 3 and not channels_first and array.shape[-1] not in (1, 2, 3, 4) and array.shape[0] in (1, 2, 3, 4):
+        array = np.moveaxis(array, 0, -1)
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or array.shape[-1] not in (1, 2, 3, 4):
+        raise ImageInputError(f"{what}: expected an (H, W), (H, W, C) or (C, H, W) array with C in 1..4, got shape {tuple(array.shape)}")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ImageInputError(f"{what} has zero size ({array.shape[1]}x{array.shape[0]})")
+    array = _to_uint8(array, what)
+    channels = array.shape[-1]
+    if channels == 1:
+        return np.repeat(array, 3, axis=-1)
+    if channels == 2:  # grey + alpha
+        return _composite_on_white(np.concatenate([np.repeat(array[..., :1], 3, axis=-1), array[..., 1:]], axis=-1))
+    if channels == 4:
+        return _composite_on_white(array)
+    return np.ascontiguousarray(array)
+
+
+def _pil_to_rgb(image: PIL.Image.Image, what: str) -> np.ndarray:
+    if image.width == 0 or image.height == 0:
+        raise ImageInputError(f"{what} has zero size ({image.width}x{image.height})")
+    try:
+        image.load()  # lazily opened files fail here when truncated or corrupt
+    except Exception as err:  # PIL raises OSError, SyntaxError, struct.error... for broken files
+        raise ImageInputError(f"{what} could not be decoded: {err}") from err
+    mode = image.mode
+    if mode.startswith("I") or mode == "F":
+        # 16/32-bit grey: PIL's convert("RGB") clips instead of scaling, turning most photos white.
+        array = np.asarray(image)
+        if mode.startswith("I;16"):
+            array = array.astype(np.uint16)
+        return _array_to_rgb(array, what, channels_first=False)
+    if "A" in image.getbands() or "a" in image.getbands() or "transparency" in image.info:
+        return _composite_on_white(np.asarray(image.convert("RGBA")))
+    try:
+        return np.asarray(image.convert("RGB"))
+    except ValueError as err:
+        raise ImageInputError(f"{what}: cannot convert PIL mode {mode!r} to RGB: {err}") from err
+
+
+def load_rgb_image(image: Any, index: int | None = None) -> np.ndarray:
+    """Any supported image input to an (H, W, 3) uint8 RGB array.
+
+    Accepts PIL images of any mode ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr",
+    "I;16", "I", "F"...), numpy arrays ((H, W), (H, W, C), (C, H, W); uint8, uint16, bool, float in
+    [0, 1] or [0, 255]), torch tensors ((C, H, W) or (H, W, C)), and file paths. Transparency is
+    composited onto white; 16-bit data is scaled by 1/257.
+
+    Raises:
+        ImageInputError: Corrupt, unreadable or zero-size images; the message names the index.
+    """
+    what = f"image {index}" if index is not None else "image"
+    if isinstance(image, (str, os.PathLike)):
+        what = f"{what} ({os.fspath(image)})"
+        try:
+            with PIL.Image.open(image) as opened:
+                return _pil_to_rgb(opened, what)
+        except ImageInputError:
+            raise
+        except Exception as err:
+            raise ImageInputError(f"{what} could not be opened as an image: {err}") from err
+    if isinstance(image, PIL.Image.Image):
+        return _pil_to_rgb(image, what)
+    if isinstance(image, torch.Tensor):
+        return _array_to_rgb(image.detach().cpu().numpy(), what, channels_first=True)
+    if isinstance(image, np.ndarray):
+        return _array_to_rgb(image, what, channels_first=False)
+    raise ImageInputError(f"{what}: unsupported type {type(image).__name__} (PIL image, numpy array, tensor or path; "
+                          "dialogues go in `dialogues=`)")
+
+
+def _as_image_batch(images: Any) -> list[Any]:
+    if isinstance(images, (PIL.Image.Image, str, os.PathLike)):
+        return [images]
+    if isinstance(images, (np.ndarray, torch.Tensor)):
+        return list(images) if images.ndim == 4 else [images]
+    if isinstance(images, Sequence):
+        if len(images) == 0:
+            raise ImageInputError("images is an empty list")
+        return list(images)
+    raise ImageInputError(f"images must be an image or a list of images, got {type(images).__name__}")
+
+
+class DiaNAProcessor(ProcessorMixin):
+    r"""Turns dialogues and pedestrian photos into DiaNA inputs.
+
+    Wraps a `ViTImageProcessor` (RGB, resize to H x W, rescale, normalise) and the Llama-3.2
+    tokenizer. Dialogues are rendered with DiaNA's template and tokenised round by round so that
+    every k-round prefix is an exact id prefix (see the module docstring).
+
+    Args:
+        image_processor: The image processor (`ViTImageProcessor` with the DiaNA size and statistics).
+        tokenizer: A Llama-3 tokenizer; `<|begin_of_text|>` and `<|finetune_right_pad_id|>` must exist.
+        max_length: Maximum dialogue length in tokens, BOS included (400 fine-tuning, 56 pretraining).
+        chat_template: Jinja template for `apply_chat_template`; defaults to DiaNA's dialogue template.
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, max_length: int = 400, chat_template: str | None = None, **kwargs):
+        if chat_template is None:
+            chat_template = DIALOGUE_CHAT_TEMPLATE
+        self.max_length = int(max_length)
+        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+        if self.tokenizer.chat_template is None:
+            self.tokenizer.chat_template = self.chat_template
+        self.bos_token_id = self._special_id(BOS_TOKEN)
+        # Right padding always, whatever the loaded tokenizer says (Llama tokenizers may pad left):
+        # the model pools the last non-pad token and the processor pads by hand below.
+        self.pad_token_id = self._special_id(PAD_TOKEN)
+
+    def _special_id(self, token: str) -> int:
+        token_id = self.tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == self.tokenizer.unk_token_id:
+            raise ValueError(f"the tokenizer has no {token} token: DiaNA needs the Llama-3.2 tokenizer")
+        return int(token_id)
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["pixel_values", "input_ids", "attention_mask"]
+
+    # Dialogue helpers, also available as module functions.
+    def normalize_dialogue(self, dialogue: Any) -> list[tuple[str, str]]:
+        """See `normalize_dialogue`."""
+        return normalize_dialogue(dialogue)
+
+    def render_dialogue(self, dialogue: Any, max_rounds: int | None = None) -> str:
+        """See `render_dialogue`."""
+        return render_dialogue(dialogue, max_rounds=max_rounds)
+
+    def encode_dialogues(
+        self,
+        dialogues: Any,
+        max_rounds: int | None = None,
+        max_length: int | None = None,
+        truncation: bool = True,
+    ) -> tuple[list[list[int]], list[list[int]], list[list[bool]]]:
+        """Token ids (BOS first, no EOS, unpadded), round end positions and round truncation flags.
+
+        Returns:
+            (ids, round_ends, round_truncated) per dialogue; `round_ends[b][k]` is the index of the
+            last token of the encoding of the first k+1 rounds (clamped to the last kept token when
+            truncation cut that round, which is then flagged in `round_truncated`).
+        """
+        batch = _as_dialogue_batch(dialogues)
+        max_length = self.max_length if max_length is None else int(max_length)
+        if max_length < 1:
+            raise ValueError(f"max_length must be at least 1, got {max_length}")
+        all_pairs = [normalize_dialogue(d, index=i) for i, d in enumerate(batch)]
+        if max_rounds is not None:
+            keep = _check_max_rounds(max_rounds)
+            all_pairs = [pairs[:keep] for pairs in all_pairs]
+
+        segments = [seg for pairs in all_pairs for seg in round_segments(pairs)]
+        # One batched call; special-token handling is done here, not by the tokenizer's
+        # post-processor, so any Llama-3 tokenizer folder (BOS template or not) gives the same ids.
+        segment_ids = self.tokenizer(segments, add_special_tokens=False)["input_ids"]
+
+        ids_batch, ends_batch, cut_batch = [], [], []
+        cursor = 0
+        for pairs in all_pairs:
+            ids = [self.bos_token_id]
+            ends = []
+            for seg in segment_ids[cursor : cursor + len(pairs)]:
+                ids.extend(seg)
+                ends.append(len(ids) - 1)
+            cursor += len(pairs)
+            if truncation and len(ids) > max_length:
+                ids = ids[:max_length]
+            last = len(ids) - 1
+            ids_batch.append(ids)
+            cut_batch.append([end > last for end in ends])
+            ends_batch.append([min(end, last) for end in ends])
+        return ids_batch, ends_batch, cut_batch
+
+    def __call__(
+        self,
+        images: Any = None,
+        dialogues: Any = None,
+        *,
+        max_rounds: int | None = None,
+        return_round_ends: bool = False,
+        padding: bool | str = "longest",
+        max_length: int | None = None,
+        truncation: bool = True,
+        return_tensors: str | None = "pt",
+    ) -> BatchFeature:
+        """Prepare images and/or dialogues.
+
+        Args:
+            images: One image or a list (PIL of any mode, numpy, tensor, path).
+            dialogues: One dialogue or a list of dialogues (see `normalize_dialogue` for the forms;
+                a single dialogue in nested ChatPedes round form must be wrapped in a list).
+            max_rounds: Keep only the first k rounds of every dialogue.
+            return_round_ends: Also return `round_end_positions` (B, R), `round_truncated` (B, R)
+                and `num_rounds` (B,), R = most rounds in the batch; for a dialogue with n < R
+                rounds, columns k > n repeat round n (the encoding of the first min(k, n) rounds).
+            padding: "longest"/True pads to the longest dialogue in the batch, "max_length" to
+                `max_length`, False/"do_not_pad" returns unpadded lists (return_tensors=None only
+                unless all lengths agree).
+            max_length: Overrides the processor's maximum length for this call.
+            truncation: Cut dialogues on the right at `max_length`.
+            return_tensors: "pt", "np" or None (lists).
+
+        Returns:
+            BatchFeature with `pixel_values` (B, 3, H, W) and/or `input_ids`, `attention_mask` (B, L)
+            and the round fields above.
+        """
+        if images is None and dialogues is None:
+            raise ValueError("DiaNAProcessor needs images and/or dialogues")
+        data: dict[str, Any] = {}
+        if images is not None:
+            rgb = [PIL.Image.fromarray(load_rgb_image(img, index=i)) for i, img in enumerate(_as_image_batch(images))]
+            pixel_values = self.image_processor(rgb, return_tensors="pt", do_convert_rgb=False)["pixel_values"]
+            data["pixel_values"] = pixel_values if return_tensors == "pt" else pixel_values.numpy()
+        if dialogues is not None:
+            data.update(self._text_inputs(dialogues, max_rounds, return_round_ends, padding, max_length, truncation, return_tensors))
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _text_inputs(self, dialogues, max_rounds, return_round_ends, padding, max_length, truncation, return_tensors) -> dict[str, Any]:
+        max_length = self.max_length if max_length is None else int(max_length)
+        ids_batch, ends_batch, cut_batch = self.encode_dialogues(dialogues, max_rounds, max_length, truncation)
+        longest = max(len(ids) for ids in ids_batch)
+        if padding in (True, "longest"):
+            target = longest
+        elif padding == "max_length":
+            target = max(max_length, longest)
+        elif padding in (False, None, "do_not_pad"):
+            target = None
+            if return_tensors is not None and len({len(ids) for ids in ids_batch}) > 1:
+                raise ValueError("dialogues of different lengths need padding to become tensors")
+        else:
+            raise ValueError(f"padding must be 'longest', 'max_length' or False, got {padding!r}")
+
+        input_ids, attention_mask = [], []
+        for ids in ids_batch:
+            pad = 0 if target is None else target - len(ids)
+            input_ids.append(ids + [self.pad_token_id] * pad)  # right padding: last real token = sum(mask) - 1
+            attention_mask.append([1] * len(ids) + [0] * pad)
+        out: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if return_round_ends:
+            rounds = max(len(ends) for ends in ends_batch)
+            out["round_end_positions"] = [ends + [ends[-1]] * (rounds - len(ends)) for ends in ends_batch]
+            out["round_truncated"] = [cut + [cut[-1]] * (rounds - len(cut)) for cut in cut_batch]
+            out["num_rounds"] = [len(ends) for ends in ends_batch]
+        if return_tensors == "pt" and target is not None:
+            out = {key: torch.tensor(value, dtype=torch.bool if key == "round_truncated" else torch.long)
+                   for key, value in out.items()}
+        return out
+
+    def batch_decode(self, *args, **kwargs):
+        """Forwarded to the tokenizer's `batch_decode`."""
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        """Forwarded to the tokenizer's `decode`."""
+        return self.tokenizer.decode(*args, **kwargs)
+
+
+DiaNAProcessor.register_for_auto_class("AutoProcessor")
+
+__all__ = [
+    "DiaNAProcessor",
+    "DialogueError",
+    "ImageInputError",
+    "SYSTEM_PROMPT",
+    "DEFAULT_FIRST_QUESTION",
+    "DIALOGUE_CHAT_TEMPLATE",
+    "CUHK_PEDES_MEAN",
+    "CUHK_PEDES_STD",
+    "MALS_MEAN",
+    "MALS_STD",
+    "load_rgb_image",
+    "normalize_dialogue",
+    "render_dialogue",
+    "round_segments",
+]
