@@ -1,0 +1,235 @@
+"""Shared helpers of the ChatPedes and MALS builders: annotation loading with located errors,
+cheap image checks, the skip report, and the cache fingerprint of the annotation files.
+
+Every error raised here names the file, and where there is one the entry index and field, so a
+user with 37k (ChatPedes) or 1.5M (MALS) records can find the bad one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
+
+REPORT_FILENAME = "diana_report.json"
+IMAGE_CHECKS = ("exists", "header", "full")
+MISSING_IMAGE_POLICIES = ("error", "skip")
+
+
+class AnnotationError(ValueError):
+    """A malformed annotation file or entry; the message names the file, entry index and field."""
+
+
+class MissingImageError(FileNotFoundError):
+    """An image an annotation refers to is missing or unreadable."""
+
+
+def load_json_list(path: str) -> list[Any]:
+    """Reads a JSON file whose top level must be a list of entries.
+
+    Args:
+        path: the annotation file.
+
+    Returns:
+        The list of entries.
+
+    Raises:
+        AnnotationError: the file is missing, is not valid JSON (line and column given) or its top
+            level is not a list.
+    """
+    if not os.path.isfile(path):
+        raise AnnotationError(f"{path}: annotation file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise AnnotationError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+    except UnicodeDecodeError as e:
+        raise AnnotationError(f"{path}: not UTF-8 text ({e})") from e
+    if not isinstance(data, list):
+        raise AnnotationError(f"{path}: top level must be a list of entries, got {type(data).__name__}")
+    return data
+
+
+def require(entry: Any, key: str, types: type | tuple[type, ...], where: str) -> Any:
+    """Returns `entry[key]` after checking that it exists and has one of `types`.
+
+    `bool` is rejected where `int` is expected (JSON `true` is not a person id).
+
+    Args:
+        entry: the decoded JSON entry.
+        key: the field.
+        types: the accepted Python types.
+        where: "file: entry i" prefix for the message.
+
+    Raises:
+        AnnotationError: the entry is not an object, the field is missing or has the wrong type.
+    """
+    if not isinstance(entry, dict):
+        raise AnnotationError(f"{where}: entry must be a JSON object, got {type(entry).__name__}")
+    if key not in entry:
+        raise AnnotationError(f"{where}: missing field '{key}'")
+    value = entry[key]
+    types = types if isinstance(types, tuple) else (types,)
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        names = " or ".join(t.__name__ for t in types)
+        raise AnnotationError(f"{where}: field '{key}' must be {names}, got {type(value).__name__} ({value!r:.60})")
+    return value
+
+
+def check_image(path: str, mode: str) -> str | None:
+    """Checks that an image can be used, as cheaply as the mode allows.
+
+    Modes, by cost: "exists" (one stat), "header" (PIL reads the header: catches truncated-to-zero,
+    non-image and wrong-format files; ~0.1 ms), "full" (decodes every pixel: catches truncated
+    data; ~1 ms for a CUHK-PEDES image, minutes for MALS).
+
+    Args:
+        path: absolute image path.
+        mode: one of IMAGE_CHECKS.
+
+    Returns:
+        None when usable, else the reason.
+    """
+    if not os.path.isfile(path):
+        return "missing"
+    if mode == "exists":
+        return None
+    try:
+        with Image.open(path) as im:
+            if mode == "full":
+                im.load()
+            elif im.width <= 0 or im.height <= 0:
+                return "unreadable: empty image"
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        return f"unreadable: {type(e).__name__}: {e}"
+    return None
+
+
+@dataclass
+class SkipReport:
+    """Images skipped under on_missing_image="skip": never a silent drop.
+
+    Attributes:
+        on_missing_image: the policy that was in force.
+        image_check: the check mode.
+        skipped: split -> list of {"file", "entry_index", "file_path", "reason"}.
+        notes: other counted policies (e.g. persons found in both train and test).
+    """
+
+    on_missing_image: str
+    image_check: str
+    skipped: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def num_skipped(self) -> dict[str, int]:
+        return {split: len(items) for split, items in self.skipped.items()}
+
+    @property
+    def total_skipped(self) -> int:
+        return sum(len(items) for items in self.skipped.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "on_missing_image": self.on_missing_image,
+            "image_check": self.image_check,
+            "num_skipped": self.num_skipped,
+            "total_skipped": self.total_skipped,
+            "skipped": self.skipped,
+            "notes": self.notes,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SkipReport":
+        return cls(d["on_missing_image"], d["image_check"], d.get("skipped", {}), d.get("notes", []))
+
+    def save(self, directory: str) -> None:
+        with open(os.path.join(directory, REPORT_FILENAME), "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=1)
+
+    @classmethod
+    def load(cls, directory: str) -> "SkipReport | None":
+        path = os.path.join(directory, REPORT_FILENAME)
+        if not os.path.isfile(path):
+            return None
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
+
+
+def resolve_image(
+    images_root: str,
+    rel_path: str,
+    *,
+    where: str,
+    split: str,
+    entry_index: int,
+    annotation_file: str,
+    image_check: str,
+    on_missing_image: str,
+    report: SkipReport,
+) -> str | None:
+    """Absolute path of a usable image, or None when it was skipped (and recorded in `report`).
+
+    Raises:
+        MissingImageError: the image is missing/unreadable and the policy is "error".
+    """
+    path = os.path.abspath(os.path.join(images_root, rel_path))
+    reason = check_image(path, image_check)
+    if reason is None:
+        return path
+    if on_missing_image == "error":
+        raise MissingImageError(
+            f"{where}: image {rel_path!r} ({path}) is {reason}; pass on_missing_image='skip' to skip "
+            "such images (they are counted in the builder's report)"
+        )
+    report.skipped.setdefault(split, []).append(
+        {"file": annotation_file, "entry_index": entry_index, "file_path": rel_path, "reason": reason}
+    )
+    return None
+
+
+def fingerprint(paths: Iterable[str], contents: bool) -> str:
+    """A cache key of annotation files (the datasets cache ignores file contents).
+
+    Args:
+        paths: the annotation files.
+        contents: hash the bytes (robust to edits that keep size and mtime, e.g. `cp -p`) or only
+            the names, sizes and mtimes (for MALS's ~1 GB of JSON, where reading costs seconds).
+
+    Returns:
+        A 16-hex-digit digest.
+    """
+    h = hashlib.blake2b(digest_size=8)
+    for path in sorted(paths):
+        h.update(os.path.basename(path).encode())
+        st = os.stat(path)
+        h.update(f"{st.st_size}".encode())
+        if contents:
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        else:
+            h.update(f"{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def log_report(report: SkipReport, dataset: str) -> None:
+    if report.total_skipped:
+        logger.warning(
+            "%s: skipped %d missing/unreadable images (%s); see the builder's report",
+            dataset, report.total_skipped, report.num_skipped,
+        )
