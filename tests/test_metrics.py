@@ -10,7 +10,13 @@ import evaluate
 import pytest
 import torch
 
-from diana.training.metrics import cumulative_hits_at_k, first_hit_ranks, metric_keys, retrieval_metrics
+from diana.training.metrics import (
+    cumulative_hits_at_k,
+    first_hit_ranks,
+    metric_keys,
+    retrieval_metrics,
+    retrieval_metrics_and_first_hit_ranks,
+)
 
 METRIC_DIR = Path(__file__).resolve().parents[1] / "training" / "retrieval_metric"
 
@@ -32,6 +38,14 @@ def reference_metrics(similarity, query_ids, gallery_ids, ks=(1, 5, 10)):
         per_query["mINP"].append(100.0 * len(positions) / positions[-1])
         per_query["mFR"].append(positions[0] - 1)
     return {key: sum(v) / len(v) for key, v in per_query.items()}
+
+
+def reference_first_hits(similarity, query_ids, gallery_ids):
+    out = []
+    for q, row in enumerate(similarity.tolist()):
+        ranking = sorted(range(len(row)), key=lambda g: (-row[g], g))
+        out.append(next(r for r, g in enumerate(ranking) if gallery_ids[g] == query_ids[q]))
+    return out
 
 
 def random_problem(num_queries, num_gallery, num_persons, levels, seed):
@@ -62,7 +76,9 @@ def test_matches_slow_reference(num_queries, num_gallery, num_persons, levels, s
         for key in want:
             assert got[key] == pytest.approx(want[key], abs=1e-9), (key, max_elements)
         ranks = first_hit_ranks(sim, qids, gids, max_elements=max_elements)
-        assert ranks.float().mean().item() == pytest.approx(want["mFR"])
+        assert ranks.tolist() == reference_first_hits(sim, qids, gids)
+        both = retrieval_metrics_and_first_hit_ranks(sim, qids, gids, ks=ks, max_elements=max_elements)
+        assert both[0] == got and torch.equal(both[1], ranks)
 
 
 def test_ties_are_broken_by_gallery_index():

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-__all__ = ["retrieval_metrics", "first_hit_ranks", "cumulative_hits_at_k", "metric_keys"]
+__all__ = ["retrieval_metrics", "first_hit_ranks", "retrieval_metrics_and_first_hit_ranks", "cumulative_hits_at_k", "metric_keys"]
 
 # Default budget of ranked (query, gallery) entries per chunk: 2**22 entries ~ 32 MiB per int64
 # buffer, several of which are alive at once.
@@ -133,6 +133,19 @@ def retrieval_metrics(
         ValueError: on bad shapes, NaN scores, or a query with no positive in the gallery (the
             error names the query's index).
     """
+    return retrieval_metrics_and_first_hit_ranks(similarity, query_ids, gallery_ids, ks, max_elements=max_elements)[0]
+
+
+def retrieval_metrics_and_first_hit_ranks(
+    similarity: torch.Tensor,
+    query_ids: torch.Tensor,
+    gallery_ids: torch.Tensor,
+    ks: Sequence[int] = (1, 5, 10),
+    *,
+    max_elements: int = _DEFAULT_MAX_ELEMENTS,
+) -> tuple[dict[str, float], torch.Tensor]:
+    """`retrieval_metrics` and `first_hit_ranks` from one ranking (the sort dominates the cost);
+    the per-round evaluation needs both."""
     similarity, query_ids, gallery_ids = _check_inputs(similarity, query_ids, gallery_ids)
     ks = [int(k) for k in ks]
     if any(k < 1 for k in ks):
@@ -144,6 +157,7 @@ def retrieval_metrics(
     ap_sum = torch.zeros((), dtype=torch.float64, device=device)
     inp_sum = torch.zeros((), dtype=torch.float64, device=device)
     first_rank_sum = torch.zeros((), dtype=torch.float64, device=device)
+    first_hits = []
     ranks_1based = torch.arange(1, num_gallery + 1, device=device, dtype=torch.float64)  # (G,)
     k_tensor = torch.tensor(ks, device=device)  # (len(ks),)
 
@@ -158,13 +172,14 @@ def retrieval_metrics(
         ap_sum += ((precision * matches).sum(dim=1) / num_pos).sum()
         inp_sum += (num_pos / (last + 1).double()).sum()
         first_rank_sum += first.double().sum()
+        first_hits.append(first)
 
     num_queries = similarity.shape[0]
     out = {f"R@{k}": float(100.0 * hits_at[i] / num_queries) for i, k in enumerate(ks)}
     out["mAP"] = float(100.0 * ap_sum / num_queries)
     out["mINP"] = float(100.0 * inp_sum / num_queries)
     out["mFR"] = float(first_rank_sum / num_queries)
-    return out
+    return out, torch.cat(first_hits)
 
 
 def cumulative_hits_at_k(per_round_first_hit_ranks: torch.Tensor, k: int = 10) -> list[float]:

@@ -1,0 +1,323 @@
+"""The retrieval protocol (DESIGN.md §3): one-pass per-round evaluation against encoding every
+prefix separately, gallery de-duplication, sharding over two processes, report files and table."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+from types import SimpleNamespace
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diana.training.evaluation import CURVES_FILE, RESULTS_FILE, evaluate_retrieval, format_round_table
+from diana.training.metrics import cumulative_hits_at_k, retrieval_metrics_and_first_hit_ranks
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- Small stand-ins implementing the model / processor contracts ---------------------------------
+
+
+class FakeProcessor:
+    """Word-hash tokeniser with BOS, right padding and the `return_round_ends` contract; images
+    are resized to 8x4 and scaled to [0, 1]."""
+
+    class tokenizer:  # noqa: N801 (mirrors `processor.tokenizer.pad_token_id`)
+        pad_token_id = 0
+
+    def __init__(self, max_length: int = 40):
+        self.max_length = max_length
+
+    @staticmethod
+    def _round_ids(question: str, answer: str) -> list[int]:
+        return [2 + zlib.crc32(w.encode()) % 97 for w in f"{question} {answer}".split()]
+
+    def __call__(self, images=None, dialogues=None, *, max_rounds=None, return_round_ends=False, **_):
+        out = {}
+        if images is not None:
+            arrays = [np.asarray(im.convert("RGB").resize((4, 8)), dtype=np.float32) / 255 for im in images]
+            out["pixel_values"] = torch.tensor(np.stack(arrays)).permute(0, 3, 1, 2)  # (B, 3, 8, 4)
+        if dialogues is not None:
+            rows, ends, cut = [], [], []
+            for dialogue in dialogues:
+                rounds = [(r["question"], r["answer"]) for r in dialogue][:max_rounds]
+                ids, row_ends, row_cut = [1], [], []
+                for q, a in rounds:
+                    ids += self._round_ids(q, a)
+                    row_cut.append(len(ids) > self.max_length)
+                    row_ends.append(min(len(ids), self.max_length) - 1)
+                rows.append(ids[: self.max_length])
+                ends.append(row_ends)
+                cut.append(row_cut)
+            longest, most = max(map(len, rows)), max(map(len, ends))
+            out["input_ids"] = torch.tensor([r + [0] * (longest - len(r)) for r in rows])
+            out["attention_mask"] = torch.tensor([[1] * len(r) + [0] * (longest - len(r)) for r in rows])
+            if return_round_ends:
+                out["round_end_positions"] = torch.tensor([e + [e[-1]] * (most - len(e)) for e in ends])
+                out["round_truncated"] = torch.tensor([c + [c[-1]] * (most - len(c)) for c in cut])
+                out["num_rounds"] = torch.tensor([len(e) for e in ends])
+        return out
+
+
+class FakeModel(torch.nn.Module):
+    """Causal (prefix-mean) dialogue encoder, linear image encoder, K attribute slots: the
+    `encode_*` / `similarity` contract of `DiaNAModel`."""
+
+    def __init__(self, dim: int = 6, slots: int = 3, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.slots, self.dim = slots, dim
+        self.embed = torch.nn.Embedding(100, dim * (1 + slots))
+        self.image = torch.nn.Linear(3 * 8 * 4, dim * (1 + slots))
+
+    def _split(self, x: torch.Tensor):
+        glob, attr = x[..., : self.dim], x[..., self.dim :]
+        attr = attr.unflatten(-1, (self.slots, self.dim))  # (..., K, D)
+        return torch.nn.functional.normalize(glob, dim=-1), torch.nn.functional.normalize(attr, dim=-1)
+
+    def encode_images(self, pixel_values):
+        glob, attr = self._split(self.image(pixel_values.flatten(1)))
+        return SimpleNamespace(image_embeds=glob, image_attribute_embeds=attr)
+
+    def encode_dialogues(self, input_ids, attention_mask, round_end_positions=None):
+        h = self.embed(input_ids) * attention_mask[..., None]  # (B, L, E)
+        prefix_mean = h.cumsum(1) / torch.arange(1, h.shape[1] + 1)[None, :, None]  # (B, L, E) causal
+        if round_end_positions is None:
+            round_end_positions = attention_mask.sum(1, keepdim=True) - 1  # (B, 1): last token
+            squeeze = True
+        else:
+            squeeze = False
+        picked = torch.gather(prefix_mean, 1, round_end_positions[..., None].expand(-1, -1, h.shape[-1]))  # (B, R, E)
+        glob, attr = self._split(picked[:, 0] if squeeze else picked)
+        return SimpleNamespace(text_embeds=glob, text_attribute_embeds=attr)
+
+    def similarity(self, text_embeds, image_embeds, text_attribute_embeds=None, image_attribute_embeds=None, mode=None):
+        glob = text_embeds @ image_embeds.T
+        if mode == "global":
+            return glob
+        attr = torch.einsum("tkd,gkd->tg", text_attribute_embeds, image_attribute_embeds) / self.slots
+        return attr if mode == "attribute" else glob + attr
+
+
+def make_split(root: Path, persons: int = 4, images_per_person: int = 2, seed: int = 0) -> datasets.Dataset:
+    """Rows of (image, dialogue): every image has 1-2 dialogues of 1-4 rounds, so the gallery has
+    fewer images than rows; the split's rows are shuffled so images repeat out of order."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    colours = ["red", "blue", "green", "black", "white", "grey"]
+    rows = []
+    for p in range(persons):
+        for i in range(images_per_person):
+            rel = f"p{p}/img{i}.png"
+            (root / f"p{p}").mkdir(exist_ok=True)
+            pixels = (rng.random((12, 6, 3)) * 80 + p * 40).astype(np.uint8)
+            Image.fromarray(pixels).save(root / rel)
+            for _ in range(1 + i % 2):
+                n = int(rng.integers(1, 5))
+                dialogue = [{"question": "Please describe the person you saw.", "answer": f"a person in {colours[p]}"}]
+                dialogue += [
+                    {"question": f"what about the {part}?", "answer": f"{colours[(p + r) % 6]} {part} {rng.integers(3)}"}
+                    for r, part in enumerate(["shoes", "bag", "hat"][: n - 1])
+                ]
+                rows.append({"image": str(root / rel), "file_path": rel, "person_id": 100 + p, "dialogue": dialogue,
+                             "num_rounds": len(dialogue)})
+    order = rng.permutation(len(rows))
+    columns = {k: [rows[i][k] for i in order] for k in rows[0]}
+    features = datasets.Features({
+        "image": datasets.Image(), "file_path": datasets.Value("string"), "person_id": datasets.Value("int64"),
+        "dialogue": datasets.List({"question": datasets.Value("string"), "answer": datasets.Value("string")}),
+        "num_rounds": datasets.Value("int32"),
+    })
+    return datasets.Dataset.from_dict(columns, features=features)
+
+
+def separate_prefix_results(model, processor, dataset, modes, rounds):
+    """The slow protocol: every gallery image and every k-round prefix encoded on its own."""
+    seen, gallery, gallery_ids = set(), [], []
+    for row in dataset:
+        if row["file_path"] not in seen:
+            seen.add(row["file_path"])
+            gallery.append(model.encode_images(processor(images=[row["image"]])["pixel_values"]))
+            gallery_ids.append(row["person_id"])
+    image = {"embeds": torch.cat([g.image_embeds for g in gallery]),
+             "attributes": torch.cat([g.image_attribute_embeds for g in gallery])}
+    query_ids = torch.tensor(dataset["person_id"])
+    out = {}
+    for mode in modes:
+        per_mode, ranks = {}, []
+        for k in list(range(1, rounds + 1)) + ["full"]:
+            encs = [model.encode_dialogues(**{key: v for key, v in processor(dialogues=[d], max_rounds=None if k == "full" else k).items()})
+                    for d in dataset["dialogue"]]
+            text = torch.cat([e.text_embeds for e in encs])
+            attr = torch.cat([e.text_attribute_embeds for e in encs])
+            sim = model.similarity(text, image["embeds"], attr, image["attributes"], mode=mode)
+            metrics, first = retrieval_metrics_and_first_hit_ranks(sim, query_ids, torch.tensor(gallery_ids))
+            per_mode["full" if k == "full" else f"round_{k}"] = metrics
+            if k != "full":
+                ranks.append(first)
+        per_mode["cumulative_hits@10"] = cumulative_hits_at_k(torch.stack(ranks), k=10)
+        out[mode] = per_mode
+    return out, len(gallery)
+
+
+def assert_results_equal(got, want, modes):
+    for mode in modes:
+        assert set(got[mode]) == set(want[mode]), mode
+        for key, value in want[mode].items():
+            if isinstance(value, list):
+                assert got[mode][key] == pytest.approx(value), (mode, key)
+            else:
+                for metric, v in value.items():
+                    assert got[mode][key][metric] == pytest.approx(v, abs=1e-6), (mode, key, metric)
+
+
+# --- Tests on the stand-ins -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def split(tmp_path_factory):
+    return make_split(tmp_path_factory.mktemp("split"))
+
+
+MODES = ("global", "attribute", "fused")
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 64])
+def test_one_pass_equals_separate_prefixes_with_stand_ins(split, batch_size):
+    model, processor = FakeModel(), FakeProcessor()
+    got = evaluate_retrieval(model, processor, split, batch_size=batch_size, score_modes=MODES)
+    rounds = max(split["num_rounds"])
+    want, gallery_size = separate_prefix_results(model, processor, split, MODES, rounds)
+    assert got["meta"]["num_gallery"] == gallery_size < len(split)
+    assert got["meta"]["num_queries"] == len(split)
+    assert got["meta"]["num_rounds"] == rounds
+    assert got["meta"]["queries_with_round"] == [sum(n >= k for n in split["num_rounds"]) for k in range(1, rounds + 1)]
+    assert_results_equal(got, want, MODES)
+    # The stand-in ranks differently per round and per mode, so the equality above is not vacuous.
+    assert len({json.dumps(got[m][f"round_{k}"]) for m in MODES for k in range(1, rounds + 1)}) > 3
+    assert got["flat"]["fused/round_2/mAP"] == got["fused"]["round_2"]["mAP"]
+    assert got["flat"]["global/cumulative_hits@10/round_3"] == got["global"]["cumulative_hits@10"][2]
+
+
+def test_max_rounds_limits_the_rounds_but_not_the_full_dialogue(split):
+    model, processor = FakeModel(seed=1), FakeProcessor()
+    full = evaluate_retrieval(model, processor, split, batch_size=4, score_modes=("global",))
+    short = evaluate_retrieval(model, processor, split, batch_size=4, score_modes=("global",), max_rounds=2)
+    assert set(short["global"]) == {"round_1", "round_2", "full", "cumulative_hits@10"}
+    assert short["global"]["full"] == full["global"]["full"]
+    assert short["global"]["round_2"] == full["global"]["round_2"]
+    assert short["global"]["cumulative_hits@10"] == full["global"]["cumulative_hits@10"][:2]
+
+
+def test_truncated_rounds_are_counted(split):
+    # 12 tokens hold round 1 of every dialogue but cut every later round.
+    processor = FakeProcessor(max_length=12)
+    results = evaluate_retrieval(FakeModel(), processor, split, batch_size=5, score_modes=("global",))
+    counts = results["meta"]["truncated_per_round"]
+    expected = [0] * len(counts)
+    for d in split["dialogue"]:
+        tokens = 1
+        for k, r in enumerate(d):
+            tokens += len(FakeProcessor._round_ids(r["question"], r["answer"]))
+            expected[k] += tokens > 12
+        for k in range(len(d), len(counts)):
+            expected[k] += tokens > 12
+    assert counts == expected and sum(counts) > 0
+
+
+def test_files_and_table(split, tmp_path):
+    reference = {"round_1": {"R@1": 11.0, "R@10": 50.0, "mAP": 20.0}, "round_2": {"R@1": 22.5, "R@10": 60.0, "mAP": 30.0},
+                 "full": {"R@1": 33.25, "R@10": 70.0, "mAP": 40.0}}
+    results = evaluate_retrieval(FakeModel(), FakeProcessor(), split, batch_size=4, score_modes=("global", "fused"),
+                                 output_dir=tmp_path / "eval", reference=reference)
+    saved = json.loads((tmp_path / "eval" / RESULTS_FILE).read_text())
+    assert saved["global"] == json.loads(json.dumps(results["global"]))
+    assert saved["reference"]["full"]["R@1"] == 33.25 and "attribute" not in saved
+    with Image.open(tmp_path / "eval" / CURVES_FILE) as picture:
+        assert picture.width > 400 and picture.height > 200
+    table = format_round_table(results, reference=reference)
+    lines = table.splitlines()
+    assert lines[0].startswith("**global**") and any(line.startswith("**fused**") for line in lines)
+    full_row = next(line for line in lines if line.startswith("| full |"))
+    assert f"{results['global']['full']['R@1']:.2f}" in full_row and "33.25" in full_row
+    round_1 = next(line for line in lines if line.startswith("| 1 |"))
+    assert f"{results['global']['cumulative_hits@10'][0]:.2f}" in round_1 and "11.00" in round_1
+    assert "oracle R@1" in lines[2]
+
+
+def test_bad_splits_are_errors(split, tmp_path):
+    model, processor = FakeModel(), FakeProcessor()
+    with pytest.raises(ValueError, match="score_modes"):
+        evaluate_retrieval(model, processor, split, score_modes=("cosine",))
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['dialogue'\]"):
+        evaluate_retrieval(model, processor, split.remove_columns("dialogue"))
+    # The same image under two persons: name it and both rows.
+    rows = split.to_dict()
+    rows["file_path"][1], rows["image"][1] = rows["file_path"][0], rows["image"][0]
+    rows["person_id"][1] = rows["person_id"][0] + 1
+    broken = datasets.Dataset.from_dict(rows, features=split.features)
+    with pytest.raises(ValueError, match=rf"image '{rows['file_path'][0]}' is person {rows['person_id'][0]} in row 0 but person"):
+        evaluate_retrieval(model, processor, broken)
+
+
+class LeftPaddingProcessor(FakeProcessor):
+    def __call__(self, *args, **kwargs):
+        out = super().__call__(*args, **kwargs)
+        if "attention_mask" in out:
+            out["attention_mask"] = out["attention_mask"].flip(1)
+        return out
+
+
+def test_left_padding_is_refused(split):
+    with pytest.raises(ValueError, match="not right padding"):
+        evaluate_retrieval(FakeModel(), LeftPaddingProcessor(), split, score_modes=("global",))
+
+
+_TWO_PROCESS_SCRIPT = """
+import json, sys
+from pathlib import Path
+from accelerate import Accelerator
+from tests.test_evaluation import FakeModel, FakeProcessor, make_split
+from diana.training.evaluation import evaluate_retrieval
+
+out = Path(sys.argv[1])
+accelerator = Accelerator(cpu=True)
+split = make_split(out / f"data{accelerator.process_index}", persons=5, images_per_person=3, seed=3)
+model = FakeModel(seed=2)
+results = evaluate_retrieval(model, FakeProcessor(), split, batch_size=2, accelerator=accelerator)
+(out / f"rank{accelerator.process_index}.json").write_text(json.dumps(results["flat"]))
+assert results["meta"]["num_processes"] == 2
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_give_the_single_process_numbers(tmp_path):
+    script = tmp_path / "two_process_eval.py"
+    script.write_text(_TWO_PROCESS_SCRIPT)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+           str(script), str(tmp_path)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
+    assert ranks[0] == ranks[1]
+    split = make_split(tmp_path / "single", persons=5, images_per_person=3, seed=3)
+    single = evaluate_retrieval(FakeModel(seed=2), FakeProcessor(), split, batch_size=2)["flat"]
+    assert ranks[0].keys() == single.keys()
+    for key, value in single.items():
+        assert ranks[0][key] == pytest.approx(value, abs=1e-6), key

@@ -1,0 +1,541 @@
+"""The retrieval evaluation protocol of DESIGN.md §3.
+
+Text -> image over one split: the gallery is every distinct image of the split, the queries are
+every dialogue, a hit is any gallery image of the query's person. Metrics for the first k rounds
+of every dialogue (k = 1..R, independent, as the paper), for the full dialogue, and the ChatIR
+cumulative Hits@10, for each score mode (global / attribute / fused).
+
+Cost model (DESIGN.md §6, ChatIR `eval.py`): the gallery is encoded once; every dialogue is
+tokenised once and encoded once: the dialogue tower is causal and pools one position, so the
+vector of "the first k rounds" is read at the end of round k of the full dialogue
+(`round_end_positions`). Dialogue batches are grouped by length so padding stays small.
+
+Several processes (an `accelerate.Accelerator`): the gallery and the queries are sharded by a
+prepared `DataLoader`, every batch's encodings are gathered with `gather_for_metrics` together with
+their row indices and put back in place, so every process holds the same full encodings and
+computes the same numbers; only the main process writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .metrics import cumulative_hits_at_k, retrieval_metrics_and_first_hit_ranks
+
+logger = logging.getLogger(__name__)
+
+SCORE_MODES = ("global", "attribute", "fused")
+TABLE_METRICS = ("R@1", "R@5", "R@10", "mAP", "mINP", "mFR")
+CUMULATIVE_K = 10
+CUMULATIVE_KEY = f"cumulative_hits@{CUMULATIVE_K}"
+RESULTS_FILE = "eval_results.json"
+CURVES_FILE = "per_round_curves.png"
+
+# Entries of one (query chunk, gallery) score block: bounds the refiner's (T, G, K) intermediate.
+_SCORE_BLOCK_ELEMENTS = 1 << 24
+# Dialogues per processor call when tokenising the whole split.
+_TOKENIZE_CHUNK = 1024
+
+
+@dataclass
+class TokenizedDialogues:
+    """Every dialogue of a split, tokenised once (right-padded rows trimmed to their length).
+
+    Attributes:
+        input_ids: one 1-D LongTensor per dialogue, BOS first, no padding.
+        round_end_positions: (N, R) index of the last token of the first min(k, n) rounds;
+            R = the largest round count of the split.
+        round_truncated: (N, R) bool, round k was cut by the processor's max_length.
+        num_rounds: (N,) rounds per dialogue.
+    """
+
+    input_ids: list[torch.Tensor]
+    round_end_positions: torch.Tensor
+    round_truncated: torch.Tensor
+    num_rounds: torch.Tensor
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return torch.tensor([ids.numel() for ids in self.input_ids], dtype=torch.long)
+
+
+def _pad_rounds(x: torch.Tensor, num_rounds: int) -> torch.Tensor:
+    """(B, r) -> (B, num_rounds) by repeating the last column: past a dialogue's own round count
+    the processor already repeats its last round, so this extends the same rule."""
+    if x.shape[1] == num_rounds:
+        return x
+    return torch.cat([x, x[:, -1:].expand(-1, num_rounds - x.shape[1])], dim=1)
+
+
+def tokenize_dialogues(
+    processor: Any, dialogues: Sequence[Any], *, chunk_size: int = _TOKENIZE_CHUNK, desc: str = "tokenise"
+) -> TokenizedDialogues:
+    """Tokenise every dialogue once with `return_round_ends=True` (see `TokenizedDialogues`).
+
+    Raises:
+        ValueError: if the processor pads on the left (last-position pooling would read padding
+            once rows are re-batched) or returns round ends outside a dialogue.
+    """
+    ids: list[torch.Tensor] = []
+    round_ends, truncated, num_rounds = [], [], []
+    for start in tqdm(range(0, len(dialogues), chunk_size), desc=desc, leave=False, disable=len(dialogues) <= chunk_size):
+        batch = processor(dialogues=list(dialogues[start : start + chunk_size]), return_round_ends=True)
+        mask = batch["attention_mask"].bool()  # (B, L)
+        lengths = mask.sum(dim=1)  # (B,)
+        positions = torch.arange(mask.shape[1])  # (L,)
+        if not torch.equal(mask, positions[None, :] < lengths[:, None]):
+            bad = int((mask != (positions[None, :] < lengths[:, None])).any(dim=1).nonzero()[0])
+            raise ValueError(f"dialogue {start + bad}: the processor's attention mask is not right padding (ones then zeros)")
+        ends = batch["round_end_positions"].long()  # (B, r)
+        if (ends < 0).any() or (ends >= lengths[:, None]).any():
+            bad = int(((ends < 0) | (ends >= lengths[:, None])).any(dim=1).nonzero()[0])
+            raise ValueError(f"dialogue {start + bad}: round_end_positions {ends[bad].tolist()} fall outside its {int(lengths[bad])} tokens")
+        ids.extend(row[:n].clone() for row, n in zip(batch["input_ids"], lengths.tolist()))
+        round_ends.append(ends)
+        truncated.append(batch["round_truncated"].bool())  # (B, r)
+        num_rounds.append(batch["num_rounds"].long())  # (B,)
+    max_rounds = max(e.shape[1] for e in round_ends)
+    return TokenizedDialogues(
+        input_ids=ids,
+        round_end_positions=torch.cat([_pad_rounds(e, max_rounds) for e in round_ends]),
+        round_truncated=torch.cat([_pad_rounds(t, max_rounds) for t in truncated]),
+        num_rounds=torch.cat(num_rounds),
+    )
+
+
+def build_gallery(file_paths: Sequence[str], person_ids: Sequence[int]) -> tuple[list[int], torch.Tensor]:
+    """Distinct images of a split, in first-appearance order.
+
+    Returns:
+        (row index of each gallery image's first row, (G,) person ids).
+
+    Raises:
+        ValueError: if one file appears with two different person ids.
+    """
+    first_row: dict[str, int] = {}
+    rows: list[int] = []
+    for row, (path, pid) in enumerate(zip(file_paths, person_ids)):
+        seen = first_row.get(path)
+        if seen is None:
+            first_row[path] = row
+            rows.append(row)
+        elif person_ids[seen] != pid:
+            raise ValueError(
+                f"image {path!r} is person {person_ids[seen]} in row {seen} but person {pid} in row {row}"
+            )
+    return rows, torch.tensor([int(person_ids[r]) for r in rows], dtype=torch.long)
+
+
+class _GalleryRows(torch.utils.data.Dataset):
+    def __init__(self, dataset, rows: list[int]):
+        self.images = dataset.select_columns(["image"]).select(rows)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return i, self.images[i]["image"]
+
+
+class _DialogueOrder(torch.utils.data.Dataset):
+    """Positions in length order, so that consecutive batches hold similar lengths."""
+
+    def __init__(self, order: torch.Tensor):
+        self.order = order.tolist()
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, i: int) -> int:
+        return self.order[i]
+
+
+def _model_device_dtype(model: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    param = next(model.parameters())
+    return param.device, param.dtype
+
+
+def _encode_all(
+    loader: DataLoader,
+    encode: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+    total: int,
+    *,
+    accelerator: Any,
+    device: torch.device,
+    desc: str,
+    what: str,
+) -> dict[str, torch.Tensor]:
+    """Runs `encode` over every batch and returns its outputs in row order, on the CPU.
+
+    Each batch carries an `index` (row positions). Under several processes the outputs and the
+    indices are gathered together; a row encoded twice (accelerate pads the last batches with
+    repeats) is written twice with the same value, and a row never encoded is an error.
+    """
+    storage: dict[str, torch.Tensor] = {}
+    seen = torch.zeros(total, dtype=torch.bool)
+    show = accelerator is None or accelerator.is_main_process
+    autocast = accelerator.autocast() if accelerator is not None else nullcontext()
+    with torch.inference_mode(), autocast:
+        for batch in tqdm(loader, desc=desc, disable=not show):
+            index = batch.pop("index").to(device)
+            out = encode({k: v.to(device) for k, v in batch.items()})
+            if accelerator is not None and accelerator.num_processes > 1:
+                out, index = accelerator.gather_for_metrics((out, index))
+            index = index.cpu()
+            for name, value in out.items():
+                if name not in storage:
+                    storage[name] = torch.empty((total, *value.shape[1:]), dtype=value.dtype)
+                storage[name][index] = value.cpu()
+            seen[index] = True
+    if not seen.all():
+        missing = (~seen).nonzero().flatten()
+        raise RuntimeError(f"{len(missing)} {what} were never encoded (first: {missing[:5].tolist()})")
+    return storage
+
+
+def encode_gallery(
+    model: Any,
+    processor: Any,
+    dataset: Any,
+    rows: list[int],
+    *,
+    batch_size: int,
+    keep_attributes: bool,
+    accelerator: Any = None,
+    num_workers: int = 0,
+    desc: str = "gallery",
+) -> dict[str, torch.Tensor]:
+    """Encodes the images at `rows` of `dataset` once: {"embeds": (G, D), "attributes": (G, K, D)}."""
+    device, dtype = _model_device_dtype(model)
+
+    def collate(items):
+        index, images = zip(*items)
+        pixel_values = processor(images=[im.convert("RGB") for im in images])["pixel_values"]
+        return {"pixel_values": pixel_values, "index": torch.tensor(index, dtype=torch.long)}
+
+    def encode(batch):
+        enc = model.encode_images(pixel_values=batch["pixel_values"].to(dtype))
+        out = {"embeds": enc.image_embeds}
+        if keep_attributes:
+            out["attributes"] = enc.image_attribute_embeds
+        return out
+
+    loader = DataLoader(_GalleryRows(dataset, rows), batch_size=batch_size, collate_fn=collate, num_workers=num_workers)
+    if accelerator is not None:
+        loader = accelerator.prepare_data_loader(loader)
+        device = accelerator.device
+    return _encode_all(loader, encode, len(rows), accelerator=accelerator, device=device, desc=desc, what="gallery images")
+
+
+def encode_queries(
+    model: Any,
+    tokens: TokenizedDialogues,
+    *,
+    batch_size: int,
+    pad_token_id: int,
+    keep_attributes: bool,
+    accelerator: Any = None,
+    desc: str = "dialogues",
+) -> dict[str, torch.Tensor]:
+    """Encodes every dialogue once, all rounds at a time:
+    {"embeds": (N, R, D), "attributes": (N, R, K, D)}, rows in dataset order."""
+    device, _ = _model_device_dtype(model)
+    lengths = tokens.lengths
+    # Longest first: a batch that does not fit shows up at the first step, not the last.
+    order = torch.sort(-lengths, stable=True).indices  # (N,) dataset rows in length order
+
+    def collate(rows: list[int]):
+        index = torch.tensor(rows, dtype=torch.long)
+        longest = int(lengths[index].max())
+        input_ids = torch.full((len(rows), longest), pad_token_id, dtype=torch.long)  # (B, L) right-padded
+        attention_mask = torch.zeros((len(rows), longest), dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = tokens.input_ids[r].numel()
+            input_ids[i, :n] = tokens.input_ids[r]
+            attention_mask[i, :n] = 1
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "round_end_positions": tokens.round_end_positions[index],  # (B, R) same R on every process
+            "index": index,
+        }
+
+    def encode(batch):
+        enc = model.encode_dialogues(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            round_end_positions=batch["round_end_positions"],
+        )
+        out = {"embeds": enc.text_embeds}  # (B, R, D)
+        if keep_attributes:
+            out["attributes"] = enc.text_attribute_embeds  # (B, R, K, D)
+        return out
+
+    loader = DataLoader(_DialogueOrder(order), batch_size=batch_size, collate_fn=collate)
+    if accelerator is not None:
+        loader = accelerator.prepare_data_loader(loader)
+        device = accelerator.device
+    return _encode_all(loader, encode, len(lengths), accelerator=accelerator, device=device, desc=desc, what="dialogues")
+
+
+def score(
+    model: Any,
+    text: dict[str, torch.Tensor],
+    images: dict[str, torch.Tensor],
+    mode: str,
+    device: torch.device,
+) -> torch.Tensor:
+    """(Q, G) float32 scores of `model.similarity` for one mode, computed in query chunks.
+
+    Args:
+        text: {"embeds": (Q, D), "attributes": (Q, K, D) or absent}.
+        images: {"embeds": (G, D), "attributes": (G, K, D) or absent}, already on `device`.
+    """
+    num_queries, num_gallery = text["embeds"].shape[0], images["embeds"].shape[0]
+    slots = images["attributes"].shape[1] if mode != "global" else 1
+    chunk = max(1, _SCORE_BLOCK_ELEMENTS // (num_gallery * slots))
+    blocks = []
+    for start in range(0, num_queries, chunk):
+        part = slice(start, start + chunk)
+        blocks.append(
+            model.similarity(
+                text["embeds"][part].to(device),
+                images["embeds"],
+                text_attribute_embeds=text["attributes"][part].to(device) if mode != "global" else None,
+                image_attribute_embeds=images["attributes"] if mode != "global" else None,
+                mode=mode,
+            ).float()
+        )
+    return torch.cat(blocks)  # (Q, G)
+
+
+def evaluate_retrieval(
+    model: Any,
+    processor: Any,
+    dataset: Any,
+    *,
+    batch_size: int = 32,
+    score_modes: Sequence[str] = SCORE_MODES,
+    max_rounds: int | None = None,
+    accelerator: Any = None,
+    output_dir: str | os.PathLike | None = None,
+    reference: Mapping[str, Any] | None = None,
+    reference_label: str = "oracle",
+    num_workers: int = 0,
+    desc: str = "eval",
+) -> dict[str, Any]:
+    """Text -> image retrieval on one split, per round, for every score mode (DESIGN.md §3).
+
+    Args:
+        model: a `DiaNAModel` (or anything with `encode_images`, `encode_dialogues`, `similarity`);
+            wrapped models are unwrapped through `accelerator`.
+        processor: a `DiaNAProcessor` (images and dialogues; `return_round_ends=True`).
+        dataset: a `datasets.Dataset` split with columns image, file_path, person_id, dialogue.
+        batch_size: images / dialogues per encoder call (per process).
+        score_modes: subset of ("global", "attribute", "fused").
+        max_rounds: report rounds 1..max_rounds only (default: every round of the split); "full"
+            is always the whole dialogue.
+        accelerator: shards the encoding over its processes; None = this process, the model's
+            device.
+        output_dir: where the main process writes `eval_results.json` and `per_round_curves.png`.
+        reference: optional per-round curve of another ranker in the same layout as one mode's
+            results ({"round_1": {"R@1": ...}, ..., "full": {...}}), drawn beside the model's.
+        reference_label: its name in the picture.
+        num_workers: DataLoader workers decoding gallery images.
+        desc: prefix of the progress bars.
+
+    Returns:
+        {"global": {"round_1": {"R@1", "R@5", "R@10", "mAP", "mINP", "mFR"}, ..., "full": {...},
+        "cumulative_hits@10": [per round]}, ... per mode, "meta": {sizes, round counts,
+        truncation counts, timings}, "flat": {"global/full/R@1": ..., "global/round_1/R@1": ...,
+        "global/cumulative_hits@10/round_1": ...}}.
+
+    Raises:
+        ValueError: unknown score mode, missing column, an image with two person ids, a query
+            whose person has no gallery image.
+    """
+    unknown = [m for m in score_modes if m not in SCORE_MODES]
+    if unknown or not score_modes:
+        raise ValueError(f"score_modes must be a non-empty subset of {SCORE_MODES}, got {list(score_modes)}")
+    missing = [c for c in ("image", "file_path", "person_id", "dialogue") if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"the evaluation split lacks column(s) {missing}; it has {dataset.column_names}")
+    if len(dataset) == 0:
+        raise ValueError("the evaluation split is empty")
+    if accelerator is not None:
+        model = accelerator.unwrap_model(model)
+    is_main = accelerator is None or accelerator.is_main_process
+    device = accelerator.device if accelerator is not None else _model_device_dtype(model)[0]
+    keep_attributes = any(m != "global" for m in score_modes)
+    timings: dict[str, float] = {}
+    file_paths = list(dataset["file_path"])
+    person_ids = [int(p) for p in dataset["person_id"]]
+    gallery_rows, gallery_ids = build_gallery(file_paths, person_ids)
+    query_ids = torch.tensor(person_ids, dtype=torch.long)
+
+    was_training = model.training
+    model.eval()
+    try:
+        # 1. Gallery: every distinct image once.
+        start = time.perf_counter()
+        images = encode_gallery(model, processor, dataset, gallery_rows, batch_size=batch_size,
+                                keep_attributes=keep_attributes, accelerator=accelerator, num_workers=num_workers,
+                                desc=f"{desc}: gallery")
+        timings["encode_gallery_s"] = time.perf_counter() - start
+
+        # 2. Queries: every dialogue, tokenised once and encoded once for all its rounds.
+        start = time.perf_counter()
+        tokens = tokenize_dialogues(processor, list(dataset["dialogue"]), desc=f"{desc}: tokenise")
+        pad_token_id = getattr(getattr(processor, "tokenizer", None), "pad_token_id", None) or 0
+        text = encode_queries(model, tokens, batch_size=batch_size, pad_token_id=pad_token_id,
+                              keep_attributes=keep_attributes, accelerator=accelerator, desc=f"{desc}: dialogues")
+        timings["encode_dialogues_s"] = time.perf_counter() - start
+    finally:
+        model.train(was_training)
+
+    # 3. Metrics per mode and round: the same numbers on every process (same gathered inputs).
+    total_rounds = tokens.round_end_positions.shape[1]
+    report_rounds = total_rounds if max_rounds is None else max(1, min(max_rounds, total_rounds))
+    images = {k: v.to(device) for k, v in images.items()}
+    start = time.perf_counter()
+    results: dict[str, Any] = {}
+    for mode in score_modes:
+        per_mode: dict[str, Any] = {}
+        first_hits = []
+        for k in range(1, report_rounds + 1):
+            at_k = {name: value[:, k - 1] for name, value in text.items()}  # (Q, D) / (Q, K, D)
+            metrics, ranks = retrieval_metrics_and_first_hit_ranks(score(model, at_k, images, mode, device), query_ids.to(device), gallery_ids.to(device))
+            per_mode[f"round_{k}"] = metrics
+            first_hits.append(ranks.cpu())
+        if report_rounds == total_rounds:
+            # The last column is every dialogue's own last round: the full dialogue.
+            per_mode["full"] = dict(per_mode[f"round_{total_rounds}"])
+        else:
+            full = {name: value[:, -1] for name, value in text.items()}
+            per_mode["full"] = retrieval_metrics_and_first_hit_ranks(score(model, full, images, mode, device), query_ids.to(device), gallery_ids.to(device))[0]
+        per_mode[CUMULATIVE_KEY] = cumulative_hits_at_k(torch.stack(first_hits), k=CUMULATIVE_K)  # (R, Q) -> R
+        results[mode] = per_mode
+    timings["metrics_s"] = time.perf_counter() - start
+
+    results["meta"] = {
+        "num_queries": len(query_ids),
+        "num_gallery": len(gallery_ids),
+        "num_persons": int(gallery_ids.unique().numel()),
+        "num_rounds": total_rounds,
+        "reported_rounds": report_rounds,
+        # Queries with at least k rounds; shorter dialogues are evaluated with all their rounds.
+        "queries_with_round": [int((tokens.num_rounds >= k).sum()) for k in range(1, total_rounds + 1)],
+        # Dialogues whose round k was cut by the processor's max_length (counted, not dropped).
+        "truncated_per_round": [int(tokens.round_truncated[:, k - 1].sum()) for k in range(1, total_rounds + 1)],
+        "score_modes": list(score_modes),
+        "num_processes": 1 if accelerator is None else accelerator.num_processes,
+        **{name: round(value, 3) for name, value in timings.items()},
+    }
+    results["flat"] = flatten_results(results)
+
+    if output_dir is not None and is_main:
+        write_results(results, output_dir, reference=reference, reference_label=reference_label)
+    return results
+
+
+def flatten_results(results: Mapping[str, Any]) -> dict[str, float]:
+    """Slash-joined keys for logging: "global/full/R@1", "global/round_2/mAP",
+    "global/cumulative_hits@10/round_3"."""
+    flat: dict[str, float] = {}
+    for mode in SCORE_MODES:
+        if mode not in results:
+            continue
+        for key, value in results[mode].items():
+            if key == CUMULATIVE_KEY:
+                flat.update({f"{mode}/{key}/round_{r + 1}": v for r, v in enumerate(value)})
+            else:
+                flat.update({f"{mode}/{key}/{name}": v for name, v in value.items()})
+    return flat
+
+
+def write_results(
+    results: Mapping[str, Any],
+    output_dir: str | os.PathLike,
+    *,
+    reference: Mapping[str, Any] | None = None,
+    reference_label: str = "oracle",
+) -> None:
+    """Writes `eval_results.json` (with the reference, if any) and `per_round_curves.png`."""
+    from .plots import plot_round_curves
+
+    os.makedirs(output_dir, exist_ok=True)
+    payload = {k: v for k, v in results.items() if k != "flat"}
+    if reference is not None:
+        payload["reference"] = {"label": reference_label, **reference}
+    with open(os.path.join(output_dir, RESULTS_FILE), "w") as f:
+        json.dump(payload, f, indent=2)
+    plot_round_curves(results, os.path.join(output_dir, CURVES_FILE), reference=reference, reference_label=reference_label)
+    logger.info("wrote %s and %s to %s", RESULTS_FILE, CURVES_FILE, output_dir)
+
+
+def _round_keys(per_mode: Mapping[str, Any]) -> list[str]:
+    rounds = sorted((k for k in per_mode if k.startswith("round_")), key=lambda k: int(k.split("_")[1]))
+    return rounds + (["full"] if "full" in per_mode else [])
+
+
+def format_round_table(
+    results: Mapping[str, Any],
+    reference: Mapping[str, Any] | None = None,
+    *,
+    metrics: Sequence[str] = TABLE_METRICS,
+    reference_metrics: Sequence[str] = ("R@1", "R@10", "mAP"),
+    reference_label: str = "oracle",
+) -> str:
+    """Markdown table per score mode: one row per round count and the full dialogue, the
+    cumulative Hits@10, and (with `reference`) the reference's numbers side by side."""
+    lines: list[str] = []
+    meta = results.get("meta", {})
+    for mode in SCORE_MODES:
+        if mode not in results:
+            continue
+        per_mode = results[mode]
+        header = ["rounds", *metrics, "Hits@10 (cum.)"]
+        if reference is not None:
+            header += [f"{reference_label} {m}" for m in reference_metrics]
+        title = f"**{mode}**"
+        if meta:
+            title += f" ({meta.get('num_queries')} dialogues, {meta.get('num_gallery')} images, {meta.get('num_persons')} persons)"
+        lines += [title, "", "| " + " | ".join(header) + " |", "|" + "|".join("---:" for _ in header) + "|"]
+        cumulative = per_mode.get(CUMULATIVE_KEY, [])
+        for key in _round_keys(per_mode):
+            row = [key.replace("round_", "")]
+            row += [f"{per_mode[key][m]:.2f}" if m in per_mode[key] else "" for m in metrics]
+            r = int(key.split("_")[1]) - 1 if key != "full" else None
+            row.append(f"{cumulative[r]:.2f}" if r is not None and r < len(cumulative) else "")
+            if reference is not None:
+                ref = reference.get(key, {})
+                row += [f"{ref[m]:.2f}" if m in ref else "" for m in reference_metrics]
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+__all__ = [
+    "SCORE_MODES",
+    "TokenizedDialogues",
+    "build_gallery",
+    "encode_gallery",
+    "encode_queries",
+    "evaluate_retrieval",
+    "flatten_results",
+    "format_round_table",
+    "score",
+    "tokenize_dialogues",
+    "write_results",
+]
