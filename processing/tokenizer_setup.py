@@ -174,7 +174,9 @@ def build_tiktoken_encoding(model_path: Path | None = None, source_path: Path | 
     )
 
 
-def _download_wheel(wheels_dir: Path) -> Path:
+def download_wheel(wheels_dir: Path | None = None) -> Path:
+    """The `llama-models` wheel in `wheels_dir` (default `<cache>/wheels`), fetched from PyPI if absent."""
+    wheels_dir = wheels_dir if wheels_dir is not None else cache_root() / "wheels"
     wheel = wheels_dir / WHEEL_NAME
     if wheel.is_file():
         return wheel
@@ -190,7 +192,8 @@ def _download_wheel(wheels_dir: Path) -> Path:
     return wheel
 
 
-def _extract_verified_sources(wheel: Path) -> tuple[bytes, str]:
+def extract_verified_sources(wheel: Path) -> tuple[bytes, str]:
+    """`tokenizer.model` bytes and `tokenizer.py` text from the wheel, after checking their sha256."""
     with zipfile.ZipFile(wheel) as zf:
         model_bytes = zf.read(TOKENIZER_MODEL_MEMBER)
         source_bytes = zf.read(TOKENIZER_PY_MEMBER)
@@ -288,8 +291,8 @@ def setup_tokenizer(out_dir: Path | None = None, force: bool = False) -> Path:
         print(f"tokenizer_setup: verified {out_dir}", file=sys.stderr)
         return out_dir
 
-    wheel = _download_wheel(cache_root() / "wheels")
-    model_bytes, source = _extract_verified_sources(wheel)
+    wheel = download_wheel()
+    model_bytes, source = extract_verified_sources(wheel)
     src = source_dir()
     src.mkdir(parents=True, exist_ok=True)
     (src / "tokenizer.model").write_bytes(model_bytes)

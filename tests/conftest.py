@@ -49,3 +49,28 @@ def tiny_processor(tokenizer_dir):
     from tests.helpers import TINY_IMAGE_SIZE
 
     return build_processor(tokenizer_dir=tokenizer_dir, image_size=TINY_IMAGE_SIZE)
+
+
+@pytest.fixture(scope="session")
+def meta_tokenizer(tmp_path_factory, tokenizer_dir):
+    """Meta's own reference tokenizer (`llama_models.llama3.tokenizer.Tokenizer`, tiktoken), imported
+    from the same verified `llama-models` wheel the HF files were converted from."""
+    import importlib
+    import zipfile
+
+    from diana.processing.tokenizer_setup import download_wheel, extract_verified_sources
+
+    wheel = download_wheel()
+    extract_verified_sources(wheel)  # sha256 check of the very files the reference is built from
+    root = tmp_path_factory.mktemp("llama_models_src")
+    members = ["llama_models/__init__.py", "llama_models/tokenizer_utils.py", "llama_models/llama3/__init__.py",
+               "llama_models/llama3/tokenizer.py", "llama_models/llama3/tokenizer.model"]
+    with zipfile.ZipFile(wheel) as zf:
+        for member in members:
+            zf.extract(member, root)
+    sys.path.insert(0, str(root))
+    try:
+        module = importlib.import_module("llama_models.llama3.tokenizer")
+    finally:
+        sys.path.remove(str(root))
+    return module.Tokenizer(root / "llama_models/llama3/tokenizer.model")
