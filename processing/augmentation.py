@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import PIL.Image
 import PIL.ImageOps
 import torch
@@ -302,11 +303,31 @@ def load_image(value: Any, *, where: str = "") -> PIL.Image.Image:
         image.load()  # truncated / corrupt files fail here, not later inside a transform
         if image.getexif().get(PIL.Image.ExifTags.Base.Orientation) is not None:
             image = PIL.ImageOps.exif_transpose(image)
-        return image if image.mode == "RGB" else image.convert("RGB")
+        return _to_rgb(image)
     except ImageLoadError:
         raise
     except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as error:
         raise ImageLoadError(f"could not load image {path or '<in-memory bytes>'!s}{suffix}: {error}") from error
+
+
+def _to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """RGB conversion with the processor's conventions (transformers' `convert_to_rgb`), so the
+    augmented and the processor's image paths start from the same pixels: transparency is
+    composited onto white (PIL's convert would drop alpha, i.e. onto black) and 16-bit grey is
+    scaled by 1/257 (PIL's convert would clip it)."""
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I") or image.mode == "F":
+        array = np.asarray(image).astype(np.float64)
+        if image.mode.startswith("I;16") or array.max(initial=0) > 255:
+            array = array / 257.0
+        grey = np.clip(np.round(array), 0, 255).astype(np.uint8)
+        return PIL.Image.fromarray(np.repeat(grey[..., None], 3, axis=-1))
+    if "A" in image.getbands() or "a" in image.getbands() or "transparency" in image.info:
+        rgba = np.asarray(image.convert("RGBA")).astype(np.float32)
+        alpha = rgba[..., 3:4] / 255.0
+        return PIL.Image.fromarray(np.round(rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8))
+    return image.convert("RGB")
 
 
 def _interpolation(resample: Any) -> v2.InterpolationMode:

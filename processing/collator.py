@@ -1,0 +1,419 @@
+"""Turns ChatPedes / MALS dataset rows into DiaNA model inputs, with the training-time augmentation
+of DESIGN.md §1 behind explicit switches (all off when ``train=False``).
+
+Typical use with the Trainer (``remove_unused_columns=False`` so the rows keep their columns)::
+
+    train = with_undecoded_images(add_length_column(dataset["train"], processor))
+    collator = DiaNACollator(processor, train=True, round_retaining=True, token_masking=0.15,
+                             image_augmentation=True)
+    args = TrainingArguments(..., remove_unused_columns=False, label_names=[],
+                             train_sampling_strategy="group_by_length")
+    Trainer(model, args, train_dataset=train, data_collator=collator)
+
+Randomness: with ``seed=None`` (the default) every batch draws its seed from torch's global CPU
+generator, which the Trainer seeds (``set_seed``), DataLoader workers re-seed per worker and epoch,
+and checkpoints save and restore, so a run, and a resumed run, is reproducible. With ``seed=int``
+the collator owns a private stream (independent of everything else, e.g. for benchmarks); in a
+DataLoader worker it is mixed with the worker's seed so workers never repeat each other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from .augmentation import (
+    MALS_MAX_WORDS,
+    PedestrianImageAugmentation,
+    TokenMasker,
+    caption_to_dialogue,
+    clean_caption,
+    load_image,
+    sample_retained_rounds,
+)
+
+# Row fields that identify a row in error messages, in the order they are most useful.
+_ROW_KEYS = ("file_path", "person_index", "person_id", "entry_index", "dialogue_index", "image_id")
+
+
+@dataclass
+class CollatorStatistics:
+    """Running counts of what the collator did, for logging (reset with `DiaNACollator.reset_statistics`).
+
+    Counts are per process: with DataLoader workers each worker holds its own copy, so use
+    ``return_statistics=True`` to receive per-batch counts in the batch instead.
+
+    Attributes:
+        batches: Batches collated.
+        samples: Rows collated.
+        rounds_available: Rounds in the drawn dialogues before R3.
+        rounds_kept: Rounds after R3 (equal to `rounds_available` when R3 is off).
+        dialogues_truncated: Dialogues whose tokens were cut at `max_length` (right truncation:
+            the tail of the last kept round is lost; the policy of DESIGN.md §1).
+        rounds_truncated: Rounds (of kept dialogues) cut, wholly or in part, by `max_length`.
+        captions: MALS captions wrapped as dialogues.
+        captions_cut: Captions longer than 56 words, cut to 56 (APTM's policy).
+        tokens_eligible: Attended, non-special token positions seen by token masking.
+        tokens_selected: Positions selected for noise.
+        tokens_masked: Selected positions set to the mask token.
+        tokens_randomized: Selected positions set to a random id.
+        images_augmented: Images that went through the training image pipeline.
+    """
+
+    batches: int = 0
+    samples: int = 0
+    rounds_available: int = 0
+    rounds_kept: int = 0
+    dialogues_truncated: int = 0
+    rounds_truncated: int = 0
+    captions: int = 0
+    captions_cut: int = 0
+    tokens_eligible: int = 0
+    tokens_selected: int = 0
+    tokens_masked: int = 0
+    tokens_randomized: int = 0
+    images_augmented: int = 0
+
+    def update(self, other: Mapping[str, int]) -> None:
+        """Adds per-batch counts."""
+        for key, value in other.items():
+            setattr(self, key, getattr(self, key) + int(value))
+
+    def as_dict(self) -> dict[str, float]:
+        """The counts plus derived rates (NaN-free: a rate with an empty denominator is 0)."""
+        counts: dict[str, float] = dict(asdict(self))
+
+        def rate(num: int, den: int) -> float:
+            return num / den if den else 0.0
+
+        counts["truncated_fraction"] = rate(self.dialogues_truncated, self.samples)
+        counts["rounds_kept_fraction"] = rate(self.rounds_kept, self.rounds_available)
+        counts["token_selection_rate"] = rate(self.tokens_selected, self.tokens_eligible)
+        return counts
+
+
+class DiaNACollator:
+    """Collates dataset rows into ``pixel_values``, ``input_ids``, ``attention_mask``, ``person_ids``.
+
+    Rows are dicts as `datasets` yields them:
+
+    - ChatPedes (`diana.processing.chatpedes`): ``image``, ``dialogue`` (list of
+      ``{"question", "answer"}``, or any form `DiaNAProcessor.normalize_dialogue` accepts),
+      ``person_index`` / ``person_id``;
+    - MALS (`diana.processing.mals`, needs ``mals_captions=True``): ``image``, ``caption``,
+      ``person_id``.
+
+    ``image`` may be a decoded PIL image, a ``{"path", "bytes"}`` dict (``Image(decode=False)``,
+    see `with_undecoded_images`) or a path; a file that cannot be read raises `ImageLoadError`
+    naming it. ``person_ids`` is ``person_index`` when the row has one (contiguous over the
+    dataset) and ``person_id`` otherwise.
+
+    Every augmentation is behind its own argument and applies only when ``train=True``; with
+    ``train=False`` the output is deterministic: the processor's own image path, full dialogues,
+    no token noise, and the first question of the pool for captions.
+
+    Args:
+        processor: A `DiaNAProcessor` (its tokenizer, image processor, dialogue template).
+        train: Training mode; False switches every augmentation off.
+        round_retaining: R3: each time a dialogue is drawn keep its first r rounds, r uniform in
+            1..R.
+        token_masking: Selection probability of token masking (0.15 in DiaNA; 0 = off); selected
+            positions go 80% mask token, 10% random id, 10% unchanged.
+        image_augmentation: The torchvision.transforms.v2 pipeline of
+            `augmentation.build_train_image_transform` (flip, pad + crop, random erasing).
+        mals_captions: Rows carry a MALS ``caption``: clean it (lower-case, strip ``.!"()*#:;~``,
+            56 words; in both modes) and wrap it with a question drawn from the pool (train) or
+            the first question (eval).
+        max_length: Token limit (right truncation); None uses the processor's (400 fine-tuning,
+            56 pretraining).
+        seed: None follows torch's global generator (Trainer seed, resumable); an int gives the
+            collator its own reproducible stream.
+        return_round_ends: Also return ``round_end_positions``, ``round_truncated`` and
+            ``num_rounds`` from the processor (for evaluation code; the model's ``forward`` does
+            not take them).
+        return_statistics: Also return this batch's `CollatorStatistics` counts as
+            ``batch["collator_statistics"]`` (a dict of scalar tensors) so they survive DataLoader
+            workers; the training loop must pop it before calling the model.
+        image_augmentation_kwargs: Overrides for `build_train_image_transform` (e.g.
+            ``{"erasing_probability": 0.0}``).
+    """
+
+    def __init__(
+        self,
+        processor: Any,
+        *,
+        train: bool,
+        round_retaining: bool,
+        token_masking: float,
+        image_augmentation: bool,
+        mals_captions: bool = False,
+        max_length: int | None = None,
+        seed: int | None = None,
+        return_round_ends: bool = False,
+        return_statistics: bool = False,
+        image_augmentation_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not 0.0 <= float(token_masking) < 1.0:
+            raise ValueError(f"token_masking is a selection probability in [0, 1), got {token_masking}")
+        if max_length is not None and max_length < 2:
+            raise ValueError(f"max_length must leave room for BOS and one token, got {max_length}")
+        self.processor = processor
+        self.train = bool(train)
+        self.round_retaining = bool(round_retaining)
+        self.token_masking = float(token_masking)
+        self.image_augmentation = bool(image_augmentation)
+        self.mals_captions = bool(mals_captions)
+        self.max_length = max_length
+        self.seed = seed
+        self.return_round_ends = bool(return_round_ends)
+        self.return_statistics = bool(return_statistics)
+        # Built even in eval mode when asked for, so a misconfigured processor fails at start-up.
+        self.masker = (
+            TokenMasker.from_tokenizer(processor.tokenizer, probability=self.token_masking)
+            if self.token_masking > 0
+            else None
+        )
+        self.image_transform = (
+            PedestrianImageAugmentation(processor.image_processor, **dict(image_augmentation_kwargs or {}))
+            if self.image_augmentation
+            else None
+        )
+        self.statistics = CollatorStatistics()
+        self._generator: torch.Generator | None = None
+        self._generator_key: Any = None
+
+    # ----------------------------------------------------------------------------------------
+
+    def reset_statistics(self) -> CollatorStatistics:
+        """Returns the running counts and starts new ones."""
+        statistics, self.statistics = self.statistics, CollatorStatistics()
+        return statistics
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A spawned DataLoader worker gets a fresh stream keyed by its own seed (see _batch_generator).
+        state = dict(self.__dict__)
+        state["_generator"], state["_generator_key"] = None, None
+        return state
+
+    def _batch_generator(self) -> torch.Generator:
+        """One generator per batch, seeded from the global CPU generator or the private stream."""
+        if self.seed is None:
+            seed = int(torch.randint(2**62, (1,)))
+        else:
+            info = torch.utils.data.get_worker_info()
+            key = None if info is None else info.seed
+            if self._generator is None or self._generator_key != key:
+                # Workers receive copies of the same collator: mix in the worker seed (distinct per
+                # worker and per epoch, itself derived from the Trainer's seed) so they differ.
+                base = self.seed if info is None else (self.seed * 1_000_003 + info.seed) % 2**63
+                self._generator, self._generator_key = torch.Generator().manual_seed(base), key
+            seed = int(torch.randint(2**62, (1,), generator=self._generator))
+        return torch.Generator().manual_seed(seed)
+
+    @staticmethod
+    def _describe(row: Mapping[str, Any], index: int) -> str:
+        fields = [f"{key}={row[key]!r}" for key in _ROW_KEYS if row.get(key) is not None]
+        return f"batch row {index}" + (f" ({', '.join(fields)})" if fields else "")
+
+    @staticmethod
+    def _person_id(row: Mapping[str, Any], where: str) -> int:
+        for key in ("person_index", "person_id"):
+            if row.get(key) is not None:
+                return int(row[key])
+        raise KeyError(f"{where}: the row has neither 'person_index' nor 'person_id'")
+
+    def _rounds(
+        self, row: Mapping[str, Any], where: str, generator: torch.Generator | None, counts: dict[str, int]
+    ) -> list[tuple[str, str]]:
+        """The row's dialogue as (question, answer) pairs, after caption wrapping and R3."""
+        if self.mals_captions and row.get("caption") is not None:
+            caption = row["caption"]
+            if not isinstance(caption, str):
+                raise TypeError(f"{where}: 'caption' must be a str, got {type(caption).__name__}")
+            counts["captions"] += 1
+            counts["captions_cut"] += len(clean_caption(caption, max_words=10**9).split()) > MALS_MAX_WORDS
+            dialogue: Any = caption_to_dialogue(caption, generator)
+        elif row.get("dialogue") is not None:
+            dialogue = row["dialogue"]
+        elif row.get("caption") is not None:
+            raise ValueError(f"{where}: the row has a 'caption' but no 'dialogue'; MALS rows need mals_captions=True")
+        else:
+            raise KeyError(f"{where}: the row has no 'dialogue' (nor a 'caption' with mals_captions=True)")
+        try:
+            rounds = [tuple(pair) for pair in self.processor.normalize_dialogue(dialogue)]
+        except (TypeError, ValueError, KeyError) as error:
+            raise ValueError(f"{where}: malformed dialogue: {error}") from error
+        if not rounds:
+            raise ValueError(f"{where}: the dialogue has no rounds")
+        counts["rounds_available"] += len(rounds)
+        if generator is not None and self.round_retaining:
+            rounds = rounds[: sample_retained_rounds(len(rounds), generator)]
+        counts["rounds_kept"] += len(rounds)
+        return rounds  # type: ignore[return-value]
+
+    # ----------------------------------------------------------------------------------------
+
+    def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """Collates a list of dataset rows.
+
+        Returns:
+            ``pixel_values`` (B, 3, H, W) float32, ``input_ids`` / ``attention_mask`` (B, L)
+            long, right-padded to the longest row, ``person_ids`` (B,) long; plus the optional
+            keys of ``return_round_ends`` / ``return_statistics``.
+        """
+        if isinstance(rows, Mapping) or not isinstance(rows, Sequence) or not rows:
+            raise TypeError("DiaNACollator expects a non-empty list of row dicts (Trainer's data_collator input)")
+        counts = {key: 0 for key in asdict(CollatorStatistics())}
+        counts["batches"], counts["samples"] = 1, len(rows)
+        generator = self._batch_generator() if self.train else None
+
+        dialogues, images, person_ids = [], [], []
+        for index, row in enumerate(rows):
+            if not isinstance(row, Mapping):
+                raise TypeError(f"batch row {index} is a {type(row).__name__}, expected a dict")
+            where = self._describe(row, index)
+            if "image" not in row:
+                raise KeyError(f"{where}: the row has no 'image' column")
+            dialogues.append(self._rounds(row, where, generator, counts))
+            images.append(load_image(row["image"], where=where))
+            person_ids.append(self._person_id(row, where))
+
+        text = self.processor(
+            dialogues=dialogues, return_round_ends=True, padding="longest", max_length=self.max_length,
+            truncation=True, return_tensors="pt",
+        )
+        input_ids, attention_mask = text["input_ids"], text["attention_mask"]
+        num_rounds, round_truncated = text["num_rounds"], text["round_truncated"]  # (B,), (B, R)
+        # Rounds beyond a dialogue's own count repeat its last round in the processor's output;
+        # only the dialogue's real rounds are counted.
+        real_round = torch.arange(round_truncated.shape[1]) < num_rounds[:, None]  # (B, R)
+        truncated = round_truncated.bool() & real_round
+        counts["dialogues_truncated"] = int(truncated.any(dim=1).sum())
+        counts["rounds_truncated"] = int(truncated.sum())
+
+        if generator is not None and self.masker is not None:
+            result = self.masker(input_ids, attention_mask, generator)
+            input_ids = result.input_ids
+            counts["tokens_eligible"] = int(result.eligible.sum())
+            counts["tokens_selected"] = int(result.selected.sum())
+            counts["tokens_masked"] = int(result.masked.sum())
+            counts["tokens_randomized"] = int(result.randomized.sum())
+
+        if generator is not None and self.image_transform is not None:
+            pixel_values = self.image_transform(images, generator)
+            counts["images_augmented"] = len(images)
+        else:
+            # The processor's own path: training without augmentation and evaluation share resize
+            # and normalisation with inference exactly.
+            pixel_values = self.processor(images=images, return_tensors="pt")["pixel_values"]
+
+        self.statistics.update(counts)
+        batch: dict[str, Any] = {
+            "pixel_values": pixel_values,
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "person_ids": torch.tensor(person_ids, dtype=torch.long),
+        }
+        if self.return_round_ends:
+            batch["round_end_positions"] = text["round_end_positions"]
+            batch["round_truncated"] = round_truncated
+            batch["num_rounds"] = num_rounds
+        if self.return_statistics:
+            batch["collator_statistics"] = {key: torch.tensor(value) for key, value in counts.items()}
+        return batch
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(train={self.train}, round_retaining={self.round_retaining}, "
+            f"token_masking={self.token_masking}, image_augmentation={self.image_augmentation}, "
+            f"mals_captions={self.mals_captions}, max_length={self.max_length}, seed={self.seed})"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Lengths for group_by_length, undecoded images
+# --------------------------------------------------------------------------------------------
+
+
+def _length_dialogue(row: Mapping[str, Any]) -> Any:
+    # Captions are measured with the first question (deterministic): lengths are
+    # a grouping key, a few tokens of question-pool variation do not matter.
+    if row.get("dialogue") is not None:
+        return row["dialogue"]
+    if row.get("caption") is not None:
+        return caption_to_dialogue(row["caption"])
+    raise KeyError("a row needs a 'dialogue' or a 'caption' column to measure its length")
+
+
+def _token_lengths(dialogues: list[Any], processor: Any, max_length: int | None) -> list[int]:
+    encoded = processor(dialogues=dialogues, padding="longest", max_length=max_length, truncation=True,
+                        return_tensors="pt")
+    return encoded["attention_mask"].sum(dim=1).tolist()
+
+
+def dialogue_length(row: Mapping[str, Any], processor: Any, max_length: int | None = None) -> int:
+    """Token count (BOS included, after truncation) of a row's full dialogue or wrapped caption.
+
+    Args:
+        row: A ChatPedes row (``dialogue``) or MALS row (``caption``).
+        processor: The `DiaNAProcessor`.
+        max_length: Truncation limit; None uses the processor's.
+    """
+    return _token_lengths([_length_dialogue(row)], processor, max_length)[0]
+
+
+def add_length_column(
+    dataset: Any,
+    processor: Any,
+    *,
+    column: str = "length",
+    max_length: int | None = None,
+    batch_size: int = 1000,
+    num_proc: int | None = None,
+) -> Any:
+    """Adds the token count of every row's full dialogue (or wrapped caption) as `column`.
+
+    The Trainer's ``train_sampling_strategy="group_by_length"`` reads it (``length_column_name``)
+    instead of tokenising on start-up, so batches are padded to similar lengths (DESIGN.md §6).
+    With R3 the drawn dialogue is a prefix, so the column is an upper bound of the collated length.
+    Only the text column is read: images are not decoded.
+
+    Args:
+        dataset: A `datasets.Dataset` or `DatasetDict` with a ``dialogue`` or ``caption`` column.
+        processor: The `DiaNAProcessor`.
+        column: Name of the new column.
+        max_length: Truncation limit; None uses the processor's.
+        batch_size: Rows tokenised per call.
+        num_proc: Processes for `Dataset.map`.
+
+    Returns:
+        The dataset with the extra column.
+    """
+    names = dataset.column_names
+    names = next(iter(names.values())) if isinstance(names, Mapping) else names
+    text_column = "dialogue" if "dialogue" in names else "caption" if "caption" in names else None
+    if text_column is None:
+        raise KeyError(f"add_length_column needs a 'dialogue' or 'caption' column, got {names}")
+
+    def lengths(values: list[Any]) -> dict[str, list[int]]:
+        return {column: _token_lengths([_length_dialogue({text_column: v}) for v in values], processor, max_length)}
+
+    return dataset.map(lengths, batched=True, batch_size=batch_size, input_columns=[text_column],
+                       num_proc=num_proc, desc="Token lengths")
+
+
+def with_undecoded_images(dataset: Any, column: str = "image") -> Any:
+    """Casts the image column to ``Image(decode=False)`` so rows carry ``{"path", "bytes"}``.
+
+    Decoding then happens in the collator (`augmentation.load_image`), whose error names the file;
+    `datasets` decodes on row access, where a truncated file fails without saying which one.
+    """
+    import datasets
+
+    return dataset.cast_column(column, datasets.Image(decode=False))
+
+
+__all__ = ["CollatorStatistics", "DiaNACollator", "dialogue_length", "add_length_column", "with_undecoded_images"]
