@@ -222,6 +222,15 @@ def fingerprint(paths: Iterable[str], contents: bool) -> str:
     return h.hexdigest()
 
 
+def unwrap_generation_error(error: BaseException) -> BaseException:
+    """datasets wraps errors raised inside `_generate_examples` in DatasetGenerationError; our
+    located errors are what the user needs, so they are re-raised as they are."""
+    cause = error.__cause__
+    if isinstance(cause, (AnnotationError, MissingImageError)):
+        return cause.with_traceback(cause.__traceback__)
+    return error
+
+
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")

@@ -43,6 +43,7 @@ from ._annotations import (
     log_report,
     require,
     resolve_image,
+    unwrap_generation_error,
 )
 
 ANNOTATION_FILES = {"train": "train_reid.json", "test": "test_reid.json"}
@@ -200,7 +201,10 @@ class ChatPedes(datasets.GeneratorBasedBuilder):
 
     def download_and_prepare(self, *args: Any, **kwargs: Any) -> None:
         self._report = None
-        super().download_and_prepare(*args, **kwargs)
+        try:
+            super().download_and_prepare(*args, **kwargs)
+        except datasets.exceptions.DatasetGenerationError as e:
+            raise unwrap_generation_error(e) from None
         # Generated now: keep the report next to the arrow files so a cached load still has it.
         if self._report is not None:
             self._report.save(self._output_dir)

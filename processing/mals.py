@@ -37,6 +37,7 @@ from ._annotations import (
     log_report,
     require,
     resolve_image,
+    unwrap_generation_error,
 )
 
 NUM_ATTRIBUTES = 27
@@ -150,7 +151,10 @@ class MALS(datasets.GeneratorBasedBuilder):
 
     def download_and_prepare(self, *args: Any, **kwargs: Any) -> None:
         self._report = None
-        super().download_and_prepare(*args, **kwargs)
+        try:
+            super().download_and_prepare(*args, **kwargs)
+        except datasets.exceptions.DatasetGenerationError as e:
+            raise unwrap_generation_error(e) from None
         if self._report is not None:
             self._report.save(self._output_dir)
         else:

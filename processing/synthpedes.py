@@ -61,7 +61,8 @@ RGB = {
     "purple": (125, 50, 165), "yellow": (235, 205, 45), "blue": (35, 75, 200), "green": (45, 150, 60),
     "pink": (240, 150, 190), "brown": (120, 72, 35), "blonde": (225, 195, 120),
 }
-SKIN_TONES = ((241, 204, 177), (224, 172, 135), (190, 135, 95), (140, 95, 65))
+# Kept >= 45 levels away from every clothing colour (a brown leg on brown trousers would hide the type).
+SKIN_TONES = ((241, 204, 177), (224, 172, 135), (190, 135, 95))
 
 MALS_LABELS = (
     "age", "backpack", "bag", "handbag", "clothes", "down", "up", "hair", "hat", "gender",
@@ -325,9 +326,6 @@ def draw_person(
     d.chord(box(24, 10, 40, 28), 180, 360, fill=hair)
     d.rectangle(box(24, 17, 27, 23), fill=hair)
     d.rectangle(box(37, 17, 40, 23), fill=hair)
-    if a["hair_length"] == "long":  # strands over the shoulders, clearly longer than the head
-        d.rectangle(box(22.5, 17, 27, 44), fill=hair)
-        d.rectangle(box(37, 17, 41.5, 44), fill=hair)
     if a["hat"] != "none":
         hat = RGB[a["hat"]]
         d.chord(box(23, 6, 41, 24), 180, 360, fill=hat)
@@ -351,6 +349,13 @@ def draw_person(
         hx = 46 + arm
         d.rectangle(box(hx - 1, 65, hx + 9, 79), fill=bag_c)
         d.line(poly([(hx + 1, 65), (hx + 4, 61), (hx + 7, 65)]), fill=bag_c, width=max(1, int(round(1.5 * s * u))))
+
+    if a["hair_length"] == "long":
+        # Strands over the shoulders, drawn over straps and top; the shaded edge keeps them
+        # visible on a top (or background) of the hair's own colour.
+        edge = _stripe_colour(hair)
+        d.rectangle(box(21.5, 17, 26.5, 46), fill=hair, outline=edge)
+        d.rectangle(box(37.5, 17, 42.5, 46), fill=hair, outline=edge)
 
     # Occlusion: a narrow pole; at most 5 canonical px wide, so it never covers a whole attribute
     # region (each region is >= 6 px wide or has a twin on the other side).
@@ -517,6 +522,7 @@ def generate(
     if persons - n_test < 2:
         raise ValueError(f"test_fraction={test_fraction} leaves {persons - n_test} train persons (need >= 2)")
     mals_images = persons * images_per_person if mals_images is None else mals_images
+    people = sample_persons(persons, seed)
     cp_dir, mals_dir = os.path.join(out_dir, "chatpedes"), os.path.join(out_dir, "mals")
     for d in (cp_dir, mals_dir):
         if os.path.exists(d) and os.listdir(d):
@@ -525,7 +531,6 @@ def generate(
             shutil.rmtree(d)
     os.makedirs(os.path.join(cp_dir, "imgs", "synth"), exist_ok=True)
 
-    people = sample_persons(persons, seed)
     skins = np.random.default_rng([seed, 2]).integers(len(SKIN_TONES), size=persons)
     start, cpu_start = time.perf_counter(), time.process_time()
     splits: dict[str, list[dict[str, Any]]] = {"train": [], "test": []}
