@@ -337,8 +337,15 @@ class GalleryIndex:
         return index
 
     @classmethod
-    def build_from_dataset(
-        cls,
+    def build_from_dataset(cls, dataset: Any, model: Any, processor: Any, *, with_attributes: bool = False,
+                           **kwargs: Any) -> GalleryIndex:
+        """Encode a dataset split's images into a new index; see :meth:`add_dataset`."""
+        index = cls.empty(model, processor, with_attributes=with_attributes)
+        index.add_dataset(dataset, model, processor, **kwargs)
+        return index
+
+    def add_dataset(
+        self,
         dataset: Any,
         model: Any,
         processor: Any,
@@ -346,26 +353,28 @@ class GalleryIndex:
         image_column: str = "image",
         id_column: str | None = "person_id",
         **kwargs: Any,
-    ) -> GalleryIndex:
-        """Encode a dataset split's images (an ``Image()`` column holding paths).
+    ) -> AddReport:
+        """Add a dataset split's images (an ``Image()`` column holding paths) with their person ids.
 
-        Rows sharing an image (ChatPedes has one row per dialogue) are indexed once.
+        Rows sharing an image (ChatPedes has one row per dialogue) are indexed once; they are
+        counted as duplicates in the report. Other keyword arguments go to :meth:`add_images`.
         """
         from datasets import Image as ImageFeature
 
         if image_column not in dataset.column_names:
             raise KeyError(f"dataset has no column {image_column!r} (columns: {dataset.column_names})")
-        columns = [image_column] + ([id_column] if id_column and id_column in dataset.column_names else [])
+        with_ids = bool(id_column) and id_column in dataset.column_names
+        columns = [image_column] + ([id_column] if with_ids else [])
         table = dataset.select_columns(columns).cast_column(image_column, ImageFeature(decode=False))
         paths: list[str] = []
         ids: list[int] = []
         for row_index, row in enumerate(table):
-            path = row[image_column].get("path")
+            path = (row[image_column] or {}).get("path")
             if not path:
                 raise ValueError(f"dataset row {row_index}: column {image_column!r} holds no file path")
             paths.append(path)
-            ids.append(int(row[id_column]) if len(columns) > 1 else -1)
-        return cls.build(paths, model, processor, ids=ids, **kwargs)
+            ids.append(int(row[id_column]) if with_ids else -1)
+        return self.add_images(paths, model, processor, ids=ids, **kwargs)
 
     @torch.no_grad()
     def add_images(

@@ -1,0 +1,213 @@
+"""Terminal front end of the chat search: build / extend a gallery index, then search it by dialogue.
+
+    # encode a folder of photos once (or a data set split), then add more later
+    python -m diana.processing.search_cli index --model MODEL_DIR --images photos/ --output gallery.safetensors
+    python -m diana.processing.search_cli index --model MODEL_DIR --images more/ --output gallery.safetensors --add
+    python -m diana.processing.search_cli index --model MODEL_DIR --chatpedes DATA_DIR --split test --output test.safetensors
+
+    # chat interactively (stdin), or replay dialogues from a JSON file
+    python -m diana.processing.search_cli search --model MODEL_DIR --index gallery.safetensors
+    python -m diana.processing.search_cli search --model MODEL_DIR --index gallery.safetensors \
+        --dialogue dialogue.json --top-k 8 --contact-sheet top.png
+
+The ranking is printed after every round; ``--contact-sheet`` saves a picture with one row per
+round and the top-k photos labelled with rank and score. A dialogue file holds one dialogue in any
+form the processor accepts (ChatPedes rounds, (question, answer) pairs, {"question", "answer"}
+dicts, a plain description) or ``{"dialogues": [dialogue, ...]}`` for several.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+from .search import ChatSearchSession, GalleryIndex, RoundResult, save_contact_sheet
+
+
+def load_model_and_processor(model_dir: str, tokenizer_dir: str | None = None, device: str | None = None,
+                             dtype: str = "float32") -> tuple[Any, Any]:
+    """A DiaNA folder's model (eval mode) and processor (the folder's own, else the default one)."""
+    from diana.modeling_diana import DiaNAModel
+
+    from . import build_processor
+    from .processing_diana import DiaNAProcessor
+
+    folder = Path(model_dir)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"--model {folder}: no config.json (not a DiaNA model folder)")
+    model = DiaNAModel.from_pretrained(str(folder), dtype=getattr(torch, dtype)).eval()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    if (folder / "processor_config.json").is_file():
+        processor = DiaNAProcessor.from_pretrained(str(folder))
+    else:
+        size = model.config.vision_config.image_size
+        processor = build_processor(tokenizer_dir=tokenizer_dir, image_size=tuple(size) if isinstance(size, (list, tuple)) else (size, size))
+    return model, processor
+
+
+def read_dialogues(path: str | Path) -> list[Any]:
+    """Dialogues of a JSON file: one dialogue, or ``{"dialogues": [...]}``."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"cannot read dialogue file {str(path)!r}: {error}") from error
+    if isinstance(data, dict) and "dialogues" in data:
+        dialogues = data["dialogues"]
+        if not isinstance(dialogues, list) or not dialogues:
+            raise ValueError(f"{str(path)!r}: 'dialogues' must be a non-empty list")
+        return dialogues
+    return [data]
+
+
+def format_round(result: RoundResult) -> str:
+    """The ranking after one round, one line per photo."""
+    flag = "  [truncated at max_length]" if result.truncated else ""
+    lines = [f"round {result.round_index} (+{result.new_tokens} tokens){flag}",
+             f"  Q: {result.question}", f"  A: {result.answer}"]
+    for rank, (score, path, person) in enumerate(zip(result.scores, result.paths, result.ids), start=1):
+        label = f"  (id {person})" if person >= 0 else ""
+        lines.append(f"  {rank:>3}. {score:+.4f}  {path}{label}")
+    return "\n".join(lines)
+
+
+def _sheet_path(base: str | None, number: int, total: int) -> Path | None:
+    if base is None:
+        return None
+    base_path = Path(base)
+    return base_path if total == 1 else base_path.with_name(f"{base_path.stem}_{number}{base_path.suffix or '.png'}")
+
+
+def run_dialogues(session: ChatSearchSession, dialogues: list[Any], contact_sheet: str | None, out: TextIO) -> list[list[RoundResult]]:
+    """Replay every dialogue round by round, printing each ranking."""
+    all_results = []
+    for number, dialogue in enumerate(dialogues, start=1):
+        try:
+            pairs = session.processor.normalize_dialogue(dialogue)
+        except ValueError as error:
+            raise ValueError(f"dialogue {number}: {error}") from error
+        session.reset()
+        print(f"=== dialogue {number}/{len(dialogues)} ({len(pairs)} rounds)", file=out)
+        for question, answer in pairs:
+            print(format_round(session.add_round(question, answer)), file=out)
+        sheet = _sheet_path(contact_sheet, number, len(dialogues))
+        if sheet is not None:
+            save_contact_sheet(session.results, sheet, title=f"dialogue {number}: top-{session.k} per round")
+            print(f"contact sheet: {sheet}", file=out)
+        all_results.append(list(session.results))
+    return all_results
+
+
+def chat_loop(session: ChatSearchSession, contact_sheet: str | None, stdin: TextIO, out: TextIO) -> list[RoundResult]:
+    """Interactive search: a description, then question/answer rounds until an empty question."""
+    def ask(prompt: str) -> str | None:
+        print(prompt, end="", file=out, flush=True)
+        line = stdin.readline()
+        return None if not line else line.strip()
+
+    description = ask("Describe the person you saw: ")
+    while description is not None and not description:
+        description = ask("Describe the person you saw (not empty): ")
+    if description is None:
+        return []
+    print(format_round(session.start(description)), file=out)
+    while True:
+        if contact_sheet:
+            save_contact_sheet(session.results, contact_sheet, title=f"top-{session.k} per round")
+        question = ask("Next question (empty line to finish): ")
+        if not question:
+            break
+        answer = ask("Answer: ")
+        if not answer:
+            print("(no answer: round skipped)", file=out)
+            continue
+        print(format_round(session.add_round(question, answer)), file=out)
+    if contact_sheet:
+        print(f"contact sheet: {contact_sheet}", file=out)
+    return list(session.results)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m diana.processing.search_cli", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def common(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--model", required=True, help="DiaNA model folder (an export or a training output)")
+        sub.add_argument("--tokenizer-dir", help="tokenizer folder when the model folder has no processor files")
+        sub.add_argument("--device", help="cpu / cuda (default: cuda if available)")
+        sub.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+    index = commands.add_parser("index", help="encode a folder of images or a data set split into an index file")
+    common(index)
+    source = index.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", help="folder of images (searched recursively)")
+    source.add_argument("--chatpedes", metavar="DATA_DIR", help="ChatPedes-layout folder; with --split")
+    index.add_argument("--split", default="test", help="split of --chatpedes (train / validation / test)")
+    index.add_argument("--output", required=True, help="index file (.safetensors)")
+    index.add_argument("--add", action="store_true", help="add new images to the existing --output index")
+    index.add_argument("--with-attributes", action="store_true", help="also store attribute embeddings (attribute / fused modes)")
+    index.add_argument("--batch-size", type=int, default=32)
+    index.add_argument("--on-bad-image", choices=["error", "skip"], default="error",
+                       help="unreadable image: stop with its name, or skip it and count it")
+
+    search = commands.add_parser("search", help="search an index by dialogue (interactive, or --dialogue FILE)")
+    common(search)
+    search.add_argument("--index", required=True, help="index file made by the index command")
+    search.add_argument("--dialogue", help="JSON dialogue file (batch); without it, chat on stdin")
+    search.add_argument("--top-k", type=int, default=10)
+    search.add_argument("--mode", choices=["global", "attribute", "fused"], help="score mode (default: the model's)")
+    search.add_argument("--backend", choices=["exact", "faiss"], default="exact")
+    search.add_argument("--contact-sheet", help="PNG with the top-k photos of every round")
+    search.add_argument("--output-json", help="write every round's ranking to this JSON file")
+    return parser
+
+
+def main(argv: list[str] | None = None, stdin: TextIO | None = None, out: TextIO | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    stdin, out = stdin or sys.stdin, out or sys.stdout
+    model, processor = load_model_and_processor(args.model, args.tokenizer_dir, args.device, args.dtype)
+    if args.command == "index":
+        output = Path(args.output)
+        if args.add:
+            index = GalleryIndex.load(output, model, processor)
+        else:
+            if output.exists():
+                raise FileExistsError(f"{output} exists: use --add to extend it, or another --output")
+            index = GalleryIndex.empty(model, processor, with_attributes=args.with_attributes)
+        if args.images:
+            report = index.add_images(args.images, model, processor, batch_size=args.batch_size, on_bad_image=args.on_bad_image)
+        else:
+            from .chatpedes import load_chatpedes
+
+            splits = load_chatpedes(args.chatpedes)
+            if args.split not in splits:
+                raise KeyError(f"--split {args.split!r}: {args.chatpedes} has splits {sorted(splits)}")
+            report = index.add_dataset(splits[args.split], model, processor, batch_size=args.batch_size,
+                                       on_bad_image=args.on_bad_image)
+        index.save(output)
+        print(f"{output}: {report}; {len(index)} images in the index", file=out)
+        if report.skipped_unreadable:
+            print("unreadable: " + ", ".join(report.skipped_unreadable), file=out)
+        return 0
+
+    index = GalleryIndex.load(args.index, model, processor)
+    session = ChatSearchSession(model, processor, index, k=args.top_k, mode=args.mode, backend=args.backend,
+                                check_index=False)
+    if args.dialogue:
+        results = run_dialogues(session, read_dialogues(args.dialogue), args.contact_sheet, out)
+    else:
+        results = [chat_loop(session, args.contact_sheet, stdin, out)]
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps(
+            [[r.__dict__ for r in dialogue] for dialogue in results], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
