@@ -238,3 +238,19 @@ def test_bad_options_are_rejected(synth, tmp_path):
         ChatPedes(data_dir=str(synth), cache_dir=str(tmp_path), image_check="deep")
     with pytest.raises(ValueError, match="data_dir"):
         ChatPedes(cache_dir=str(tmp_path))
+
+
+def test_dataset_card_lists_the_builder_fields():
+    import yaml
+
+    import diana.hub_cards
+    from diana.processing.chatpedes import FEATURES
+
+    card = Path(diana.hub_cards.__file__).parent / "dataset_cards" / "chatpedes.md"
+    meta = yaml.safe_load(card.read_text().split("---")[1])
+    assert [f["name"] for f in meta["dataset_info"]["features"]] == list(FEATURES)
+    assert [s["name"] for s in meta["dataset_info"]["splits"]] == ["train", "validation", "test"]
+    body = card.read_text()
+    for name in FEATURES:
+        assert f"| `{name}` |" in body
+    assert "Bai" in body and "Li, Shuang" in body

@@ -131,3 +131,18 @@ def test_cache_notices_changed_annotation_files(data, tmp_path):
     path.write_text(json.dumps(records + [dict(records[0], image_id="extra")]))
     train = load_mals(str(data), cache_dir=cache)["train"]
     assert train.num_rows == 16 and "extra" in train["image_id"]
+
+
+def test_dataset_card_lists_the_builder_fields():
+    import yaml
+
+    import diana.hub_cards
+    from diana.processing.mals import FEATURES
+
+    card = Path(diana.hub_cards.__file__).parent / "dataset_cards" / "mals.md"
+    meta = yaml.safe_load(card.read_text().split("---")[1])
+    assert [f["name"] for f in meta["dataset_info"]["features"]] == list(FEATURES)
+    body = card.read_text()
+    for name in FEATURES:
+        assert f"| `{name}` |" in body
+    assert "Yang, Shuyu" in body
