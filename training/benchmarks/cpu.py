@@ -1,0 +1,314 @@
+"""CPU suite: what can be measured without a GPU, each figure beside its baseline in the same run.
+
+1. Per-round evaluation cost: one causal pass read at every round end
+   (`model.encode_dialogues(..., round_end_positions)`) against re-encoding every round prefix,
+   padded to 400 (the official code) and padded to the prefix batch's longest (isolating the
+   R passes), and against one pass without round ends (the issue's "<= 1.3x one pass" goal).
+   Real tokenizer, ChatPedes-length 10-round dialogues, a small real-shaped model (Llama layers
+   at hidden 256 with the Llama-3.2-1B head layout and the real 128k vocabulary).
+2. Processor throughput per core: `DiaNAProcessor` against a plain `ViTImageProcessor` call and a
+   plain tokenizer call on the rendered dialogue text.
+3. Metric computation at ChatPedes size: ~6k dialogues x 10 rounds against 3,074 images with
+   `training.metrics.retrieval_metrics` (and the scoring matmuls).
+4. Padding efficiency of the three batching policies on ChatPedes-length dialogues.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from diana.modeling_diana import DiaNAConfig, DiaNAModel
+from diana.training.benchmarks import harness, naive, workloads
+from diana.training.benchmarks.harness import fmt
+
+
+@dataclass
+class CpuSettings:
+    """Sizes of the CPU run; `tiny()` shrinks everything for the test suite."""
+
+    eval_dialogues: int = 32
+    eval_batch: int = 16
+    rounds: int = workloads.CHATPEDES_ROUNDS
+    text_hidden: int = 256
+    text_layers: int = 4
+    eval_repeats: int = 3
+    processor_images: int = 128
+    processor_dialogues: int = 256
+    processor_repeats: int = 3
+    metric_queries: int = workloads.CHATPEDES_TEST_DIALOGUES
+    metric_gallery: int = workloads.CHATPEDES_TEST_IMAGES
+    metric_persons: int = workloads.CHATPEDES_TEST_PERSONS
+    metric_rounds: int = workloads.CHATPEDES_ROUNDS
+    metric_dim: int = 768
+    padding_dialogues: int = 2048
+    padding_batch: int = 32
+    max_seconds: float = 60.0
+
+    @classmethod
+    def tiny(cls) -> "CpuSettings":
+        return cls(
+            eval_dialogues=4, eval_batch=2, rounds=3, text_hidden=32, text_layers=2, eval_repeats=1,
+            processor_images=4, processor_dialogues=8, processor_repeats=1, metric_queries=40, metric_gallery=20,
+            metric_persons=10, metric_rounds=2, metric_dim=16, padding_dialogues=16, padding_batch=4, max_seconds=5.0,
+        )
+
+
+def tiny_model_config(**overrides) -> DiaNAConfig:
+    """The test suite's tiny shapes (hidden 32, odd sizes, 64x32 images) with the real vocabulary."""
+    from transformers import LlamaConfig, Swinv2Config
+
+    from diana.processing.tokenizer_setup import BOS_TOKEN_ID, EOS_TOKEN_ID, PAD_TOKEN_ID
+
+    vision = Swinv2Config(image_size=[64, 32], patch_size=4, embed_dim=16, depths=[1, 2], num_heads=[2, 4],
+                          window_size=4, mlp_ratio=2.0, drop_path_rate=0.0)
+    text = LlamaConfig(vocab_size=128256, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                       bos_token_id=BOS_TOKEN_ID, eos_token_id=EOS_TOKEN_ID, pad_token_id=PAD_TOKEN_ID,
+                       tie_word_embeddings=False)
+    kwargs = dict(vision_config=vision, text_config=text, projection_dim=24, num_attribute_queries=3,
+                  refiner_num_layers=2, refiner_num_heads=4)
+    kwargs.update(overrides)
+    return DiaNAConfig(**kwargs)
+
+
+def small_text_config(hidden: int, layers: int) -> DiaNAConfig:
+    """Llama-3.2-1B's layout scaled to `hidden` (head dim 64, 4 query heads per KV head, MLP 4x,
+    real vocabulary and RoPE), refiner as the paper (K = 16), a tiny image tower (unused here)."""
+    from transformers import LlamaConfig, Swinv2Config
+
+    from diana.modeling_diana.configuration_diana import DEFAULT_TEXT_CONFIG
+
+    heads = max(1, hidden // 64)
+    text = dict(DEFAULT_TEXT_CONFIG)
+    text.pop("model_type")
+    text.update(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                num_key_value_heads=max(1, heads // 4), head_dim=hidden // heads, tie_word_embeddings=False)
+    vision = Swinv2Config(image_size=[64, 32], patch_size=4, embed_dim=16, depths=[1, 2], num_heads=[2, 4],
+                          window_size=4, drop_path_rate=0.0)
+    return DiaNAConfig(vision_config=vision, text_config=LlamaConfig(**text), projection_dim=hidden,
+                       num_attribute_queries=16, refiner_num_heads=max(1, hidden // 64))
+
+
+@contextlib.contextmanager
+def single_core() -> Any:
+    """One intra-op thread and no tokenizer thread pool: per-core figures."""
+    threads = torch.get_num_threads()
+    old_env = os.environ.get("TOKENIZERS_PARALLELISM")
+    torch.set_num_threads(1)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        if old_env is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = old_env
+
+
+# ----------------------------------------------------------------------------------- 1. per-round eval
+@torch.no_grad()
+def bench_per_round_eval(processor, settings: CpuSettings, config: DiaNAConfig) -> dict[str, Any]:
+    """Per-round dialogue encoding: one pass with round ends vs re-encoding every prefix."""
+    torch.manual_seed(0)
+    model = DiaNAModel(config).eval()
+    model.text_model.set_attn_implementation("sdpa")
+    dialogues = workloads.make_dialogues(settings.eval_dialogues, rounds=settings.rounds, seed=0)
+    enc = processor(dialogues=dialogues, return_round_ends=True, return_tensors="pt")
+    ids, mask, ends = enc["input_ids"], enc["attention_mask"], enc["round_end_positions"]
+    batches = [slice(i, i + settings.eval_batch) for i in range(0, ids.shape[0], settings.eval_batch)]
+
+    def one_pass_rounds() -> None:
+        for b in batches:
+            model.encode_dialogues(ids[b], mask[b], round_end_positions=ends[b])
+
+    def one_pass_full() -> None:
+        for b in batches:
+            model.encode_dialogues(ids[b], mask[b])
+
+    def reencode(pad_to: int | None) -> Any:
+        def run() -> None:
+            for b in batches:
+                naive.reencode_prefixes(model, ids[b], mask[b], ends[b], pad_to=pad_to)
+        return run
+
+    kw = dict(warmup=1, repeats=settings.eval_repeats, max_seconds=settings.max_seconds)
+    timings = {
+        "one_pass_with_round_ends": harness.time_fn(one_pass_rounds, **kw),
+        "one_pass_full_dialogue_only": harness.time_fn(one_pass_full, **kw),
+        "reencode_prefixes_dynamic_padding": harness.time_fn(reencode(None), **kw),
+        "reencode_prefixes_padded_400": harness.time_fn(reencode(naive.NAIVE_MAX_LENGTH), **kw),
+    }
+    # Numerical agreement of the two methods on the same inputs (fp32).
+    fast = model.encode_dialogues(ids, mask, round_end_positions=ends)
+    slow_embeds, slow_attr = naive.reencode_prefixes(model, ids, mask, ends, pad_to=naive.NAIVE_MAX_LENGTH)
+    base = timings["one_pass_with_round_ends"].median_s
+    lengths = mask.sum(dim=1).float()
+    return {
+        "dialogues": settings.eval_dialogues,
+        "rounds": settings.rounds,
+        "batch": settings.eval_batch,
+        "text_hidden": config.text_config.hidden_size,
+        "text_layers": config.text_config.num_hidden_layers,
+        "mean_tokens": float(lengths.mean()),
+        "max_tokens": int(lengths.max()),
+        "timings": {k: v.as_dict() for k, v in timings.items()},
+        "ratio_reencode_400_over_one_pass": timings["reencode_prefixes_padded_400"].median_s / base,
+        "ratio_reencode_dynamic_over_one_pass": timings["reencode_prefixes_dynamic_padding"].median_s / base,
+        "ratio_rounds_over_full_only": base / timings["one_pass_full_dialogue_only"].median_s,
+        "max_abs_diff_text_embeds": float((fast.text_embeds - slow_embeds).abs().max()),
+        "max_abs_diff_attribute_embeds": float((fast.text_attribute_embeds - slow_attr).abs().max()),
+    }
+
+
+# ---------------------------------------------------------------------------------- 2. processor speed
+def bench_processor(processor, settings: CpuSettings) -> dict[str, Any]:
+    """Images/s and dialogues/s on one core: DiaNAProcessor vs plain sub-processor calls."""
+    from transformers import ViTImageProcessor
+
+    images = workloads.make_pil_images(settings.processor_images, seed=0)
+    dialogues = workloads.make_dialogues(settings.processor_dialogues, rounds=workloads.CHATPEDES_ROUNDS, seed=2)
+    rendered = [processor.render_dialogue(d) for d in dialogues]
+    ip = processor.image_processor
+    # The same resize / rescale / normalise as the processor's, built fresh: the plain baseline.
+    plain_images = ViTImageProcessor(size=dict(ip.size), resample=ip.resample, image_mean=ip.image_mean,
+                                     image_std=ip.image_std)
+    tokenizer = processor.tokenizer
+    kw = dict(warmup=1, repeats=settings.processor_repeats, max_seconds=settings.max_seconds)
+    with single_core():
+        timings = {
+            "diana_processor_images": harness.time_fn(lambda: processor(images=images), **kw),
+            "plain_vit_image_processor": harness.time_fn(lambda: plain_images(images, return_tensors="pt"), **kw),
+            "diana_processor_dialogues_round_ends": harness.time_fn(
+                lambda: processor(dialogues=dialogues, return_round_ends=True), **kw),
+            "plain_tokenizer_rendered_text": harness.time_fn(
+                lambda: tokenizer(rendered, padding="longest", return_tensors="pt"), **kw),
+        }
+    # Same ids from both text paths: the processor's round-segment tokenisation must not change them.
+    ids_proc = processor(dialogues=dialogues[:8])["input_ids"]
+    ids_plain = tokenizer(rendered[:8], padding="longest", return_tensors="pt")["input_ids"]
+    n_img, n_dlg = len(images), len(dialogues)
+    per_s = {
+        "diana_processor_images_per_s": n_img / timings["diana_processor_images"].median_s,
+        "plain_vit_images_per_s": n_img / timings["plain_vit_image_processor"].median_s,
+        "diana_processor_dialogues_per_s": n_dlg / timings["diana_processor_dialogues_round_ends"].median_s,
+        "plain_tokenizer_dialogues_per_s": n_dlg / timings["plain_tokenizer_rendered_text"].median_s,
+    }
+    return {
+        "threads": 1,
+        "images": n_img,
+        "dialogues": n_dlg,
+        "timings": {k: v.as_dict() for k, v in timings.items()},
+        **per_s,
+        "ids_equal_to_plain_tokenizer": bool(ids_proc.shape == ids_plain.shape and torch.equal(ids_proc, ids_plain)),
+    }
+
+
+# -------------------------------------------------------------------------------------- 3. metrics
+@torch.no_grad()
+def bench_metrics(settings: CpuSettings) -> dict[str, Any]:
+    """Scoring + `retrieval_metrics` for every round of a ChatPedes-sized test split."""
+    from diana.training.metrics import retrieval_metrics
+
+    gen = torch.Generator().manual_seed(0)
+    q, g, r, d = settings.metric_queries, settings.metric_gallery, settings.metric_rounds, settings.metric_dim
+    gallery = torch.nn.functional.normalize(torch.randn(g, d, generator=gen), dim=-1)
+    gallery_ids = torch.arange(g) % settings.metric_persons
+    query_ids = torch.arange(q) % settings.metric_persons
+    # Queries near their person's images so the ranking is not pure noise (sorting cost is data-dependent).
+    anchors = gallery[query_ids]  # (Q, D): an image of the same person (persons own images p, p+P, ...)
+    text = torch.nn.functional.normalize(anchors[:, None, :] + torch.randn(q, r, d, generator=gen), dim=-1)  # (Q, R, D)
+
+    start = time.perf_counter()
+    sims = [text[:, k] @ gallery.t() for k in range(r)]  # R x (Q, G)
+    score_s = time.perf_counter() - start
+    start = time.perf_counter()
+    per_round = [retrieval_metrics(s, query_ids, gallery_ids) for s in sims]
+    metrics_s = time.perf_counter() - start
+    return {
+        "queries": q, "gallery": g, "rounds": r, "dim": d, "threads": torch.get_num_threads(),
+        "score_s": score_s,
+        "metrics_s": metrics_s,
+        "metrics_s_per_round": metrics_s / r,
+        "ranked_entries_per_s": q * g * r / metrics_s,
+        "R@1_per_round": [m["R@1"] for m in per_round],
+    }
+
+
+# ------------------------------------------------------------------------------ 4. padding efficiency
+def bench_padding(processor, settings: CpuSettings) -> dict[str, Any]:
+    """Share of real tokens in the padded batches of three policies (training, full dialogues)."""
+    dialogues = workloads.make_dialogues(settings.padding_dialogues, rounds=workloads.CHATPEDES_ROUNDS, seed=3)
+    ids, _, _ = processor.encode_dialogues(dialogues)
+    lengths = torch.tensor([len(x) for x in ids])
+    real = int(lengths.sum())
+    b = settings.padding_batch
+    chunks = lengths.split(b)
+    random_dynamic = sum(int(c.max()) * len(c) for c in chunks)
+    grouped = sum(int(c.max()) * len(c) for c in lengths.sort(descending=True).values.split(b))
+    return {
+        "dialogues": len(ids),
+        "batch": b,
+        "mean_tokens": float(lengths.float().mean()),
+        "min_tokens": int(lengths.min()),
+        "max_tokens": int(lengths.max()),
+        "efficiency_pad_to_400": real / (naive.NAIVE_MAX_LENGTH * len(ids)),
+        "efficiency_dynamic": real / random_dynamic,
+        "efficiency_length_grouped": real / grouped,
+    }
+
+
+def run_cpu_suite(*, tiny: bool = False, settings: CpuSettings | None = None, tokenizer_dir: str | None = None) -> dict[str, Any]:
+    """Runs the CPU suite; returns JSON-ready results (see the module docstring)."""
+    from diana.processing import build_processor
+
+    settings = settings or (CpuSettings.tiny() if tiny else CpuSettings())
+    processor = build_processor(tokenizer_dir=tokenizer_dir)
+    config = tiny_model_config() if tiny else small_text_config(settings.text_hidden, settings.text_layers)
+    start = time.perf_counter()
+    results: dict[str, Any] = {"environment": harness.environment("cpu"), "settings": asdict(settings), "tiny": tiny}
+    results["per_round_eval"] = bench_per_round_eval(processor, settings, config)
+    results["processor"] = bench_processor(processor, settings)
+    results["metrics"] = bench_metrics(settings)
+    results["padding"] = bench_padding(processor, settings)
+    results["suite_wall_s"] = time.perf_counter() - start
+    return results
+
+
+def table_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
+    rows: list[tuple[str, str, str]] = []
+    ev = results["per_round_eval"]
+    t = ev["timings"]
+    shape = f"{ev['dialogues']} dlg x {ev['rounds']} rounds, ~{ev['mean_tokens']:.0f} tok, L{ev['text_layers']} h{ev['text_hidden']}"
+    rows.append(("per-round enc: one pass + round ends", fmt(t["one_pass_with_round_ends"]["median_s"], "s"), shape))
+    rows.append(("per-round enc: one pass, full only", fmt(t["one_pass_full_dialogue_only"]["median_s"], "s"),
+                 f"rounds/full = {fmt(ev['ratio_rounds_over_full_only'], 'x')}"))
+    rows.append(("per-round enc: re-encode, pad 400 (naive)", fmt(t["reencode_prefixes_padded_400"]["median_s"], "s"),
+                 f"{fmt(ev['ratio_reencode_400_over_one_pass'], 'x')} the one pass"))
+    rows.append(("per-round enc: re-encode, dynamic pad", fmt(t["reencode_prefixes_dynamic_padding"]["median_s"], "s"),
+                 f"{fmt(ev['ratio_reencode_dynamic_over_one_pass'], 'x')} the one pass"))
+    rows.append(("one pass vs re-encode max |diff|", f"{ev['max_abs_diff_text_embeds']:.1e}",
+                 f"attribute slots {ev['max_abs_diff_attribute_embeds']:.1e}"))
+    p = results["processor"]
+    rows.append(("DiaNAProcessor images (1 core)", fmt(p["diana_processor_images_per_s"], "img/s"),
+                 f"plain ViTImageProcessor {fmt(p['plain_vit_images_per_s'], 'img/s')}"))
+    rows.append(("DiaNAProcessor dialogues + round ends (1 core)", fmt(p["diana_processor_dialogues_per_s"], "dlg/s"),
+                 f"plain tokenizer {fmt(p['plain_tokenizer_dialogues_per_s'], 'dlg/s')}"))
+    m = results["metrics"]
+    rows.append((f"metrics {m['queries']} q x {m['rounds']} rounds vs {m['gallery']} img",
+                 fmt(m["metrics_s"], "s"), f"{fmt(m['metrics_s_per_round'], 's')}/round, scoring {fmt(m['score_s'], 's')}"))
+    pad = results["padding"]
+    rows.append(("padding efficiency (real / padded tokens)", fmt(100 * pad["efficiency_length_grouped"], "%"),
+                 f"length-grouped; dynamic {fmt(100 * pad['efficiency_dynamic'], '%')}, pad-400 "
+                 f"{fmt(100 * pad['efficiency_pad_to_400'], '%')}"))
+    rows.append(("suite wall time", fmt(results["suite_wall_s"], "s"), ""))
+    return rows
+
+
+__all__ = ["CpuSettings", "run_cpu_suite", "table_rows", "tiny_model_config", "small_text_config"]

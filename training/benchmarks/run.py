@@ -1,0 +1,62 @@
+"""One command for the benchmark suite: prints a table and writes JSON.
+
+    python -m diana.training.benchmarks.run --suite cpu --output outputs/bench_cpu.json
+    python -m diana.training.benchmarks.run --suite gpu --output $OUT/bench_gpu.json
+    python -m diana.training.benchmarks.run --suite all --tiny --output /tmp/bench_tiny.json
+
+`--tiny` shrinks every model and size so the whole thing runs on a CPU in seconds: it checks that
+the scripts work, its numbers mean nothing. The GPU suite falls back to the CPU when no GPU is
+visible (only sensible with `--tiny`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+# Offline by construction: nothing here may reach the Hub (random weights, a local tokenizer).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from diana.training.benchmarks import gpu
+
+    parser = argparse.ArgumentParser(prog="python -m diana.training.benchmarks.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=("cpu", "gpu", "all"), default="cpu", help="which suite to run")
+    parser.add_argument("--tiny", action="store_true", help="tiny configs: a check of the scripts, not a measurement")
+    parser.add_argument("--output", required=True, help="JSON file to write")
+    parser.add_argument("--device", default=None, help="GPU suite device (default cuda when available, else cpu)")
+    gpu.add_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from diana.training.benchmarks import cpu, gpu, harness
+
+    args = build_parser().parse_args(argv)
+    out_path = Path(args.output)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    payload: dict[str, Any] = {"command": "python -m diana.training.benchmarks.run " + " ".join(argv or sys.argv[1:])}
+    tables = []
+    if args.suite in ("cpu", "all"):
+        payload["cpu"] = cpu.run_cpu_suite(tiny=args.tiny, tokenizer_dir=args.tokenizer_dir)
+        tables.append(harness.format_table(cpu.table_rows(payload["cpu"]), "CPU suite" + (" (tiny)" if args.tiny else "")))
+        harness.write_json(out_path, payload)  # keep the CPU figures if the GPU suite fails
+    if args.suite in ("gpu", "all"):
+        settings, fast = gpu.from_arguments(args)
+        payload["gpu"] = gpu.run_gpu_suite(tiny=args.tiny, device=args.device, settings=settings, fast=fast,
+                                           tokenizer_dir=args.tokenizer_dir)
+        tables.append(harness.format_table(gpu.table_rows(payload["gpu"]), "GPU suite" + (" (tiny)" if args.tiny else "")))
+    harness.write_json(out_path, payload)
+    print("\n\n".join(tables))
+    print(f"\nJSON written to {out_path}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
