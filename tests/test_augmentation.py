@@ -10,7 +10,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from transformers import AutoTokenizer, ViTImageProcessor
+from transformers import ViTImageProcessor
 
 from diana.processing.augmentation import (
     MALS_QUESTIONS,
@@ -104,8 +104,9 @@ def test_round_retaining_keeps_a_prefix_and_is_seeded():
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tokenizer_dir):
-    return AutoTokenizer.from_pretrained(tokenizer_dir)
+def tokenizer(tiny_processor):
+    """The processor's Llama-3.2 tokenizer (the session fixture: loaded once for the suite)."""
+    return tiny_processor.tokenizer
 
 
 def _padded_batch(generator: torch.Generator, batch: int = 64, length: int = 512):
