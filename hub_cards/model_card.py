@@ -221,7 +221,7 @@ def _dataset_of(run_args: Mapping[str, Any] | None) -> str | None:
     name = str(data.get("dataset", "chatpedes")).lower()
     # SynthPedes writes the ChatPedes / MALS layouts; its folders say what they are.
     data_dir = str(data.get("data_dir") or "")
-    if "synthpedes" in data_dir.lower() or (data_dir and (Path(data_dir).parent / "synthpedes.json").is_file()):
+    if "synthpedes" in data_dir.lower() or (data_dir and (Path(data_dir).parent / "oracle.json").is_file()):
         return "synthpedes"
     return name
 

@@ -1,0 +1,143 @@
+"""The Space demo driven in a real headless Chromium (Debian's chromium + chromium-driver) on a
+tiny random DiaNA model: load a gallery, describe, see the ranking; add a round, see it change."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+from diana.hub_cards.space.app import DemoBackend, build_demo, default_model_id, find_example_galleries  # noqa: E402
+from diana.modeling_diana import DiaNAModel  # noqa: E402
+from diana.processing.search import ChatSearchSession, GalleryIndex  # noqa: E402
+from tests.helpers import tiny_config  # noqa: E402
+
+CHROMIUM = shutil.which("chromium")
+CHROMEDRIVER = shutil.which("chromedriver")
+TOP_K = 4
+DESCRIPTION = "A man in a grey hoodie and blue jeans."
+QUESTION, ANSWER = "Is he carrying anything?", "Yes, a red backpack."
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def space(tiny_processor, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("examples")
+    rng = np.random.default_rng(3)
+    street = folder / "street"
+    street.mkdir()
+    for i in range(9):
+        pixels = np.zeros((96, 48, 3), np.uint8)
+        pixels[:] = rng.integers(40, 220, 3)
+        pixels[20:70, 12:36] = rng.integers(0, 255, 3)  # a "person" block on a background
+        Image.fromarray(pixels).save(street / f"p{i}.png")
+    torch.manual_seed(0)
+    model = DiaNAModel(tiny_config()).eval()
+    backend = DemoBackend(model, tiny_processor, find_example_galleries(folder), k=TOP_K)
+    demo = build_demo(backend)
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True,
+                            quiet=True, ssr_mode=False)
+    yield url, backend
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if CHROMIUM is None or CHROMEDRIVER is None:
+        pytest.fail("chromium / chromedriver missing: run `scripts/setup.sh --browser` "
+                    "(apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--no-first-run", "--window-size=1400,1000"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def _expected_captions(backend: DemoBackend, rounds: list[tuple[str, str]]) -> list[list[str]]:
+    """What the page must show: the same session run directly, formatted like the app."""
+    index = GalleryIndex.build(backend.galleries["street"], backend.model, backend.processor, progress=False)
+    session = ChatSearchSession(backend.model, backend.processor, index, k=TOP_K)
+    shown = []
+    for question, answer in rounds:
+        result = session.add_round(question, answer)
+        shown.append([f"#{r} score {s:.3f}" for r, s in enumerate(result.scores, start=1)])
+    return shown
+
+
+def test_space_readme_metadata():
+    import yaml
+
+    readme = Path(__file__).resolve().parents[1] / "hub_cards" / "space" / "README.md"
+    header = yaml.safe_load(readme.read_text().split("---", 2)[1])
+    assert header["sdk"] == "gradio" and header["app_file"] == "app.py"
+    assert (readme.parent / header["app_file"]).is_file()
+    assert default_model_id(readme) == header["models"][0]
+    requirements = (readme.parent / "requirements.txt").read_text()
+    assert "gradio" in requirements and "transformers" in requirements
+
+
+def test_space_in_headless_chromium(space, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, backend = space
+    wait = WebDriverWait(browser, 30)
+    browser.get(url)
+    wait.until(EC.element_to_be_clickable((By.ID, "load"))).click()
+    wait.until(EC.text_to_be_present_in_element((By.ID, "status"), "9 images"))
+
+    def captions() -> list[str]:
+        text = browser.find_element(By.ID, "ranking").text
+        return [line.strip() for line in text.splitlines() if line.strip().startswith("#")]
+
+    def wait_for_round(number: int) -> list[str]:
+        wait.until(EC.text_to_be_present_in_element((By.ID, "status"), f"Round {number}:"))
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#ranking img")) == TOP_K and len(captions()) == TOP_K)
+        return captions()
+
+    expected = _expected_captions(backend, [("Please describe the person you saw.", DESCRIPTION), (QUESTION, ANSWER)])
+
+    browser.find_element(By.CSS_SELECTOR, "#answer textarea").send_keys(DESCRIPTION)
+    browser.find_element(By.ID, "submit").click()
+    first = wait_for_round(1)
+    assert first == expected[0]
+
+    question = browser.find_element(By.CSS_SELECTOR, "#question textarea")
+    question.clear()
+    question.send_keys(QUESTION)
+    browser.find_element(By.CSS_SELECTOR, "#answer textarea").send_keys(ANSWER)
+    browser.find_element(By.ID, "submit").click()
+    second = wait_for_round(2)
+    assert second == expected[1]
+    assert second != first  # the ranking (or its scores) moved with the new answer
+    chat = browser.find_element(By.ID, "chat").text
+    assert DESCRIPTION in chat and ANSWER in chat
+
+    browser.execute_script("window.scrollTo(0, 0);")
+    shot = tmp_path / "space.png"
+    browser.save_screenshot(str(shot))
+    assert shot.stat().st_size > 10_000
+    keep = os.environ.get("DIANA_SPACE_SCREENSHOT")
+    if keep:
+        shutil.copyfile(shot, keep)
