@@ -23,6 +23,7 @@ exactly.
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -360,15 +361,25 @@ def load_rgb_image(image: Any, index: int | None = None) -> np.ndarray:
 
     Accepts PIL images of any mode ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr",
     "I;16", "I", "F"...), numpy arrays ((H, W), (H, W, C), (C, H, W); uint8, uint16, bool, float in
-    [0, 1] or [0, 255]), torch tensors ((C, H, W) or (H, W, C)), and file paths. Transparency is
+    [0, 1] or [0, 255]), torch tensors ((C, H, W) or (H, W, C)), file paths and undecoded
+    `datasets.Image()` dicts ({"bytes", "path"}). Transparency is
     composited onto white; 16-bit data is scaled by 1/257.
 
     Raises:
         ImageInputError: Corrupt, unreadable or zero-size images; the message names the index.
     """
     what = f"image {index}" if index is not None else "image"
-    if isinstance(image, (str, os.PathLike)):
-        what = f"{what} ({os.fspath(image)})"
+    if isinstance(image, Mapping) and ("bytes" in image or "path" in image):
+        # An undecoded `datasets.Image()` cell: {"bytes": ... or None, "path": ... or None}.
+        if image.get("bytes"):
+            what, image = f"{what} (bytes of {image.get('path') or 'an unnamed file'})", io.BytesIO(image["bytes"])
+        elif image.get("path"):
+            image = image["path"]
+        else:
+            raise ImageInputError(f"{what}: image dict without bytes or path")
+    if isinstance(image, (str, os.PathLike, io.BytesIO)):
+        if not isinstance(image, io.BytesIO):
+            what = f"{what} ({os.fspath(image)})"
         try:
             with PIL.Image.open(image) as opened:
                 return _pil_to_rgb(opened, what)
@@ -382,12 +393,13 @@ def load_rgb_image(image: Any, index: int | None = None) -> np.ndarray:
         return _array_to_rgb(image.detach().cpu().numpy(), what, channels_first=True)
     if isinstance(image, np.ndarray):
         return _array_to_rgb(image, what, channels_first=False)
-    raise ImageInputError(f"{what}: unsupported type {type(image).__name__} (PIL image, numpy array, tensor or path; "
+    raise ImageInputError(f"{what}: unsupported type {type(image).__name__} (PIL image, numpy array, tensor, path "
+                          "or {'bytes', 'path'} dict; "
                           "dialogues go in `dialogues=`)")
 
 
 def _as_image_batch(images: Any) -> list[Any]:
-    if isinstance(images, (PIL.Image.Image, str, os.PathLike)):
+    if isinstance(images, (PIL.Image.Image, str, os.PathLike, Mapping)):
         return [images]
     if isinstance(images, (np.ndarray, torch.Tensor)):
         return list(images) if images.ndim == 4 else [images]

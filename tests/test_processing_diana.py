@@ -349,9 +349,11 @@ def test_model_size_image_is_only_rescaled_and_normalised(processor):
 def test_image_paths_load(tiny_processor, tmp_path):
     Image.new("RGB", (30, 50), COLOUR).save(tmp_path / "a.png")
     Image.new("L", (30, 50), 100).save(tmp_path / "b.jpg", quality=100)
-    pixels = tiny_processor(images=[str(tmp_path / "a.png"), tmp_path / "b.jpg"])["pixel_values"]
+    undecoded = [{"bytes": (tmp_path / "a.png").read_bytes(), "path": None}, {"bytes": None, "path": str(tmp_path / "a.png")}]
+    pixels = tiny_processor(images=[str(tmp_path / "a.png"), tmp_path / "b.jpg", *undecoded])["pixel_values"]
     assert torch.allclose(pixels[0, :, 10, 10], normalised(COLOUR), atol=1e-4)
     assert torch.allclose(pixels[1, :, 10, 10], normalised((100, 100, 100)), atol=0.02)
+    assert torch.equal(pixels[2], pixels[0]) and torch.equal(pixels[3], pixels[0])
 
 
 def test_bad_images_name_their_index(tiny_processor, tmp_path):
@@ -368,6 +370,8 @@ def test_bad_images_name_their_index(tiny_processor, tmp_path):
         (np.full((5, 5), np.nan, np.float32), r"image 1 contains NaN"),
         (np.full((5, 5), 300.0, np.float32), r"image 1: float values must lie in"),
         (12, r"image 1: unsupported type int"),
+        ({"bytes": b"junk", "path": "x.jpg"}, r"image 1 \(bytes of x\.jpg\) could not be opened"),
+        ({"bytes": None, "path": None}, r"image 1: image dict without bytes or path"),
     ]
     for bad, message in cases:
         with pytest.raises(ImageInputError, match=message):
