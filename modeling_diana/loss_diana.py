@@ -19,23 +19,39 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward hands every process the SUM over processes of the gradient of its slice."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor)
+        ctx.rank, ctx.rows = dist.get_rank(), tensor.shape[0]
+        return torch.cat(parts, dim=0)  # (W*B, ...)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        # all_reduce + slice = reduce_scatter, which gloo lacks; the tensors are (W*B, D)-small.
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
 def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenates `tensor` (B, ...) from every process along dim 0, keeping the gradient.
 
     The identity when `torch.distributed` is not initialised or has one process. Every process must pass
-    the same shape. The backward of `torch.distributed.nn.functional.all_gather` sums the gradients that
-    all processes send to each slice; since every process computes the same loss over the gathered batch,
-    each process's local gradient is `world_size` times its share, and DDP's gradient averaging turns that
-    into exactly the gradient of one process seeing the union batch.
+    the same shape. The backward sums the gradients that all processes send to each slice; since every
+    process computes the same loss over the gathered batch, each process's local gradient is `world_size`
+    times its share, and DDP's gradient averaging turns that into exactly the gradient of one process
+    seeing the union batch.
 
     Returns:
         (world_size * B, ...) tensor, rank 0's rows first.
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return tensor
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(tensor.contiguous()), dim=0)
+    return _GatherWithGrad.apply(tensor.contiguous())
 
 
 def gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
@@ -47,13 +63,18 @@ def gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
-def identity_targets(row_ids: torch.Tensor, column_ids: torch.Tensor) -> torch.Tensor:
+def _at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
+    # The softmax runs in fp32 even under bf16 autocast; float64 (reference checks) is kept.
+    return logits if logits.dtype == torch.float64 else logits.float()
+
+
+def identity_targets(row_ids: torch.Tensor, column_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Row-normalised identity-equality matrix (R, C): row r spreads mass 1 over the columns of its person.
 
     A row without any positive column would be all zeros; the clamp keeps it finite (it cannot happen in
     DiaNA's batches, where every text has its own image).
     """
-    same = (row_ids[:, None] == column_ids[None, :]).to(torch.float32)  # (R, C)
+    same = (row_ids[:, None] == column_ids[None, :]).to(torch.float64 if dtype == torch.float64 else torch.float32)  # (R, C)
     return same / same.sum(dim=1, keepdim=True).clamp_min(1.0)
 
 
@@ -65,9 +86,9 @@ def multi_positive_itc_loss(logits_per_text: torch.Tensor, text_ids: torch.Tenso
         text_ids: (T,) person ids of the rows.
         image_ids: (I,) person ids of the columns.
     """
-    logits = logits_per_text.float()  # the softmax runs in fp32 even under bf16 autocast
-    t2i = -(identity_targets(text_ids, image_ids) * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
-    i2t = -(identity_targets(image_ids, text_ids) * F.log_softmax(logits.t(), dim=1)).sum(dim=1).mean()
+    logits = _at_least_fp32(logits_per_text)
+    t2i = -(identity_targets(text_ids, image_ids, logits.dtype) * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+    i2t = -(identity_targets(image_ids, text_ids, logits.dtype) * F.log_softmax(logits.t(), dim=1)).sum(dim=1).mean()
     return (t2i + i2t) / 2
 
 
@@ -83,14 +104,14 @@ def sdm_loss(
         image_ids: (I,) person ids of the columns.
         epsilon: Keeps log(target) finite where the target is 0.
     """
-    logits = logits_per_text.float()
+    logits = _at_least_fp32(logits_per_text)
 
     def one_direction(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         log_p = F.log_softmax(scores, dim=1)
         return (log_p.exp() * (log_p - torch.log(targets + epsilon))).sum(dim=1).mean()
 
-    t2i = one_direction(logits, identity_targets(text_ids, image_ids))
-    i2t = one_direction(logits.t(), identity_targets(image_ids, text_ids))
+    t2i = one_direction(logits, identity_targets(text_ids, image_ids, logits.dtype))
+    i2t = one_direction(logits.t(), identity_targets(image_ids, text_ids, logits.dtype))
     return (t2i + i2t) / 2
 
 

@@ -268,6 +268,23 @@ class DiaNAModel(DiaNAPreTrainedModel):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.text_model.set_input_embeddings(value)
 
+    def enable_input_require_grads(self) -> None:
+        """Makes both towers' embedding outputs require grad (activation checkpointing, adapters).
+
+        The inherited version hooks every sub-model's `get_input_embeddings()` and calls `.requires_grad_` on its
+        output, but Swinv2's patch embeddings return a tuple (embeddings, output size), which crashes it.
+        """
+
+        def make_output_require_grad(module: nn.Module, args: tuple, output) -> None:
+            (output[0] if isinstance(output, tuple) else output).requires_grad_(True)
+
+        self.disable_input_require_grads()
+        self._require_grads_hooks = [
+            tower.get_input_embeddings().register_forward_hook(make_output_require_grad)
+            for tower in (self.text_model, self.vision_model)
+        ]
+        self._require_grads_hook = self._require_grads_hooks[0]
+
     # ---- towers
     def _image_tokens(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the projected pooled vector (B, D) and projected final tokens (B, N, D)."""

@@ -40,3 +40,63 @@ def tiny_config(**overrides) -> DiaNAConfig:
     )
     kwargs.update(overrides)
     return DiaNAConfig(**kwargs)
+
+
+# ---- slow, obviously-correct references of DiaNA's scores and losses (loops over pairs) -------------
+import math  # noqa: E402
+
+import torch  # noqa: E402
+
+
+def slow_attribute_similarity(text_attr, image_attr, reduction):
+    """(T, K, D) x (G, K, D) -> (T, G): per slot cosine of slot k with slot k, reduced over k."""
+    out = torch.empty(text_attr.shape[0], image_attr.shape[0], dtype=torch.float64)
+    for t in range(text_attr.shape[0]):
+        for g in range(image_attr.shape[0]):
+            cos = [float(torch.dot(text_attr[t, k].double(), image_attr[g, k].double())) for k in range(text_attr.shape[1])]
+            if reduction == "mean":
+                out[t, g] = sum(cos) / len(cos)
+            elif reduction == "max":
+                out[t, g] = max(cos)
+            elif reduction == "min":
+                out[t, g] = min(cos)
+            elif reduction == "logsumexp":
+                out[t, g] = math.log(sum(math.exp(c) for c in cos))
+            elif reduction == "neg_logsumexp":
+                out[t, g] = -math.log(sum(math.exp(-c) for c in cos))
+    return out
+
+
+def _slow_direction_terms(logits, row_ids, col_ids, epsilon):
+    """Per direction: mean over rows of CE(soft targets) and of KL(softmax || targets + eps)."""
+    ce_total, kl_total = 0.0, 0.0
+    for r in range(logits.shape[0]):
+        row = [float(x) for x in logits[r]]
+        top = max(row)
+        log_z = top + math.log(sum(math.exp(x - top) for x in row))
+        positives = [c for c in range(len(row)) if int(row_ids[r]) == int(col_ids[c])]
+        q = [1.0 / len(positives) if c in positives else 0.0 for c in range(len(row))]
+        ce_total += -sum(q[c] * (row[c] - log_z) for c in range(len(row)))
+        kl_total += sum(math.exp(row[c] - log_z) * ((row[c] - log_z) - math.log(q[c] + epsilon)) for c in range(len(row)))
+    return ce_total / logits.shape[0], kl_total / logits.shape[0]
+
+
+def slow_itc_sdm(logits_per_text, text_ids, image_ids, epsilon=1e-6):
+    """(multi-positive ITC, SDM) of a (T, I) logit matrix, both averaged over the two directions."""
+    ce_t, kl_t = _slow_direction_terms(logits_per_text, text_ids, image_ids, epsilon)
+    ce_i, kl_i = _slow_direction_terms(logits_per_text.t(), image_ids, text_ids, epsilon)
+    return (ce_t + ce_i) / 2, (kl_t + kl_i) / 2
+
+
+def slow_diana_losses(text, image, text_attr, image_attr, ids, scale, reduction="mean", use_sdm=True, use_refiner=True, eps=1e-6):
+    """Every loss term from normalised embeddings, pair by pair."""
+    glob = torch.tensor([[float(torch.dot(text[t].double(), image[i].double())) for i in range(image.shape[0])] for t in range(text.shape[0])])
+    itc, sdm = slow_itc_sdm(scale * glob, ids, ids, eps)
+    out = {"itc_loss": itc, "sdm_loss": sdm if use_sdm else None, "refiner_loss": None}
+    total = itc + (sdm if use_sdm else 0.0)
+    if use_refiner:
+        a_itc, a_sdm = slow_itc_sdm(scale * slow_attribute_similarity(text_attr, image_attr, reduction), ids, ids, eps)
+        out["refiner_loss"] = a_itc + (a_sdm if use_sdm else 0.0)
+        total += out["refiner_loss"]
+    out["loss"] = total
+    return out
