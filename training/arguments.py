@@ -1,0 +1,143 @@
+"""Argument dataclasses of `run_stage.py`, parsed by `HfArgumentParser` from a YAML preset plus
+command-line overrides (`--config stage2.yaml --learning_rate 2e-5`)."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+@dataclass
+class ModelArguments:
+    """Where the model comes from. Exactly one source is used, in this order: `model_name_or_path`
+    (a DiaNA folder: a stage 1 output, a checkpoint, a converted official checkpoint), then
+    `vision_model_path` + `text_model_path` (real tower checkpoints), then `model_config` (random
+    initialisation from a config dict, used by the SynthPedes presets)."""
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "DiaNA folder to start from (e.g. the stage 1 output)."}
+    )
+    vision_model_path: str | None = field(default=None, metadata={"help": "Swinv2 checkpoint folder."})
+    text_model_path: str | None = field(default=None, metadata={"help": "Llama / LlamaForCausalLM folder."})
+    model_config: str | None = field(
+        default=None,
+        metadata={"help": "DiaNAConfig keyword arguments (with vision_config / text_config mappings) for a "
+                          "randomly initialised model: a mapping in the YAML preset, or a JSON/YAML file."},
+    )
+    num_attribute_queries: int | None = field(
+        default=None,
+        metadata={"help": "K; when it differs from the loaded model the attribute queries are re-initialised."},
+    )
+    use_sdm_loss: bool | None = field(default=None, metadata={"help": "SDM terms on (stage 2) or off (stage 1)."})
+    use_refiner_loss: bool | None = field(default=None, metadata={"help": "Attribute-refiner loss terms."})
+    attribute_reduction: str | None = field(
+        default=None, metadata={"help": "mean | max | min | logsumexp | neg_logsumexp"}
+    )
+    score_mode: str | None = field(default=None, metadata={"help": "Default retrieval score: global | attribute | fused."})
+    text_attn_implementation: str = field(
+        default="sdpa", metadata={"help": "Attention of the Llama tower (sdpa, eager, flash_attention_2)."}
+    )
+    tokenizer_dir: str | None = field(
+        default=None,
+        metadata={"help": "Tokenizer folder; default: the model folder's own, else the converted Llama-3.2 one."},
+    )
+    lora_rank: int = field(default=0, metadata={"help": "LoRA rank on the dialogue tower; 0 = full fine-tuning."})
+    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default 2 x rank)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+
+
+@dataclass
+class DataArguments:
+    dataset: str = field(default="chatpedes", metadata={"help": "chatpedes | mals"})
+    data_dir: str | None = field(default=None, metadata={"help": "Dataset root (ChatPedes or MALS layout)."})
+    eval_data_dir: str | None = field(
+        default=None,
+        metadata={"help": "ChatPedes-layout folder for retrieval evaluation when training on MALS "
+                          "(stage 1); default: no evaluation for MALS."},
+    )
+    cache_dir: str | None = field(default=None, metadata={"help": "datasets cache folder."})
+    validation_persons: int = field(default=1000, metadata={"help": "Persons held out of train for validation."})
+    validation_seed: int = field(default=0, metadata={"help": "Seed of the validation carve-out."})
+    on_missing_image: str = field(default="error", metadata={"help": "error | skip (skips are counted and logged)."})
+    mals_files: list[str] | None = field(default=None, metadata={"help": "Subset of MALS gene_attrs/*.json files."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set (debugging)."})
+    preset: str = field(default="finetune", metadata={"help": "Processor preset: finetune (CUHK-PEDES) | pretrain (MALS)."})
+    image_size: list[int] | None = field(
+        default=None, metadata={"help": "Image (height, width); default: the model's vision_config.image_size."}
+    )
+    max_length: int = field(default=400, metadata={"help": "Token limit (right truncation, counted)."})
+    round_retaining: bool = field(default=True, metadata={"help": "Random round retaining (R3), training only."})
+    token_masking: float = field(default=0.15, metadata={"help": "Fraction of tokens masked (80/10/10), training only."})
+    image_augmentation: bool = field(default=True, metadata={"help": "Flip / pad-crop / random erasing, training only."})
+    eval_split: str = field(default="validation", metadata={"help": "validation | test (test only when asked)."})
+    eval_score_modes: list[str] = field(
+        default_factory=lambda: ["global", "attribute", "fused"], metadata={"help": "Score modes evaluated."}
+    )
+    eval_max_samples: int | None = field(default=None, metadata={"help": "Limit evaluation dialogues (debugging)."})
+
+
+@dataclass
+class DiaNATrainingArguments(TrainingArguments):
+    """`TrainingArguments` with the DiaNA defaults: our collator runs the processor (keep all
+    columns), person ids are not labels, and the best checkpoint is chosen on validation R@1."""
+
+    do_train: bool = field(default=True, metadata={"help": "Train (set false to only evaluate a model)."})
+    remove_unused_columns: bool = field(default=False)
+    label_names: list[str] | None = field(default_factory=list)
+    metric_for_best_model: str | None = field(default="eval_global/full/R@1")
+    greater_is_better: bool | None = field(default=True)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, DiaNATrainingArguments]:
+    """`--config FILE.yaml` gives the defaults, every other flag overrides them. A bare preset name
+    (`--config stage2_synthpedes_small`) is looked up in training/configs/."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    defaults: dict[str, Any] = {}
+    if "--config" in argv:
+        i = argv.index("--config")
+        defaults = load_yaml_preset(argv[i + 1])
+        del argv[i : i + 2]
+    parser = HfArgumentParser((ModelArguments, DataArguments, DiaNATrainingArguments))
+    # A nested mapping cannot be a command-line flag: it bypasses the parser.
+    model_config = defaults.pop("model_config", None) if isinstance(defaults.get("model_config"), dict) else None
+    known = {a.dest for a in parser._actions}
+    unknown = sorted(set(defaults) - known)
+    if unknown:
+        raise ValueError(f"unknown keys in the YAML preset: {unknown}")
+    parser.set_defaults(**defaults)
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    if model_config is not None and model_args.model_config is None:
+        model_args.model_config = model_config
+    elif isinstance(model_args.model_config, str):
+        model_args.model_config = load_model_config(model_args.model_config)
+    return model_args, data_args, training_args
+
+
+def load_yaml_preset(name_or_path: str) -> dict[str, Any]:
+    path = Path(name_or_path)
+    if not path.exists():
+        candidate = CONFIG_DIR / (name_or_path if name_or_path.endswith(".yaml") else f"{name_or_path}.yaml")
+        if not candidate.exists():
+            raise FileNotFoundError(f"no config file {name_or_path!r} (nor {candidate})")
+        path = candidate
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: the preset must be a YAML mapping, got {type(data).__name__}")
+    return data
+
+
+def load_model_config(value: str) -> dict[str, Any]:
+    """`--model_config` as a JSON/YAML file or an inline JSON object."""
+    text = Path(value).read_text() if Path(value).exists() else value
+    data = yaml.safe_load(text)  # YAML is a superset of JSON
+    if not isinstance(data, dict):
+        raise ValueError(f"--model_config must be a mapping of DiaNAConfig arguments, got {value!r}")
+    return data

@@ -1,0 +1,244 @@
+"""Train one DiaNA stage: `accelerate launch training/run_stage.py --config <preset>.yaml [--flag value ...]`.
+
+Stage 1 pretrains on MALS, stage 2 fine-tunes on ChatPedes from the stage 1 folder (DESIGN.md §1).
+Presets live in training/configs/ (paper recipe and small SynthPedes versions for a CPU). Runs on
+one CPU process, on several processes (ACCELERATE_USE_CPU=1 ... --multi_gpu) and on GPUs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from diana.modeling_diana import DiaNAConfig, DiaNAModel
+from diana.processing import build_processor
+from diana.processing.collator import DiaNACollator, add_length_column
+from diana.training.arguments import DataArguments, DiaNATrainingArguments, ModelArguments, parse_args
+from diana.training.trainer import DiaNATrainer
+
+logger = logging.getLogger("diana.run_stage")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    # 1. Arguments: YAML preset + command-line overrides.
+    model_args, data_args, training_args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    transformers.utils.logging.set_verbosity_warning()
+    set_seed(training_args.seed)
+
+    # 2. Data: one row per dialogue (ChatPedes) or per image (MALS).
+    train_dataset, eval_dataset, data_report = load_data(data_args)
+    logger.info("data: %d training rows, %s evaluation rows (%s split)", len(train_dataset),
+                len(eval_dataset) if eval_dataset is not None else "no", data_args.eval_split)
+
+    # 3. Model and processor.
+    model = build_model(model_args)
+    processor = build_run_processor(model_args, data_args, model.config)
+    if model_args.lora_rank > 0:
+        model = wrap_with_lora(model, model_args, training_args.output_dir)
+    if not model_config_of(model).use_refiner_loss:
+        # The refiner gets no gradient; DDP must be told (../shared/notes/stack.md).
+        training_args.ddp_find_unused_parameters = True
+
+    # 4. Collation (augmentation on for training only) and length-grouped batches.
+    train_collator = DiaNACollator(
+        processor,
+        train=True,
+        round_retaining=data_args.round_retaining and data_args.dataset == "chatpedes",
+        token_masking=data_args.token_masking,
+        image_augmentation=data_args.image_augmentation,
+        mals_captions=data_args.dataset == "mals",
+        max_length=data_args.max_length,
+    )
+    if training_args.train_sampling_strategy == "group_by_length":
+        train_dataset = add_length_column(train_dataset, processor)
+
+    # 5. Trainer.
+    trainer = DiaNATrainer(
+        model=model,
+        args=training_args,
+        data_collator=train_collator,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=processor,
+        eval_score_modes=tuple(data_args.eval_score_modes),
+    )
+
+    # 6. Train (continuing a killed run from its last checkpoint when asked).
+    resume = training_args.resume_from_checkpoint
+    if resume == "last":
+        resume = get_last_checkpoint(training_args.output_dir)
+        if resume is None:
+            raise FileNotFoundError(f"--resume_from_checkpoint last: no checkpoint in {training_args.output_dir}")
+    if training_args.do_train:
+        train_result = trainer.train(resume_from_checkpoint=resume)
+        trainer.log_metrics("train", train_result.metrics)
+        trainer.save_metrics("train", train_result.metrics)
+        trainer.save_state()
+
+    # 7. Save: safetensors + processor + remote-code files (+ a merged plain folder under LoRA).
+    trainer.save_model(training_args.output_dir)
+    if model_args.lora_rank > 0 and trainer.is_world_process_zero():
+        from diana.training.lora import load_and_merge
+
+        merged = load_and_merge(Path(training_args.output_dir) / "base", training_args.output_dir)
+        merged.register_for_auto_class("AutoModel")
+        merged.save_pretrained(Path(training_args.output_dir) / "merged")
+        processor.save_pretrained(Path(training_args.output_dir) / "merged")
+
+    # 8. Evaluate: validation by default, test only when asked (--eval_split test).
+    results = {}
+    if eval_dataset is not None:
+        metrics = trainer.evaluate(eval_dataset, metric_key_prefix=f"eval_{data_args.eval_split}")
+        results = trainer.last_eval_results
+        if trainer.is_world_process_zero():
+            write_run_record(training_args.output_dir, model_args, data_args, training_args, results,
+                             data_report)
+        trainer.save_metrics(f"eval_{data_args.eval_split}", metrics)
+    return results
+
+
+def load_data(data_args: DataArguments):
+    """(train, eval or None, data report). The report lists what the builders skipped under
+    `--on_missing_image skip` (never a silent drop)."""
+    from diana.processing.chatpedes import load_chatpedes
+    from diana.processing.mals import load_mals
+
+    if data_args.data_dir is None:
+        raise ValueError("--data_dir is required")
+
+    def chatpedes(data_dir: str):
+        splits, skips = load_chatpedes(
+            data_dir, cache_dir=data_args.cache_dir, return_report=True,
+            validation_persons=data_args.validation_persons, validation_seed=data_args.validation_seed,
+            on_missing_image=data_args.on_missing_image,
+        )
+        return splits, skips
+
+    reports = {}
+    if data_args.dataset == "chatpedes":
+        splits, reports["chatpedes"] = chatpedes(data_args.data_dir)
+        train, evaluation = splits["train"], splits[data_args.eval_split]
+    elif data_args.dataset == "mals":
+        mals, reports["mals"] = load_mals(data_args.data_dir, cache_dir=data_args.cache_dir, files=data_args.mals_files,
+                                          on_missing_image=data_args.on_missing_image, return_report=True)
+        train, evaluation = mals["train"], None
+        if data_args.eval_data_dir:
+            splits, reports["chatpedes"] = chatpedes(data_args.eval_data_dir)
+            evaluation = splits[data_args.eval_split]
+    else:
+        raise ValueError(f"--dataset must be 'chatpedes' or 'mals', got {data_args.dataset!r}")
+    if data_args.max_train_samples is not None:
+        train = train.select(range(min(data_args.max_train_samples, len(train))))
+    if evaluation is not None and data_args.eval_max_samples is not None:
+        evaluation = evaluation.select(range(min(data_args.eval_max_samples, len(evaluation))))
+    report = {name: asdict(r) for name, r in reports.items() if r is not None}
+    for name, r in report.items():
+        skipped = sum(len(v) for v in r.get("skipped", {}).values())
+        if skipped:
+            logger.warning("%s: %d images skipped (listed in run_args.json)", name, skipped)
+    return train, evaluation, report
+
+
+def build_model(model_args: ModelArguments) -> DiaNAModel:
+    overrides = {
+        key: value
+        for key, value in {
+            "use_sdm_loss": model_args.use_sdm_loss,
+            "use_refiner_loss": model_args.use_refiner_loss,
+            "attribute_reduction": model_args.attribute_reduction,
+            "score_mode": model_args.score_mode,
+            "num_attribute_queries": model_args.num_attribute_queries,
+        }.items()
+        if value is not None
+    }
+    attn = {"text_config": model_args.text_attn_implementation, "vision_config": "eager"}
+    if model_args.model_name_or_path:
+        config = DiaNAConfig.from_pretrained(model_args.model_name_or_path)
+        old_k = config.num_attribute_queries
+        for key, value in overrides.items():
+            setattr(config, key, value)
+        if config.num_attribute_queries != old_k:
+            # Stage 1 uses K = 24, stage 2 K = 16: the queries cannot carry over (DESIGN.md §1).
+            logger.warning("attribute queries re-initialised: %s has K=%d, this stage uses K=%d",
+                           model_args.model_name_or_path, old_k, config.num_attribute_queries)
+        model = DiaNAModel.from_pretrained(
+            model_args.model_name_or_path, config=config, ignore_mismatched_sizes=config.num_attribute_queries != old_k,
+            attn_implementation=attn,
+        )
+    elif model_args.vision_model_path and model_args.text_model_path:
+        model = DiaNAModel.from_vision_text_pretrained(
+            model_args.vision_model_path, model_args.text_model_path, **overrides
+        )
+    elif model_args.model_config:
+        config = DiaNAConfig(**{**model_args.model_config, **overrides})
+        model = DiaNAModel(config)
+    else:
+        raise ValueError("give --model_name_or_path, or --vision_model_path and --text_model_path, or a "
+                         "model_config in the YAML preset")
+    # Checkpoints and the final folder carry auto_map + code files (trust_remote_code).
+    model.config.register_for_auto_class()
+    model.register_for_auto_class("AutoModel")
+    return model
+
+
+def build_run_processor(model_args: ModelArguments, data_args: DataArguments, config: DiaNAConfig):
+    tokenizer_dir = model_args.tokenizer_dir
+    if tokenizer_dir is None and model_args.model_name_or_path:
+        if (Path(model_args.model_name_or_path) / "tokenizer.json").exists():
+            tokenizer_dir = model_args.model_name_or_path
+    image_size = tuple(data_args.image_size) if data_args.image_size else tuple(config.vision_config.image_size)
+    vision_size = config.vision_config.image_size
+    vision_size = tuple(vision_size) if isinstance(vision_size, (list, tuple)) else (vision_size, vision_size)
+    if image_size != vision_size:
+        raise ValueError(f"image_size {list(image_size)} differs from the model's vision_config.image_size "
+                         f"{list(vision_size)}")
+    processor = build_processor(tokenizer_dir=tokenizer_dir, preset=data_args.preset, image_size=image_size)
+    processor.max_length = data_args.max_length
+    processor.register_for_auto_class()
+    return processor
+
+
+def wrap_with_lora(model: DiaNAModel, model_args: ModelArguments, output_dir: str):
+    """LoRA on the dialogue tower; the starting weights are saved under output_dir/base so that the
+    adapters can always be reloaded and merged, even onto a randomly initialised model."""
+    from diana.training.lora import apply_lora
+
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("RANK", "0")) == 0:
+        model.save_pretrained(Path(output_dir) / "base")
+    peft_model = apply_lora(model, model_args.lora_rank, model_args.lora_alpha, model_args.lora_dropout)
+    peft_model.print_trainable_parameters()
+    return peft_model
+
+
+def model_config_of(model) -> DiaNAConfig:
+    return model.config if isinstance(model, DiaNAModel) else model.get_base_model().config
+
+
+def write_run_record(output_dir, model_args, data_args, training_args, results, data_report) -> None:
+    """eval_results.json (the report the model card renders) and run_args.json (the recipe used)."""
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "eval_results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    record = {
+        "model": asdict(model_args),
+        "data": asdict(data_args),
+        "training": training_args.to_dict(),
+        "data_report": data_report,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+    }
+    with open(os.path.join(output_dir, "run_args.json"), "w") as f:
+        json.dump(record, f, indent=2, default=str)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

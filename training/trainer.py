@@ -1,0 +1,102 @@
+"""`DiaNATrainer`: the stock `Trainer` plus DiaNA's loss terms in the logs and the retrieval
+protocol (DESIGN.md §3) as `evaluate()`."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from .evaluation import evaluate_retrieval
+
+
+class DiaNATrainer(Trainer):
+    """Trainer for both DiaNA stages.
+
+    - `compute_loss` asks the model for its loss (ITC, SDM, refiner terms per `DiaNAConfig`) and
+      keeps every term, the logit scale and the number of gathered negatives for the next log line.
+    - `evaluate` ranks the evaluation split's gallery with every dialogue at every round count
+      (gallery encoded once, all rounds from one encoder pass) and reports R@K / mAP / mINP / mFR
+      per score mode; `metric_for_best_model` (default `eval_global/full/R@1`) picks the best
+      checkpoint on validation.
+
+    Args:
+        eval_score_modes: score modes to evaluate (`global`, `attribute`, `fused`).
+        eval_reference: optional per-round reference curve (e.g. the SynthPedes attribute oracle)
+            drawn beside the model's in the picture.
+    """
+
+    # The contrastive loss is a per-batch mean, not a sum over items: the Trainer must divide it
+    # by the accumulation steps itself (../shared/notes/stack.md).
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args, eval_score_modes: tuple[str, ...] = ("global", "attribute", "fused"),
+                 eval_reference: dict[str, Any] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.eval_score_modes = tuple(eval_score_modes)
+        self.eval_reference = eval_reference
+        # Running sums of detached tensors: converting to Python floats only at log time keeps the
+        # training step free of host synchronisation.
+        self._term_sums: dict[str, torch.Tensor] = {}
+        self._term_count = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(
+            pixel_values=inputs["pixel_values"],
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            person_ids=inputs["person_ids"],
+            return_loss=True,
+        )
+        if model.training:
+            terms = {
+                "itc_loss": outputs.itc_loss,
+                "sdm_loss": outputs.sdm_loss,
+                "refiner_loss": outputs.refiner_loss,
+                "logit_scale": outputs.logit_scale,
+                # (local texts, gathered images): the columns are every process's images.
+                "gathered_batch_size": torch.tensor(float(outputs.logits_per_text.shape[-1])),
+            }
+            for name, value in terms.items():
+                if value is None:
+                    continue
+                value = value.detach().float()
+                self._term_sums[name] = self._term_sums.get(name, 0) + value
+            self._term_count += 1
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # Training log lines carry "loss"; add the mean of every term since the previous line.
+        if "loss" in logs and self._term_count:
+            for name, total in self._term_sums.items():
+                logs[name] = round(float(total) / self._term_count, 6)
+            self._term_sums, self._term_count = {}, 0
+        super().log(logs, start_time)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        if dataset is None:
+            raise ValueError("DiaNATrainer.evaluate needs an evaluation split (validation persons or test)")
+        model = self.accelerator.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        output_dir = os.path.join(self.args.output_dir, f"{metric_key_prefix}_step{self.state.global_step}")
+        results = evaluate_retrieval(
+            model,
+            self.processing_class,
+            dataset,
+            batch_size=self.args.per_device_eval_batch_size,
+            score_modes=self.eval_score_modes,
+            accelerator=self.accelerator,
+            output_dir=output_dir if self.args.should_save else None,
+            reference=self.eval_reference,
+            desc=f"{metric_key_prefix} (step {self.state.global_step})",
+        )
+        model.train(was_training)
+        metrics = {f"{metric_key_prefix}_{key}": value for key, value in results["flat"].items()}
+        self.log(metrics)
+        self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        self.last_eval_results = results
+        return metrics
