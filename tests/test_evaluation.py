@@ -151,14 +151,17 @@ def separate_prefix_results(model, processor, dataset, modes, rounds):
     image = {"embeds": torch.cat([g.image_embeds for g in gallery]),
              "attributes": torch.cat([g.image_attribute_embeds for g in gallery])}
     query_ids = torch.tensor(dataset["person_id"])
+    texts = {}
+    for k in list(range(1, rounds + 1)) + ["full"]:
+        encs = []
+        for d in dataset["dialogue"]:
+            inputs = processor(dialogues=[d], max_rounds=None if k == "full" else k)
+            encs.append(model.encode_dialogues(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]))
+        texts[k] = (torch.cat([e.text_embeds for e in encs]), torch.cat([e.text_attribute_embeds for e in encs]))
     out = {}
     for mode in modes:
         per_mode, ranks = {}, []
-        for k in list(range(1, rounds + 1)) + ["full"]:
-            encs = [model.encode_dialogues(**{key: v for key, v in processor(dialogues=[d], max_rounds=None if k == "full" else k).items()})
-                    for d in dataset["dialogue"]]
-            text = torch.cat([e.text_embeds for e in encs])
-            attr = torch.cat([e.text_attribute_embeds for e in encs])
+        for k, (text, attr) in texts.items():
             sim = model.similarity(text, image["embeds"], attr, image["attributes"], mode=mode)
             metrics, first = retrieval_metrics_and_first_hit_ranks(sim, query_ids, torch.tensor(gallery_ids))
             per_mode["full" if k == "full" else f"round_{k}"] = metrics
@@ -321,3 +324,98 @@ def test_two_processes_give_the_single_process_numbers(tmp_path):
     assert ranks[0].keys() == single.keys()
     for key, value in single.items():
         assert ranks[0][key] == pytest.approx(value, abs=1e-6), key
+
+
+# --- The real tiny DiaNA model and processor ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from diana.modeling_diana import DiaNAModel
+    from tests.helpers import tiny_config
+
+    torch.manual_seed(0)
+    return DiaNAModel(tiny_config()).eval()
+
+
+def test_one_pass_equals_separate_prefixes_with_tiny_diana(tiny_model, tiny_processor, tmp_path):
+    """The issue's explicit check: every round's numbers from ONE encoder pass per dialogue equal
+    those of encoding each k-round prefix on its own (`max_rounds=k`)."""
+    from diana.training.evaluation import encode_queries, tokenize_dialogues
+
+    split = make_split(tmp_path, persons=3, images_per_person=2, seed=1)
+    with torch.inference_mode():
+        got = evaluate_retrieval(tiny_model, tiny_processor, split, batch_size=3, score_modes=MODES)
+        rounds = max(split["num_rounds"])
+        want, _ = separate_prefix_results(tiny_model, tiny_processor, split, MODES, rounds)
+    assert got["meta"]["num_rounds"] == rounds
+    assert_results_equal(got, want, MODES)
+
+    # The same at the level of the vectors, batched and length-sorted vs one prefix at a time.
+    tokens = tokenize_dialogues(tiny_processor, list(split["dialogue"]))
+    one_pass = encode_queries(tiny_model, tokens, batch_size=4, pad_token_id=tiny_processor.tokenizer.pad_token_id,
+                              keep_attributes=True)
+    with torch.inference_mode():
+        for i in (0, len(split) - 1):
+            dialogue = split[i]["dialogue"]
+            for k in range(1, rounds + 1):
+                enc = tiny_processor(dialogues=[dialogue], max_rounds=k)
+                alone = tiny_model.encode_dialogues(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+                torch.testing.assert_close(one_pass["embeds"][i, k - 1], alone.text_embeds[0], atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(one_pass["attributes"][i, k - 1], alone.text_attribute_embeds[0], atol=1e-5, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def saved_tiny(tmp_path_factory, tiny_model, tiny_processor):
+    """A saved tiny model folder (weights, remote code, processor) and a tiny SynthPedes."""
+    from diana.processing.synthpedes import generate
+
+    root = tmp_path_factory.mktemp("evaluate_model")
+    tiny_model.save_pretrained(root / "model")
+    tiny_processor.save_pretrained(root / "model")
+    summary = generate(str(root / "synth"), persons=12, images_per_person=2, rounds=3, seed=0, image_size=(64, 32),
+                       mals_images=7, progress=False)
+    return root, summary
+
+
+def test_evaluate_model_command_end_to_end(saved_tiny, tiny_model, tiny_processor, capsys):
+    from diana.processing.chatpedes import load_chatpedes
+    from diana.training.evaluate_model import main
+
+    root, summary = saved_tiny
+    out = root / "report"
+    results = main(["--model", str(root / "model"), "--data", str(root / "synth" / "chatpedes"), "--batch-size", "4",
+                    "--cache-dir", str(root / "cache"), "--output-dir", str(out), "--score-modes", "global", "fused",
+                    "--reference", str(root / "synth" / "oracle.json"), "--device", "cpu"])
+    printed = capsys.readouterr().out
+    # The saved folder + the dataset builder give the numbers of the in-memory model on the same rows.
+    test_rows = load_chatpedes(str(root / "synth" / "chatpedes"), cache_dir=str(root / "cache"), validation_persons=0)["test"]
+    direct = evaluate_retrieval(tiny_model, tiny_processor, test_rows, batch_size=5, score_modes=("global", "fused"))
+    assert results["meta"]["num_queries"] == summary["test"]["dialogues"] == len(test_rows)
+    assert results["meta"]["num_gallery"] == summary["test"]["images"]
+    for key, value in direct["flat"].items():
+        assert results["flat"][key] == pytest.approx(value, abs=1e-6), key
+    assert "attribute" not in results
+    # The report: printed table with the oracle beside it, files on disk.
+    oracle_full = json.loads((root / "synth" / "oracle.json").read_text())["full"]["R@1"]
+    full_row = next(line for line in printed.splitlines() if line.startswith("| full |"))
+    assert f"{results['global']['full']['R@1']:.2f}" in full_row and f"{oracle_full:.2f}" in full_row
+    saved = json.loads((out / RESULTS_FILE).read_text())
+    assert saved["meta"]["split"] == "test" and saved["meta"]["dataset"] == "chatpedes"
+    assert saved["fused"]["full"] == pytest.approx(results["fused"]["full"])
+    assert (out / CURVES_FILE).stat().st_size > 0
+    assert (out / "round_table.md").read_text() == format_round_table(results, reference=saved["reference"])
+
+
+def test_evaluate_folder_on_mals_with_remote_code(saved_tiny):
+    from diana.training.evaluate_model import evaluate_folder
+
+    root, summary = saved_tiny
+    results = evaluate_folder(root / "model", root / "synth" / "mals", dataset="mals", batch_size=4, score_modes=("global",),
+                              cache_dir=str(root / "cache"), trust_remote_code=True, device="cpu")
+    meta = results["meta"]
+    # Every MALS image is its own person, queried by its caption as a one-round dialogue.
+    assert meta["num_queries"] == meta["num_gallery"] == meta["num_persons"] == summary["mals"]["images"]
+    assert meta["num_rounds"] == 1 and set(results["global"]) == {"round_1", "full", "cumulative_hits@10"}
+    with pytest.raises(ValueError, match="no split 'test'"):
+        evaluate_folder(root / "model", root / "synth" / "mals", dataset="mals", split="test", cache_dir=str(root / "cache"))

@@ -349,8 +349,9 @@ def evaluate_retrieval(
         accelerator: shards the encoding over its processes; None = this process, the model's
             device.
         output_dir: where the main process writes `eval_results.json` and `per_round_curves.png`.
-        reference: optional per-round curve of another ranker in the same layout as one mode's
-            results ({"round_1": {"R@1": ...}, ..., "full": {...}}), drawn beside the model's.
+        reference: optional per-round curve of another ranker (e.g. the SynthPedes attribute
+            oracle), in one mode's layout ({"round_1": {"R@1": ...}, ..., "full": {...}}) or the
+            oracle's ({"rounds": [{"round": 1, ...}], "full": {...}}); drawn beside the model's.
         reference_label: its name in the picture.
         num_workers: DataLoader workers decoding gallery images.
         desc: prefix of the progress bars.
@@ -484,6 +485,18 @@ def write_results(
     logger.info("wrote %s and %s to %s", RESULTS_FILE, CURVES_FILE, output_dir)
 
 
+def reference_rounds(reference: Mapping[str, Any]) -> dict[str, Any]:
+    """A reference curve in one mode's layout ({"round_k": {...}, "full": {...}}).
+
+    Accepts that layout itself or the SynthPedes oracle's ({"rounds": [{"round": k, "R@1": ...}],
+    "full": {...}}, `diana.processing.synthpedes.attribute_oracle`).
+    """
+    out = {k: v for k, v in reference.items() if (k.startswith("round_") or k == "full") and isinstance(v, Mapping)}
+    for row in reference.get("rounds", []) or []:
+        out.setdefault(f"round_{int(row['round'])}", {k: v for k, v in row.items() if k != "round"})
+    return out
+
+
 def _round_keys(per_mode: Mapping[str, Any]) -> list[str]:
     rounds = sorted((k for k in per_mode if k.startswith("round_")), key=lambda k: int(k.split("_")[1]))
     return rounds + (["full"] if "full" in per_mode else [])
@@ -501,6 +514,7 @@ def format_round_table(
     cumulative Hits@10, and (with `reference`) the reference's numbers side by side."""
     lines: list[str] = []
     meta = results.get("meta", {})
+    reference = reference_rounds(reference) if reference is not None else None
     for mode in SCORE_MODES:
         if mode not in results:
             continue
@@ -534,6 +548,7 @@ __all__ = [
     "encode_queries",
     "evaluate_retrieval",
     "flatten_results",
+    "reference_rounds",
     "format_round_table",
     "score",
     "tokenize_dialogues",

@@ -36,9 +36,13 @@ def plot_round_curves(
         results: `evaluate_retrieval`'s result ({mode: {"round_k": {metric: value}, ...}}).
         path: the PNG to write.
         metrics: the panels.
-        reference: {"round_k": {metric: value}, ...} of another ranker (e.g. the SynthPedes oracle).
+        reference: another ranker's curve (e.g. the SynthPedes oracle), in any layout
+            `evaluation.reference_rounds` accepts.
         reference_label: its legend entry.
     """
+    from .evaluation import reference_rounds
+
+    reference = reference_rounds(reference) if reference is not None else None
     modes = [m for m in _MODE_STYLE if m in results]
     panels = list(metrics) + ["Hits@10 (cumulative)"]
     fig = Figure(figsize=(3.6 * len(panels), 3.4), layout="constrained")

@@ -1,0 +1,239 @@
+"""Evaluation only: a saved or converted DiaNA folder + a dataset folder -> the per-round report.
+
+    python -m diana.training.evaluate_model --model outputs/main_job/stage2 \\
+        --data outputs/main_job/synthpedes/chatpedes --split test --batch-size 64
+
+Prints the per-round table (DESIGN.md §3, every score mode) and writes `eval_results.json`,
+`per_round_curves.png` and `round_table.md` to `--output-dir`. The same protocol as
+`DiaNATrainer.evaluate`, without training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .evaluation import SCORE_MODES, evaluate_retrieval, format_round_table, write_results
+
+logger = logging.getLogger(__name__)
+
+DATASETS = ("chatpedes", "mals")
+TABLE_FILE = "round_table.md"
+
+
+@dataclass
+class EvaluateModelArguments:
+    """Arguments of `python -m diana.training.evaluate_model` (`--batch-size` = `--batch_size`, etc.)."""
+
+    model: str = field(metadata={"help": "A DiaNA folder written by save_pretrained (training output, converted official checkpoint, Hub export).", "aliases": ["--model_name_or_path"]})
+    data: str = field(metadata={"help": "Dataset folder: ChatPedes layout (train_reid.json, test_reid.json, imgs/) or MALS layout (gene_attrs/, gene_crop/).", "aliases": ["--data_dir"]})
+    dataset: str = field(default="chatpedes", metadata={"help": "chatpedes or mals (MALS captions become one-round dialogues).", "choices": list(DATASETS)})
+    split: str | None = field(default=None, metadata={"help": "ChatPedes: test (default) or validation (held-out train persons, as in training); MALS: train (its only split)."})
+    batch_size: int = field(default=32, metadata={"help": "Images / dialogues per encoder call."})
+    output_dir: str | None = field(default=None, metadata={"help": "Where to write the report (default: eval_<model folder name>_<dataset>_<split> in the working directory)."})
+    score_modes: list[str] = field(default_factory=lambda: list(SCORE_MODES), metadata={"help": "Score modes: global attribute fused."})
+    max_rounds: int | None = field(default=None, metadata={"help": "Report rounds 1..k only (the full dialogue is always reported)."})
+    max_samples: int | None = field(default=None, metadata={"help": "Evaluate the first N rows of the split only (quick checks; the gallery shrinks with it)."})
+    validation_persons: int | None = field(default=None, metadata={"help": "ChatPedes validation split size in persons (use the training run's value)."})
+    validation_seed: int | None = field(default=None, metadata={"help": "ChatPedes validation split seed (use the training run's value)."})
+    cache_dir: str | None = field(default=None, metadata={"help": "datasets cache folder."})
+    reference: str | None = field(default=None, metadata={"help": "JSON file of a reference curve printed side by side (e.g. SynthPedes oracle.json)."})
+    device: str | None = field(default=None, metadata={"help": "cuda / cpu / cuda:1 ... (default: cuda if available)."})
+    dtype: str = field(default="auto", metadata={"help": "auto (as saved), float32, bfloat16 or float16.", "choices": ["auto", "float32", "bfloat16", "float16"]})
+    tokenizer_dir: str | None = field(default=None, metadata={"help": "Llama-3.2 tokenizer folder, used only when the model folder has no processor files."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Load with AutoModel/AutoProcessor and the code saved in the folder instead of the installed diana classes."})
+    num_workers: int = field(default=0, metadata={"help": "DataLoader workers decoding gallery images."})
+
+
+def load_model_and_processor(
+    model_dir: str | os.PathLike,
+    *,
+    trust_remote_code: bool = False,
+    tokenizer_dir: str | os.PathLike | None = None,
+    dtype: str = "auto",
+    device: str | torch.device | None = None,
+) -> tuple[Any, Any]:
+    """A DiaNA model (eval mode, on `device`) and its processor from a folder.
+
+    The installed `DiaNAModel` / `DiaNAProcessor` classes load the folder unless
+    `trust_remote_code` asks for the folder's own code through the Auto classes. A folder without
+    processor files (e.g. a bare converted checkpoint) gets `build_processor` at the model's image
+    size.
+    """
+    model_dir = str(model_dir)
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise FileNotFoundError(f"{model_dir} has no config.json: not a saved model folder")
+    kwargs: dict[str, Any] = {} if dtype == "auto" else {"dtype": getattr(torch, dtype)}
+    if trust_remote_code:
+        from transformers import AutoModel
+
+        model = AutoModel.from_pretrained(model_dir, trust_remote_code=True, **kwargs)
+    else:
+        from diana.modeling_diana import DiaNAModel
+
+        model = DiaNAModel.from_pretrained(model_dir, **kwargs)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device).eval()
+
+    has_processor = any(os.path.isfile(os.path.join(model_dir, f)) for f in ("processor_config.json", "preprocessor_config.json"))
+    if has_processor:
+        if trust_remote_code:
+            from transformers import AutoProcessor
+
+            processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
+        else:
+            from diana.processing.processing_diana import DiaNAProcessor
+
+            processor = DiaNAProcessor.from_pretrained(model_dir)
+    else:
+        from diana.processing import build_processor
+
+        size = model.config.vision_config.image_size
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        logger.warning("%s has no processor files: building the fine-tuning processor at %dx%d", model_dir, height, width)
+        processor = build_processor(tokenizer_dir=tokenizer_dir, image_size=(height, width))
+    return model, processor
+
+
+def load_split(
+    data_dir: str | os.PathLike,
+    *,
+    dataset: str = "chatpedes",
+    split: str | None = None,
+    cache_dir: str | None = None,
+    max_samples: int | None = None,
+    **chatpedes_kwargs: Any,
+):
+    """The evaluation rows (columns image, file_path, person_id, dialogue, num_rounds).
+
+    ChatPedes: `load_chatpedes(data_dir)[split]` (default test). MALS: its one split, each caption
+    wrapped as a one-round dialogue with the fixed evaluation question; every image is its own
+    person, so a query's only positive is its own image.
+    """
+    if dataset == "chatpedes":
+        from diana.processing.chatpedes import load_chatpedes
+
+        split = split or "test"
+        kwargs = {k: v for k, v in chatpedes_kwargs.items() if v is not None}
+        if split == "test":
+            # The validation persons are carved out of train and never touch test; 0 keeps the
+            # builder's default (200 persons) from failing on small train sets.
+            kwargs.setdefault("validation_persons", 0)
+        splits = load_chatpedes(str(data_dir), cache_dir=cache_dir, **kwargs)
+    elif dataset == "mals":
+        from diana.processing.mals import load_mals
+
+        split = split or "train"
+        splits = load_mals(str(data_dir), cache_dir=cache_dir)
+    else:
+        raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
+    if split not in splits:
+        raise ValueError(f"{dataset} at {data_dir} has no split {split!r}; it has {sorted(splits)}")
+    rows = splits[split]
+    if max_samples is not None:
+        rows = rows.select(range(min(int(max_samples), len(rows))))
+    if dataset == "mals":
+        import datasets
+
+        from diana.processing.augmentation import caption_to_dialogue
+
+        rows = rows.map(
+            lambda captions: {"dialogue": [caption_to_dialogue(c) for c in captions], "num_rounds": [1] * len(captions)},
+            input_columns=["caption"],
+            batched=True,
+            features=datasets.Features({
+                **rows.features,
+                "dialogue": datasets.List({"question": datasets.Value("string"), "answer": datasets.Value("string")}),
+                "num_rounds": datasets.Value("int32"),
+            }),
+            desc="captions -> one-round dialogues",
+        )
+    return rows, split
+
+
+def evaluate_folder(
+    model_dir: str | os.PathLike,
+    data_dir: str | os.PathLike,
+    *,
+    dataset: str = "chatpedes",
+    split: str | None = None,
+    batch_size: int = 32,
+    score_modes: Sequence[str] = SCORE_MODES,
+    max_rounds: int | None = None,
+    max_samples: int | None = None,
+    output_dir: str | os.PathLike | None = None,
+    reference: Mapping[str, Any] | None = None,
+    cache_dir: str | None = None,
+    validation_persons: int | None = None,
+    validation_seed: int | None = None,
+    device: str | None = None,
+    dtype: str = "auto",
+    tokenizer_dir: str | None = None,
+    trust_remote_code: bool = False,
+    num_workers: int = 0,
+) -> dict[str, Any]:
+    """Loads a model folder and a dataset folder and runs `evaluate_retrieval` (see there for the
+    result layout). Writes the report to `output_dir` when given, with `round_table.md`."""
+    model, processor = load_model_and_processor(
+        model_dir, trust_remote_code=trust_remote_code, tokenizer_dir=tokenizer_dir, dtype=dtype, device=device
+    )
+    rows, split = load_split(
+        data_dir, dataset=dataset, split=split, cache_dir=cache_dir, max_samples=max_samples,
+        validation_persons=validation_persons, validation_seed=validation_seed,
+    )
+    logger.info("evaluating %s on %s/%s: %d dialogues", model_dir, dataset, split, len(rows))
+    results = evaluate_retrieval(
+        model, processor, rows, batch_size=batch_size, score_modes=score_modes, max_rounds=max_rounds,
+        reference=reference, num_workers=num_workers, desc=f"{dataset}/{split}",
+    )
+    results["meta"].update({"model": str(model_dir), "data": str(data_dir), "dataset": dataset, "split": split})
+    if output_dir is not None:
+        write_results(results, output_dir, reference=reference)
+        Path(output_dir, TABLE_FILE).write_text(format_round_table(results, reference=reference))
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Parses the arguments, evaluates, prints the table; returns the results."""
+    from transformers import HfArgumentParser
+
+    # 1. Arguments.
+    (args,) = HfArgumentParser(EvaluateModelArguments).parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    unknown = [m for m in args.score_modes if m not in SCORE_MODES]
+    if unknown:
+        raise SystemExit(f"--score-modes: unknown {unknown}; choose from {list(SCORE_MODES)}")
+    reference = json.loads(Path(args.reference).read_text()) if args.reference else None
+    split = args.split or ("test" if args.dataset == "chatpedes" else "train")
+    output_dir = args.output_dir or f"eval_{Path(args.model).resolve().name}_{args.dataset}_{split}"
+
+    # 2. Model + data -> the protocol.
+    results = evaluate_folder(
+        args.model, args.data, dataset=args.dataset, split=split, batch_size=args.batch_size,
+        score_modes=args.score_modes, max_rounds=args.max_rounds, max_samples=args.max_samples,
+        output_dir=output_dir, reference=reference, cache_dir=args.cache_dir,
+        validation_persons=args.validation_persons, validation_seed=args.validation_seed, device=args.device,
+        dtype=args.dtype, tokenizer_dir=args.tokenizer_dir, trust_remote_code=args.trust_remote_code,
+        num_workers=args.num_workers,
+    )
+
+    # 3. Report.
+    meta = results["meta"]
+    print(f"\n{args.model} on {args.dataset}/{split}: {meta['num_queries']} dialogues, {meta['num_gallery']} images, "
+          f"{meta['num_persons']} persons, up to {meta['num_rounds']} rounds "
+          f"(dialogues cut by max_length per round: {meta['truncated_per_round']})\n")
+    print(format_round_table(results, reference=reference))
+    print(f"report: {os.path.abspath(output_dir)}")
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
