@@ -105,7 +105,9 @@ def _where(index: int | None, round_index: int | None = None) -> str:
 
 def _text(value: Any, index: int | None, round_index: int, field: str) -> str:
     if not isinstance(value, str):
-        raise DialogueError(f"{_where(index, round_index)}{field} must be a string, got {type(value).__name__}: {value!r:.80}")
+        raise DialogueError(
+            f"{_where(index, round_index)}{field} must be a string, got {type(value).__name__}: {value!r:.80}"
+        )
     # Each question/answer is stripped so that a round's text never ends in whitespace: the
     # template strips trailing whitespace, and a k-round prefix must render as a prefix.
     value = value.strip()
@@ -135,7 +137,9 @@ def _pairs_from_messages(messages: Sequence[Mapping], index: int | None) -> list
     has_question = False
     for position, message in enumerate(messages):
         if not isinstance(message, Mapping):
-            raise DialogueError(f"{_where(index, len(pairs))}message {position} must be a dict, got {type(message).__name__}")
+            raise DialogueError(
+                f"{_where(index, len(pairs))}message {position} must be a dict, got {type(message).__name__}"
+            )
         role, value = _message_role_and_value(message, index, position)
         round_index = len(pairs)
         if role == SYSTEM_ROLE:
@@ -149,7 +153,9 @@ def _pairs_from_messages(messages: Sequence[Mapping], index: int | None) -> list
             continue
         if role in QUESTION_ROLES:
             if has_question:
-                raise DialogueError(f"{_where(index, round_index)}two questions in a row (message {position}, role {role!r})")
+                raise DialogueError(
+                    f"{_where(index, round_index)}two questions in a row (message {position}, role {role!r})"
+                )
             question, has_question = value, True
         elif role in ANSWER_ROLES:
             if not has_question:
@@ -188,7 +194,9 @@ def normalize_dialogue(dialogue: Any, index: int | None = None) -> list[tuple[st
     if isinstance(dialogue, str):
         return [(DEFAULT_FIRST_QUESTION, _text(dialogue, index, 0, "answer"))]
     if isinstance(dialogue, Mapping) or not isinstance(dialogue, Sequence) or isinstance(dialogue, bytes):
-        raise DialogueError(f"{_where(index)}a dialogue must be a list of rounds or a string, got {type(dialogue).__name__}")
+        raise DialogueError(
+            f"{_where(index)}a dialogue must be a list of rounds or a string, got {type(dialogue).__name__}"
+        )
     if len(dialogue) == 0:
         raise DialogueError(f"{_where(index)}empty dialogue")
 
@@ -197,7 +205,9 @@ def normalize_dialogue(dialogue: Any, index: int | None = None) -> list[tuple[st
         pairs = []
         for round_index, item in enumerate(dialogue):
             if not isinstance(item, Mapping) or "question" not in item or "answer" not in item:
-                raise DialogueError(f"{_where(index, round_index)}expected a {{'question', 'answer'}} dict, got {item!r:.80}")
+                raise DialogueError(
+                    f"{_where(index, round_index)}expected a {{'question', 'answer'}} dict, got {item!r:.80}"
+                )
             pairs.append((_text(item["question"], index, round_index, "question"),
                           _text(item["answer"], index, round_index, "answer")))
         return pairs
@@ -209,14 +219,18 @@ def normalize_dialogue(dialogue: Any, index: int | None = None) -> list[tuple[st
         for round_index, item in enumerate(dialogue):
             if isinstance(item, (str, bytes, Mapping)) or not isinstance(item, Sequence) or len(item) != 2:
                 raise DialogueError(
-                    f"{_where(index, round_index)}expected a (question, answer) pair or a 2-message round, got {item!r:.80}"
+                    f"{_where(index, round_index)}expected a (question, answer) pair or a 2-message round, "
+                    f"got {item!r:.80}"
                 )
             if isinstance(item[0], Mapping):  # ChatPedes round: [{"from": "gpt"}, {"from": "user"}]
                 messages.extend(item)
             else:
                 if messages:
-                    raise DialogueError(f"{_where(index, round_index)}mixes message rounds and (question, answer) pairs")
-                pairs.append((_text(item[0], index, round_index, "question"), _text(item[1], index, round_index, "answer")))
+                    raise DialogueError(
+                        f"{_where(index, round_index)}mixes message rounds and (question, answer) pairs"
+                    )
+                pairs.append((_text(item[0], index, round_index, "question"),
+                              _text(item[1], index, round_index, "answer")))
         if messages:
             if pairs:
                 raise DialogueError(f"{_where(index)}mixes message rounds and (question, answer) pairs")
@@ -313,14 +327,18 @@ def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
 
 
 def _array_to_rgb(array: np.ndarray, what: str, channels_first: bool) -> np.ndarray:
-    if array.ndim == 3 and channels_first and array.shape[0] in (1, 2, 3, 4) and array.shape[-1] not in (1, 2, 3, 4):
-        array = np.moveaxis(array, 0, -1)  # (C, H, W) -> (H, W, C)
-    elif array.ndim == 3 and not channels_first and array.shape[-1] not in (1, 2, 3, 4) and array.shape[0] in (1, 2, 3, 4):
-        array = np.moveaxis(array, 0, -1)
+    channel_counts = (1, 2, 3, 4)
+    if array.ndim == 3:
+        leading, trailing = array.shape[0] in channel_counts, array.shape[-1] in channel_counts
+        # Tensors default to (C, H, W), arrays to (H, W, C); the other layout only when unambiguous.
+        if leading and (channels_first or not trailing):
+            array = np.moveaxis(array, 0, -1)  # (C, H, W) -> (H, W, C)
     if array.ndim == 2:
         array = array[..., None]
     if array.ndim != 3 or array.shape[-1] not in (1, 2, 3, 4):
-        raise ImageInputError(f"{what}: expected an (H, W), (H, W, C) or (C, H, W) array with C in 1..4, got shape {tuple(array.shape)}")
+        raise ImageInputError(
+            f"{what}: expected an (H, W), (H, W, C) or (C, H, W) array with C in 1..4, got shape {tuple(array.shape)}"
+        )
     if array.shape[0] == 0 or array.shape[1] == 0:
         raise ImageInputError(f"{what} has zero size ({array.shape[1]}x{array.shape[0]})")
     array = _to_uint8(array, what)
@@ -424,7 +442,14 @@ class DiaNAProcessor(ProcessorMixin):
         chat_template: Jinja template for `apply_chat_template`; defaults to DiaNA's dialogue template.
     """
 
-    def __init__(self, image_processor=None, tokenizer=None, max_length: int = 400, chat_template: str | None = None, **kwargs):
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        max_length: int = 400,
+        chat_template: str | None = None,
+        **kwargs,
+    ):
         if chat_template is None:
             chat_template = DIALOGUE_CHAT_TEMPLATE
         self.max_length = int(max_length)
@@ -541,10 +566,14 @@ class DiaNAProcessor(ProcessorMixin):
             pixel_values = self.image_processor(rgb, return_tensors="pt", do_convert_rgb=False)["pixel_values"]
             data["pixel_values"] = pixel_values if return_tensors == "pt" else pixel_values.numpy()
         if dialogues is not None:
-            data.update(self._text_inputs(dialogues, max_rounds, return_round_ends, padding, max_length, truncation, return_tensors))
+            data.update(self._text_inputs(
+                dialogues, max_rounds, return_round_ends, padding, max_length, truncation, return_tensors
+            ))
         return BatchFeature(data=data, tensor_type=return_tensors)
 
-    def _text_inputs(self, dialogues, max_rounds, return_round_ends, padding, max_length, truncation, return_tensors) -> dict[str, Any]:
+    def _text_inputs(
+        self, dialogues, max_rounds, return_round_ends, padding, max_length, truncation, return_tensors
+    ) -> dict[str, Any]:
         max_length = self.max_length if max_length is None else int(max_length)
         ids_batch, ends_batch, cut_batch = self.encode_dialogues(dialogues, max_rounds, max_length, truncation)
         longest = max(len(ids) for ids in ids_batch)

@@ -305,6 +305,7 @@ UNIFORM_CASES = {
     "np HWC4 transparent": (lambda: np.zeros((50, 30, 4), np.uint8), (255, 255, 255)),
     "np HWC uint16": (lambda: np.full((50, 30, 3), [257 * c for c in COLOUR], np.uint16), COLOUR),
     "np HWC float01": (lambda: np.full((50, 30, 3), [c / 255 for c in COLOUR], np.float32), COLOUR),
+    "np CHW uint8": (lambda: np.broadcast_to(np.array(COLOUR, np.uint8)[:, None, None], (3, 50, 30)).copy(), COLOUR),
     "np bool": (lambda: np.ones((50, 30), bool), (255, 255, 255)),
     "torch CHW float": (lambda: torch.tensor([c / 255 for c in COLOUR]).view(3, 1, 1).expand(3, 50, 30), COLOUR),
     "torch CHW uint8": (lambda: torch.tensor(COLOUR, dtype=torch.uint8).view(3, 1, 1).expand(3, 50, 30), COLOUR),
