@@ -143,7 +143,8 @@ def make_dialogue(
     Round 1 states two attributes; every later round one not yet stated; once none is left the
     questioner asks for anything else and learns nothing (so any `rounds` works).
     """
-    order = [describable(attributes)[i] for i in rng.permutation(len(describable(attributes)))]
+    names = describable(attributes)
+    order = [names[i] for i in rng.permutation(len(names))]
     if "bag_colour" in order and order.index("bag_colour") < order.index("bag"):
         # "What colour was the bag?" presupposes the bag: state the bag first.
         i, j = order.index("bag_colour"), order.index("bag")
@@ -392,13 +393,13 @@ def _expected_ap(n_tie: np.ndarray, n_pos: np.ndarray) -> np.ndarray:
     hypergeometrically), so E[AP] = (1/n) [H_n (n-R)/(n-1) + n (R-1)/(n-1)], and 1 when n = 1.
     """
     n, R = n_tie.astype(np.float64), n_pos.astype(np.float64)
-    harmonic = np.array([np.sum(1.0 / np.arange(1, int(m) + 1)) for m in n])
+    harmonic = np.concatenate([[0.0], np.cumsum(1.0 / np.arange(1, int(n.max()) + 1))])[n_tie]  # H_n
     denom = np.maximum(n - 1, 1)
     ap = (harmonic * (n - R) / denom + n * (R - 1) / denom) / n
     return np.where(n <= 1, 1.0, ap)
 
 
-def attribute_oracle(chatpedes_dir: str, split: str = "test", ks: Sequence[int] = (1, 5, 10)) -> dict[str, Any]:
+def attribute_oracle(chatpedes_dir: str | os.PathLike, split: str = "test", ks: Sequence[int] = (1, 5, 10)) -> dict[str, Any]:
     """Per-round retrieval metrics of the attribute oracle on a SynthPedes ChatPedes folder.
 
     Gallery = every image of the split; queries = every dialogue (text -> image). For the first k
@@ -477,7 +478,7 @@ def _save(img: Image.Image, path: str) -> None:
 
 
 def generate(
-    out_dir: str,
+    out_dir: str | os.PathLike,
     persons: int = 200,
     images_per_person: int = 3,
     rounds: int = 6,
