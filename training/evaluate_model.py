@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,28 +29,47 @@ DATASETS = ("chatpedes", "mals")
 TABLE_FILE = "round_table.md"
 
 
+def _arg(default: Any = MISSING, help: str = "", **metadata: Any) -> Any:  # noqa: A002 (argparse's name)
+    """A dataclass field with its `--help` text (HfArgumentParser reads `metadata`)."""
+    metadata["help"] = help
+    if callable(default):
+        return field(default_factory=default, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class EvaluateModelArguments:
     """Arguments of `python -m diana.training.evaluate_model` (`--batch-size` = `--batch_size`, etc.)."""
 
-    model: str = field(metadata={"help": "A DiaNA folder written by save_pretrained (training output, converted official checkpoint, Hub export).", "aliases": ["--model_name_or_path"]})
-    data: str = field(metadata={"help": "Dataset folder: ChatPedes layout (train_reid.json, test_reid.json, imgs/) or MALS layout (gene_attrs/, gene_crop/).", "aliases": ["--data_dir"]})
-    dataset: str = field(default="chatpedes", metadata={"help": "chatpedes or mals (MALS captions become one-round dialogues).", "choices": list(DATASETS)})
-    split: str | None = field(default=None, metadata={"help": "ChatPedes: test (default) or validation (held-out train persons, as in training); MALS: train (its only split)."})
-    batch_size: int = field(default=32, metadata={"help": "Images / dialogues per encoder call."})
-    output_dir: str | None = field(default=None, metadata={"help": "Where to write the report (default: eval_<model folder name>_<dataset>_<split> in the working directory)."})
-    score_modes: list[str] = field(default_factory=lambda: list(SCORE_MODES), metadata={"help": "Score modes: global attribute fused."})
-    max_rounds: int | None = field(default=None, metadata={"help": "Report rounds 1..k only (the full dialogue is always reported)."})
-    max_samples: int | None = field(default=None, metadata={"help": "Evaluate the first N rows of the split only (quick checks; the gallery shrinks with it)."})
-    validation_persons: int | None = field(default=None, metadata={"help": "ChatPedes validation split size in persons (use the training run's value)."})
-    validation_seed: int | None = field(default=None, metadata={"help": "ChatPedes validation split seed (use the training run's value)."})
-    cache_dir: str | None = field(default=None, metadata={"help": "datasets cache folder."})
-    reference: str | None = field(default=None, metadata={"help": "JSON file of a reference curve printed side by side (e.g. SynthPedes oracle.json)."})
-    device: str | None = field(default=None, metadata={"help": "cuda / cpu / cuda:1 ... (default: cuda if available)."})
-    dtype: str = field(default="auto", metadata={"help": "auto (as saved), float32, bfloat16 or float16.", "choices": ["auto", "float32", "bfloat16", "float16"]})
-    tokenizer_dir: str | None = field(default=None, metadata={"help": "Llama-3.2 tokenizer folder, used only when the model folder has no processor files."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Load with AutoModel/AutoProcessor and the code saved in the folder instead of the installed diana classes."})
-    num_workers: int = field(default=0, metadata={"help": "DataLoader workers decoding gallery images."})
+    model: str = _arg(help="A DiaNA folder written by save_pretrained (training output, converted official "
+                           "checkpoint, Hub export).", aliases=["--model_name_or_path"])
+    data: str = _arg(help="Dataset folder: ChatPedes layout (train_reid.json, test_reid.json, imgs/) or MALS "
+                          "layout (gene_attrs/, gene_crop/).", aliases=["--data_dir"])
+    dataset: str = _arg("chatpedes", "chatpedes or mals (MALS captions become one-round dialogues).",
+                        choices=list(DATASETS))
+    split: str | None = _arg(None, "ChatPedes: test (default) or validation (held-out train persons, as in "
+                                   "training); MALS: train (its only split).")
+    batch_size: int = _arg(32, "Images / dialogues per encoder call.")
+    output_dir: str | None = _arg(None, "Where to write the report (default: "
+                                        "eval_<model folder name>_<dataset>_<split> in the working directory).")
+    score_modes: list[str] = _arg(lambda: list(SCORE_MODES), "Score modes: global attribute fused.")
+    max_rounds: int | None = _arg(None, "Report rounds 1..k only (the full dialogue is always reported).")
+    max_samples: int | None = _arg(None, "Evaluate the first N rows of the split only (quick checks; the "
+                                         "gallery shrinks with it).")
+    validation_persons: int | None = _arg(None, "ChatPedes validation split size in persons (use the training "
+                                                "run's value).")
+    validation_seed: int | None = _arg(None, "ChatPedes validation split seed (use the training run's value).")
+    cache_dir: str | None = _arg(None, "datasets cache folder.")
+    reference: str | None = _arg(None, "JSON file of a reference curve printed side by side (e.g. SynthPedes "
+                                       "oracle.json).")
+    device: str | None = _arg(None, "cuda / cpu / cuda:1 ... (default: cuda if available).")
+    dtype: str = _arg("auto", "auto (as saved), float32, bfloat16 or float16.",
+                      choices=["auto", "float32", "bfloat16", "float16"])
+    tokenizer_dir: str | None = _arg(None, "Llama-3.2 tokenizer folder, used only when the model folder has no "
+                                           "processor files.")
+    trust_remote_code: bool = _arg(False, "Load with AutoModel/AutoProcessor and the code saved in the folder "
+                                          "instead of the installed diana classes.")
+    num_workers: int = _arg(0, "DataLoader workers decoding gallery images.")
 
 
 def load_model_and_processor(
@@ -83,7 +102,8 @@ def load_model_and_processor(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device).eval()
 
-    has_processor = any(os.path.isfile(os.path.join(model_dir, f)) for f in ("processor_config.json", "preprocessor_config.json"))
+    processor_files = ("processor_config.json", "preprocessor_config.json")
+    has_processor = any(os.path.isfile(os.path.join(model_dir, f)) for f in processor_files)
     if has_processor:
         if trust_remote_code:
             from transformers import AutoProcessor
@@ -98,7 +118,9 @@ def load_model_and_processor(
 
         size = model.config.vision_config.image_size
         height, width = (size, size) if isinstance(size, int) else tuple(size)
-        logger.warning("%s has no processor files: building the fine-tuning processor at %dx%d", model_dir, height, width)
+        logger.warning(
+            "%s has no processor files: building the fine-tuning processor at %dx%d", model_dir, height, width
+        )
         processor = build_processor(tokenizer_dir=tokenizer_dir, image_size=(height, width))
     return model, processor
 
@@ -146,7 +168,10 @@ def load_split(
         from diana.processing.augmentation import caption_to_dialogue
 
         rows = rows.map(
-            lambda captions: {"dialogue": [caption_to_dialogue(c) for c in captions], "num_rounds": [1] * len(captions)},
+            lambda captions: {
+                "dialogue": [caption_to_dialogue(c) for c in captions],
+                "num_rounds": [1] * len(captions),
+            },
             input_columns=["caption"],
             batched=True,
             features=datasets.Features({

@@ -89,18 +89,24 @@ def tokenize_dialogues(
     """
     ids: list[torch.Tensor] = []
     round_ends, truncated, num_rounds = [], [], []
-    for start in tqdm(range(0, len(dialogues), chunk_size), desc=desc, leave=False, disable=len(dialogues) <= chunk_size):
+    chunks = range(0, len(dialogues), chunk_size)
+    for start in tqdm(chunks, desc=desc, leave=False, disable=len(chunks) <= 1):
         batch = processor(dialogues=list(dialogues[start : start + chunk_size]), return_round_ends=True)
         mask = batch["attention_mask"].bool()  # (B, L)
         lengths = mask.sum(dim=1)  # (B,)
         positions = torch.arange(mask.shape[1])  # (L,)
         if not torch.equal(mask, positions[None, :] < lengths[:, None]):
             bad = int((mask != (positions[None, :] < lengths[:, None])).any(dim=1).nonzero()[0])
-            raise ValueError(f"dialogue {start + bad}: the processor's attention mask is not right padding (ones then zeros)")
+            raise ValueError(
+                f"dialogue {start + bad}: the processor's attention mask is not right padding (ones then zeros)"
+            )
         ends = batch["round_end_positions"].long()  # (B, r)
         if (ends < 0).any() or (ends >= lengths[:, None]).any():
             bad = int(((ends < 0) | (ends >= lengths[:, None])).any(dim=1).nonzero()[0])
-            raise ValueError(f"dialogue {start + bad}: round_end_positions {ends[bad].tolist()} fall outside its {int(lengths[bad])} tokens")
+            raise ValueError(
+                f"dialogue {start + bad}: round_end_positions {ends[bad].tolist()} fall outside its "
+                f"{int(lengths[bad])} tokens"
+            )
         ids.extend(row[:n].clone() for row, n in zip(batch["input_ids"], lengths.tolist()))
         round_ends.append(ends)
         truncated.append(batch["round_truncated"].bool())  # (B, r)
@@ -235,7 +241,9 @@ def encode_gallery(
     if accelerator is not None:
         loader = accelerator.prepare_data_loader(loader)
         device = accelerator.device
-    return _encode_all(loader, encode, len(rows), accelerator=accelerator, device=device, desc=desc, what="gallery images")
+    return _encode_all(
+        loader, encode, len(rows), accelerator=accelerator, device=device, desc=desc, what="gallery images"
+    )
 
 
 def encode_queries(
@@ -286,7 +294,9 @@ def encode_queries(
     if accelerator is not None:
         loader = accelerator.prepare_data_loader(loader)
         device = accelerator.device
-    return _encode_all(loader, encode, len(lengths), accelerator=accelerator, device=device, desc=desc, what="dialogues")
+    return _encode_all(
+        loader, encode, len(lengths), accelerator=accelerator, device=device, desc=desc, what="dialogues"
+    )
 
 
 def score(
@@ -409,6 +419,10 @@ def evaluate_retrieval(
     total_rounds = tokens.round_end_positions.shape[1]
     report_rounds = total_rounds if max_rounds is None else max(1, min(max_rounds, total_rounds))
     images = {k: v.to(device) for k, v in images.items()}
+    query_ids_on, gallery_ids_on = query_ids.to(device), gallery_ids.to(device)
+
+    def rank(similarity: torch.Tensor) -> tuple[dict[str, float], torch.Tensor]:
+        return retrieval_metrics_and_first_hit_ranks(similarity, query_ids_on, gallery_ids_on)
     start = time.perf_counter()
     results: dict[str, Any] = {}
     for mode in score_modes:
@@ -416,7 +430,7 @@ def evaluate_retrieval(
         first_hits = []
         for k in range(1, report_rounds + 1):
             at_k = {name: value[:, k - 1] for name, value in text.items()}  # (Q, D) / (Q, K, D)
-            metrics, ranks = retrieval_metrics_and_first_hit_ranks(score(model, at_k, images, mode, device), query_ids.to(device), gallery_ids.to(device))
+            metrics, ranks = rank(score(model, at_k, images, mode, device))
             per_mode[f"round_{k}"] = metrics
             first_hits.append(ranks.cpu())
         if report_rounds == total_rounds:
@@ -424,7 +438,7 @@ def evaluate_retrieval(
             per_mode["full"] = dict(per_mode[f"round_{total_rounds}"])
         else:
             full = {name: value[:, -1] for name, value in text.items()}
-            per_mode["full"] = retrieval_metrics_and_first_hit_ranks(score(model, full, images, mode, device), query_ids.to(device), gallery_ids.to(device))[0]
+            per_mode["full"] = rank(score(model, full, images, mode, device))[0]
         per_mode[CUMULATIVE_KEY] = cumulative_hits_at_k(torch.stack(first_hits), k=CUMULATIVE_K)  # (R, Q) -> R
         results[mode] = per_mode
     timings["metrics_s"] = time.perf_counter() - start
@@ -481,7 +495,9 @@ def write_results(
         payload["reference"] = {"label": reference_label, **reference}
     with open(os.path.join(output_dir, RESULTS_FILE), "w") as f:
         json.dump(payload, f, indent=2)
-    plot_round_curves(results, os.path.join(output_dir, CURVES_FILE), reference=reference, reference_label=reference_label)
+    plot_round_curves(
+        results, os.path.join(output_dir, CURVES_FILE), reference=reference, reference_label=reference_label
+    )
     logger.info("wrote %s and %s to %s", RESULTS_FILE, CURVES_FILE, output_dir)
 
 
@@ -524,7 +540,8 @@ def format_round_table(
             header += [f"{reference_label} {m}" for m in reference_metrics]
         title = f"**{mode}**"
         if meta:
-            title += f" ({meta.get('num_queries')} dialogues, {meta.get('num_gallery')} images, {meta.get('num_persons')} persons)"
+            title += (f" ({meta.get('num_queries')} dialogues, {meta.get('num_gallery')} images, "
+                      f"{meta.get('num_persons')} persons)")
         lines += [title, "", "| " + " | ".join(header) + " |", "|" + "|".join("---:" for _ in header) + "|"]
         cumulative = per_mode.get(CUMULATIVE_KEY, [])
         for key in _round_keys(per_mode):

@@ -16,7 +16,13 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-__all__ = ["retrieval_metrics", "first_hit_ranks", "retrieval_metrics_and_first_hit_ranks", "cumulative_hits_at_k", "metric_keys"]
+__all__ = [
+    "cumulative_hits_at_k",
+    "first_hit_ranks",
+    "metric_keys",
+    "retrieval_metrics",
+    "retrieval_metrics_and_first_hit_ranks",
+]
 
 # Default budget of ranked (query, gallery) entries per chunk: 2**22 entries ~ 32 MiB per int64
 # buffer, several of which are alive at once.
@@ -199,7 +205,9 @@ def cumulative_hits_at_k(per_round_first_hit_ranks: torch.Tensor, k: int = 10) -
     """
     ranks = torch.as_tensor(per_round_first_hit_ranks)
     if ranks.ndim != 2 or ranks.shape[0] == 0 or ranks.shape[1] == 0:
-        raise ValueError(f"per_round_first_hit_ranks must be a non-empty (rounds, queries) matrix, got {tuple(ranks.shape)}")
+        raise ValueError(
+            f"per_round_first_hit_ranks must be a non-empty (rounds, queries) matrix, got {tuple(ranks.shape)}"
+        )
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     best_so_far = torch.cummin(ranks, dim=0).values  # (R, Q) best rank over rounds <= r

@@ -16,7 +16,9 @@ _MODE_STYLE = {"global": "tab:blue", "attribute": "tab:orange", "fused": "tab:gr
 def _curve(per_mode: Mapping[str, Any], metric: str) -> tuple[list[int], list[float]]:
     """(rounds, values) of the rounds that report `metric` (a reference may report only some)."""
     rounds = sorted(
-        int(k.split("_")[1]) for k, v in per_mode.items() if k.startswith("round_") and isinstance(v, Mapping) and metric in v
+        int(k.split("_")[1])
+        for k, v in per_mode.items()
+        if k.startswith("round_") and isinstance(v, Mapping) and metric in v
     )
     return rounds, [per_mode[f"round_{r}"][metric] for r in rounds]
 
