@@ -254,31 +254,21 @@ def _write_probe(folder: Path, image_size: tuple[int, int]) -> list[str]:
     return names
 
 
-@torch.no_grad()
-def verify_folder(
-    folder: str | os.PathLike, model: Any, processor: Any, *, atol: float | None = None, timeout: float = 600
-) -> dict[str, Any]:
-    """Load ``folder`` in a fresh interpreter that cannot import ``diana`` and compare features.
-
-    Args:
-        folder: the exported folder.
-        model: the model it was exported from (this process's reference).
-        processor: its processor.
-        atol: largest allowed feature difference (default 1e-5 in fp32, 2e-2 in half precision).
-        timeout: seconds the child process may take.
+def fresh_process_features(folder: str | os.PathLike, image_size: tuple[int, int], *, timeout: float = 600
+                           ) -> tuple[dict[str, Any], dict[str, torch.Tensor], list[Image.Image]]:
+    """Load ``folder`` in a fresh interpreter that cannot import ``diana``; encode the probe there.
 
     Returns:
-        What the child reported (loaded class paths) and the largest differences.
+        (the child's report: loaded class paths and any ``diana`` module it imported, its
+        features, the probe images it encoded).
 
     Raises:
-        ExportCheckError: the child failed, imported the project, or gave other inputs / features.
+        ExportCheckError: the child could not load the folder (its stderr is quoted).
     """
     folder = Path(folder).resolve()
-    if atol is None:
-        atol = 1e-5 if model.dtype == torch.float32 else 2e-2
     with tempfile.TemporaryDirectory(prefix="diana-export-check-") as scratch:
         scratch = Path(scratch)
-        names = _write_probe(scratch, tuple(processor.image_processor.size[k] for k in ("height", "width")))
+        names = _write_probe(scratch, image_size)
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
         env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                    HF_MODULES_CACHE=str(scratch / "modules"), PYTHONNOUSERSITE="1")
@@ -292,34 +282,75 @@ def verify_folder(
                 f"{folder} does not load in a fresh process without the diana package:\n{run.stderr[-3000:]}"
             )
         report = json.loads(run.stdout.strip().splitlines()[-1])
-        theirs = load_file(str(out_file))
+        features = load_file(str(out_file))
         images = [Image.open(scratch / n).convert("RGB") for n in names]
-        pixels = processor(images=images, return_tensors="pt")["pixel_values"]
-        text = processor(dialogues=PROBE_DIALOGUES, return_round_ends=True, return_tensors="pt")
-        device = next(model.parameters()).device
-        model.eval()
-        ours = {
-            "pixel_values": pixels.float(),
-            "input_ids": text["input_ids"],
-            "image_embeds": model.encode_images(pixels.to(device, model.dtype)).image_embeds.float().cpu(),
-            "text_embeds": model.encode_dialogues(
-                text["input_ids"].to(device), text["attention_mask"].to(device), text["round_end_positions"].to(device)
-            ).text_embeds.float().cpu(),
-        }
+    return report, features, images
+
+
+@torch.no_grad()
+def compare_features(
+    model: Any, processor: Any, report: dict[str, Any], theirs: dict[str, torch.Tensor], images: list[Image.Image],
+    *, atol: float | None = None,
+) -> dict[str, float]:
+    """Check the child's report and features against ``model`` / ``processor`` in this process.
+
+    Returns:
+        The largest absolute difference per compared tensor.
+
+    Raises:
+        ExportCheckError: the child imported the project, used other code, tokenised differently
+            or gave features further apart than ``atol`` (1e-5 in fp32, 2e-2 in half precision).
+    """
+    if atol is None:
+        atol = 1e-5 if model.dtype == torch.float32 else 2e-2
     if report["diana_imported"]:
         raise ExportCheckError(f"the fresh process imported the project ({report['diana_imported']})")
     if not report["model_class"].startswith("transformers_modules."):
         raise ExportCheckError(f"AutoModel did not use the folder's code: {report['model_class']}")
-    if not torch.equal(ours["input_ids"], theirs["input_ids"]):
+    pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+    text = processor(dialogues=PROBE_DIALOGUES, return_round_ends=True, return_tensors="pt")
+    device = next(model.parameters()).device
+    model.eval()
+    ours = {
+        "pixel_values": pixels.float(),
+        "image_embeds": model.encode_images(pixels.to(device, model.dtype)).image_embeds.float().cpu(),
+        "text_embeds": model.encode_dialogues(
+            text["input_ids"].to(device), text["attention_mask"].to(device), text["round_end_positions"].to(device)
+        ).text_embeds.float().cpu(),
+    }
+    if not torch.equal(text["input_ids"], theirs["input_ids"]):
         raise ExportCheckError("the exported processor tokenises the probe dialogues differently")
     differences = {}
-    for key in ("pixel_values", "image_embeds", "text_embeds"):
-        if ours[key].shape != theirs[key].shape:
-            raise ExportCheckError(f"{key}: shape {tuple(theirs[key].shape)} from the folder, {tuple(ours[key].shape)} here")
-        differences[key] = float((ours[key] - theirs[key]).abs().max())
+    for key, value in ours.items():
+        if value.shape != theirs[key].shape:
+            raise ExportCheckError(f"{key}: shape {tuple(theirs[key].shape)} from the folder, {tuple(value.shape)} here")
+        differences[key] = float((value - theirs[key]).abs().max())
         if differences[key] > atol:
             raise ExportCheckError(f"{key} differ by {differences[key]:.3g} (> {atol:g}) between the folder and this model")
-    return {**report, "max_abs_diff": differences}
+    return differences
+
+
+def verify_folder(
+    folder: str | os.PathLike, model: Any, processor: Any, *, atol: float | None = None, timeout: float = 600
+) -> dict[str, Any]:
+    """Load ``folder`` in a fresh interpreter that cannot import ``diana`` and compare its features.
+
+    Args:
+        folder: the exported folder.
+        model: the model it was exported from (this process's reference).
+        processor: its processor.
+        atol: largest allowed feature difference (default 1e-5 in fp32, 2e-2 in half precision).
+        timeout: seconds the child process may take.
+
+    Returns:
+        The child's report (loaded class paths) and ``max_abs_diff`` per compared tensor.
+
+    Raises:
+        ExportCheckError: see :func:`fresh_process_features` and :func:`compare_features`.
+    """
+    size = tuple(processor.image_processor.size[k] for k in ("height", "width"))
+    report, theirs, images = fresh_process_features(folder, size, timeout=timeout)
+    return {**report, "max_abs_diff": compare_features(model, processor, report, theirs, images, atol=atol)}
 
 
 # --------------------------------------------------------------------------------------------

@@ -52,7 +52,9 @@ def load_model_and_processor(model_dir: str, tokenizer_dir: str | None = None, d
 
 
 def read_dialogues(path: str | Path) -> list[Any]:
-    """Dialogues of a JSON file: one dialogue, or ``{"dialogues": [...]}``."""
+    """Dialogues of a JSON file: one dialogue, or ``{"dialogues": [...]}``; each is checked."""
+    from .processing_diana import normalize_dialogue
+
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -62,8 +64,14 @@ def read_dialogues(path: str | Path) -> list[Any]:
         dialogues = data["dialogues"]
         if not isinstance(dialogues, list) or not dialogues:
             raise ValueError(f"{str(path)!r}: 'dialogues' must be a non-empty list")
-        return dialogues
-    return [data]
+    else:
+        dialogues = [data]
+    for number, dialogue in enumerate(dialogues, start=1):
+        try:
+            normalize_dialogue(dialogue)
+        except ValueError as error:
+            raise ValueError(f"{str(path)!r}, dialogue {number}: {error}") from error
+    return dialogues
 
 
 def format_round(result: RoundResult) -> str:
@@ -171,14 +179,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, stdin: TextIO | None = None, out: TextIO | None = None) -> int:
     args = build_parser().parse_args(argv)
     stdin, out = stdin or sys.stdin, out or sys.stdout
-    model, processor = load_model_and_processor(args.model, args.tokenizer_dir, args.device, args.dtype)
+    # Cheap checks first: loading a 1.2B-parameter model takes a while.
     if args.command == "index":
         output = Path(args.output)
+        if not args.add and output.exists():
+            raise FileExistsError(f"{output} exists: use --add to extend it, or another --output")
+        if args.add and not output.is_file():
+            raise FileNotFoundError(f"--add: there is no index {output} to extend yet")
+    dialogues = read_dialogues(args.dialogue) if args.command == "search" and args.dialogue else None
+    model, processor = load_model_and_processor(args.model, args.tokenizer_dir, args.device, args.dtype)
+    if args.command == "index":
         if args.add:
             index = GalleryIndex.load(output, model, processor)
         else:
-            if output.exists():
-                raise FileExistsError(f"{output} exists: use --add to extend it, or another --output")
             index = GalleryIndex.empty(model, processor, with_attributes=args.with_attributes)
         if args.images:
             report = index.add_images(args.images, model, processor, batch_size=args.batch_size, on_bad_image=args.on_bad_image)
@@ -200,7 +213,7 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None, out: TextIO
     session = ChatSearchSession(model, processor, index, k=args.top_k, mode=args.mode, backend=args.backend,
                                 check_index=False)
     if args.dialogue:
-        results = run_dialogues(session, read_dialogues(args.dialogue), args.contact_sheet, out)
+        results = run_dialogues(session, dialogues, args.contact_sheet, out)
     else:
         results = [chat_loop(session, args.contact_sheet, stdin, out)]
     if args.output_json:

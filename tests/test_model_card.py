@@ -1,0 +1,142 @@
+"""Model card rendering from an evaluation report + run arguments, and its metadata round trip."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from huggingface_hub.repocard_data import model_index_to_eval_results
+
+from diana.hub_cards.model_card import (
+    PAPER_BASE_MODELS, check_model_card, load_evaluation, load_run_args, parse_eval_results, render_model_card,
+)
+from diana.training.metrics import cumulative_hits_at_k, retrieval_metrics_and_first_hit_ranks
+from tests.helpers import tiny_config
+
+ROUNDS = 3
+
+
+def _eval_report(seed: int, modes=("global", "fused")) -> dict:
+    """A report in evaluation.py's layout, from real metrics of random per-round similarities."""
+    generator = torch.Generator().manual_seed(seed)
+    query_ids = torch.arange(12) % 6
+    gallery_ids = torch.arange(18) % 6
+    report = {}
+    for mode in modes:
+        per_mode, first_hits = {}, []
+        for k in range(1, ROUNDS + 1):
+            similarity = torch.randn(12, 18, generator=generator) + 0.8 * k * (query_ids[:, None] == gallery_ids[None])
+            metrics, ranks = retrieval_metrics_and_first_hit_ranks(similarity, query_ids, gallery_ids)
+            per_mode[f"round_{k}"] = metrics
+            first_hits.append(ranks)
+        per_mode["full"] = dict(per_mode[f"round_{ROUNDS}"])
+        per_mode["cumulative_hits@10"] = cumulative_hits_at_k(torch.stack(first_hits), k=10)
+        report[mode] = per_mode
+    report["meta"] = {"num_queries": 12, "num_gallery": 18, "num_persons": 6, "num_rounds": ROUNDS}
+    return report
+
+
+def _run_args(tmp_path, **model_overrides) -> dict:
+    record = {
+        "model": {"model_name_or_path": None, "vision_model_path": None, "text_model_path": None,
+                  "model_config": None, "num_attribute_queries": 16, "use_sdm_loss": True, "use_refiner_loss": True,
+                  "lora_rank": 0, **model_overrides},
+        "data": {"dataset": "chatpedes", "data_dir": "/data/chatpedes", "eval_split": "validation", "max_length": 400,
+                 "round_retaining": True, "token_masking": 0.15, "image_augmentation": True, "image_size": [384, 192]},
+        "training": {"per_device_train_batch_size": 32, "gradient_accumulation_steps": 2, "num_train_epochs": 10,
+                     "learning_rate": 1.7e-5, "lr_scheduler_type": "cosine", "warmup_steps": 50, "optim": "adamw_torch",
+                     "adam_beta1": 0.9, "adam_beta2": 0.999, "weight_decay": 0.05, "max_grad_norm": 1.0, "bf16": True,
+                     "seed": 1234, "load_best_model_at_end": True, "metric_for_best_model": "eval_global/full/R@1"},
+        "versions": {"torch": torch.__version__},
+    }
+    path = tmp_path / "run_args.json"
+    path.write_text(json.dumps(record))
+    return load_run_args(path)
+
+
+def test_card_metadata_tables_and_round_trip(tmp_path):
+    report = _eval_report(0)
+    results_file = tmp_path / "eval_results.json"
+    results_file.write_text(json.dumps(report))
+    run_args = _run_args(tmp_path, vision_model_path="microsoft/swinv2-base-patch4-window12-192-22k",
+                         text_model_path="meta-llama/Llama-3.2-1B")
+    evaluation = load_evaluation(results_file, run_args, curve="per_round_curves.png")
+    assert (evaluation.dataset, evaluation.split) == ("chatpedes", "validation")  # from the run arguments
+    card = render_model_card(evaluation, run_args, config=tiny_config(), repo_id="someone/diana-tiny", revision="0123abcd")
+    check_model_card(card)
+
+    path = tmp_path / "README.md"
+    card.save(path)
+    loaded = ModelCard.load(path)
+    data = loaded.data.to_dict()
+    assert data["library_name"] == "transformers" and data["license"] == "llama3.2"
+    assert data["base_model"] == list(PAPER_BASE_MODELS) and data["datasets"] == ["chatpedes"]
+    name, results = model_index_to_eval_results(data["model-index"])
+    assert name == "diana-tiny"
+    values = {(r.dataset_type, r.dataset_split, r.metric_type): r.metric_value for r in results}
+    full = report["global"]["full"]  # the config's score mode
+    assert values == {("chatpedes", "validation", t): round(full[k], 2)
+                      for k, t in (("R@1", "recall@1"), ("R@5", "recall@5"), ("R@10", "recall@10"), ("mAP", "map"))}
+
+    text = loaded.text
+    for mode in ("global", "fused"):
+        for k in range(1, ROUNDS + 1):
+            m = report[mode][f"round_{k}"]
+            row = (f"| {k} | {m['R@1']:.2f} | {m['R@5']:.2f} | {m['R@10']:.2f} | {m['mAP']:.2f} | {m['mINP']:.2f} "
+                   f"| {m['mFR']:.2f} | {report[mode]['cumulative_hits@10'][k - 1]:.2f} |")
+            assert row in text
+    assert "![Retrieval per dialogue round" in text and "(per_round_curves.png)" in text
+    assert 'revision = "someone/diana-tiny", "0123abcd"' in text
+    assert "trust_remote_code=True, revision=revision" in text and "AutoProcessor.from_pretrained" in text
+    assert "| peak learning rate | 1.7e-05 |" in text and "| global batch | 64 (32 per device" in text
+    assert "| seed | 1234 |" in text and "| precision | bf16 |" in text
+    for phrase in ("Surveillance", "Consent", "Bias", "@inproceedings", "Bai, Yang", "CVPR"):
+        assert phrase in text
+
+
+def test_random_initialisation_and_chained_stages_name_their_origin(tmp_path):
+    stage1_dir = tmp_path / "stage1"
+    stage1_dir.mkdir()
+    _run_args(stage1_dir, model_config={"projection_dim": 24})
+    stage2 = _run_args(tmp_path, model_name_or_path=str(stage1_dir))
+    card = render_model_card(parse_eval_results(_eval_report(1)), stage2, repo_id="a/b")
+    check_model_card(card)
+    assert card.data.base_model is None  # no pretrained tower weights anywhere in the chain
+    assert "an earlier stage (stage1), itself initialised from random initialisation" in card.text
+
+    synth = _run_args(tmp_path, model_config={"projection_dim": 24})
+    synth["data"]["data_dir"] = "/runs/synthpedes/chatpedes"
+    card = render_model_card(parse_eval_results(_eval_report(2), dataset="synthpedes"), synth)
+    assert card.data.datasets == ["synthpedes"] and "Trained on: SynthPedes" in card.text
+
+
+def test_card_without_results_or_recipe_still_checks():
+    card = render_model_card(None, None, repo_id="a/b")
+    check_model_card(card)
+    assert card.data.eval_results is None and "No evaluation results" in card.text
+
+
+def test_bad_reports_are_named(tmp_path):
+    report = _eval_report(3, modes=("global",))
+    del report["global"]["full"]
+    with pytest.raises(ValueError, match=r"'global' has no full-dialogue metrics"):
+        parse_eval_results(report, source="x.json")
+    with pytest.raises(ValueError, match="no score mode"):
+        parse_eval_results({"meta": {}}, source="x.json")
+    report = _eval_report(3, modes=("global",))
+    report["global"]["round_x"] = {}
+    with pytest.raises(ValueError, match="global/round_x"):
+        parse_eval_results(report)
+    broken = tmp_path / "run_args.json"
+    broken.write_text(json.dumps({"model": {}}))
+    with pytest.raises(ValueError, match="run_args.json.*'data'"):
+        load_run_args(broken)
+
+
+def test_check_model_card_catches_a_broken_card(tmp_path):
+    card = render_model_card(parse_eval_results(_eval_report(4)), repo_id="a/b")
+    card.data.license = None
+    with pytest.raises(ValueError, match="license"):
+        check_model_card(card)

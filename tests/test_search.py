@@ -1,0 +1,300 @@
+"""Gallery index, chat search session, exact / FAISS top-k and the search command, on a tiny model."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diana.modeling_diana import DiaNAModel
+from diana.processing import search_cli
+from diana.processing.search import (
+    ChatSearchSession, GalleryIndex, IndexMismatchError, exact_topk, list_images, model_fingerprint,
+)
+from tests.helpers import tiny_config
+
+DIALOGUE = [
+    ("Please describe the person you saw.", "A woman in a long red coat with black boots."),
+    ("Is she carrying a bag?", "Yes, a small black backpack on her left shoulder."),
+    ("What about her hair?", "Long brown hair in a ponytail."),
+    ("Anything on her head?", "No hat, but white headphones."),
+]
+
+
+def _write_images(folder, count, seed):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        pixels = rng.integers(0, 255, (70 + i, 30 + i, 3), dtype=np.uint8)  # odd sizes: resize is exercised
+        Image.fromarray(pixels).save(folder / f"img_{seed}_{i:02d}.png")
+    return sorted(str(p.resolve()) for p in folder.iterdir())
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return DiaNAModel(tiny_config()).eval()
+
+
+@pytest.fixture(scope="module")
+def model_dir(model, tiny_processor, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("model")
+    model.save_pretrained(folder)
+    tiny_processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def gallery(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gallery")
+    first = _write_images(root / "first", 6, seed=1)
+    second = _write_images(root / "second", 4, seed=2)
+    return root, first, second
+
+
+@pytest.fixture(scope="module")
+def index(model, tiny_processor, gallery):
+    root, first, second = gallery
+    return GalleryIndex.build(first + second, model, tiny_processor, with_attributes=True, batch_size=4, progress=False)
+
+
+def _reference_topk(scores, k):
+    """Obviously correct: a full stable sort (ties by gallery index)."""
+    values, indices = torch.sort(scores, dim=1, descending=True, stable=True)
+    return values[:, :k], indices[:, :k]
+
+
+# ---------------------------------------------------------------------------------------------- top-k
+
+
+@pytest.mark.parametrize("num_gallery,k,chunk", [(1, 1, 1), (7, 3, 2), (50, 10, 7), (50, 60, 16), (200, 5, 64)])
+@pytest.mark.parametrize("with_ties", [False, True])
+def test_exact_topk_matches_sorted_reference(num_gallery, k, chunk, with_ties):
+    generator = torch.Generator().manual_seed(num_gallery * 31 + k)
+    queries = torch.randn(5, 8, generator=generator)
+    gallery = torch.randn(num_gallery, 8, generator=generator)
+    if with_ties:
+        # Integer vectors: many exactly equal inner products, across chunk boundaries too.
+        queries, gallery = queries.round().clamp(-1, 1), gallery.round().clamp(-1, 1)
+    values, indices = exact_topk(queries, gallery, k, chunk_size=chunk)
+    ref_values, ref_indices = _reference_topk(queries @ gallery.T, k)
+    torch.testing.assert_close(values, ref_values)
+    assert torch.equal(indices, ref_indices)
+
+
+def test_faiss_flat_equals_exact_search():
+    faiss_module = pytest.importorskip("faiss")  # optional back end (installed with the test extras)
+    assert faiss_module is not None
+    generator = torch.Generator().manual_seed(0)
+    embeds = torch.nn.functional.normalize(torch.randn(300, 24, generator=generator), dim=-1)
+    index = GalleryIndex(embeds, [f"p{i}" for i in range(300)], "m", "p")
+    queries = torch.nn.functional.normalize(torch.randn(6, 24, generator=generator), dim=-1)
+    exact_values, exact_indices = index.search(queries, 15, backend="exact", chunk_size=64)
+    faiss_values, faiss_indices = index.search(queries, 15, backend="faiss")
+    assert torch.equal(faiss_indices, exact_indices)
+    torch.testing.assert_close(faiss_values, exact_values, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="global"):
+        index.search(queries, 3, backend="faiss", mode="attribute")
+
+
+# ---------------------------------------------------------------------------------------------- index
+
+
+def test_index_holds_normalised_model_embeddings_and_round_trips(index, model, tiny_processor, gallery, tmp_path):
+    root, first, second = gallery
+    assert index.paths == first + second and len(index) == 10
+    images = [Image.open(p).convert("RGB") for p in index.paths]
+    with torch.no_grad():
+        expected = model.encode_images(tiny_processor(images=images, return_tensors="pt")["pixel_values"])
+    torch.testing.assert_close(index.image_embeds, expected.image_embeds, atol=1e-5, rtol=0)
+    torch.testing.assert_close(index.image_attribute_embeds, expected.image_attribute_embeds, atol=1e-5, rtol=0)
+    torch.testing.assert_close(index.image_embeds.norm(dim=-1), torch.ones(10))
+
+    path = tmp_path / "gallery.safetensors"
+    index.save(path)
+    loaded = GalleryIndex.load(path, model, tiny_processor)
+    assert loaded.paths == index.paths and torch.equal(loaded.image_embeds, index.image_embeds)
+    assert torch.equal(loaded.image_attribute_embeds, index.image_attribute_embeds)
+    assert loaded.model_fingerprint == index.model_fingerprint
+
+
+def test_fingerprint_survives_save_and_reload_but_not_other_weights(model, tmp_path):
+    model.save_pretrained(tmp_path / "m")
+    reloaded = DiaNAModel.from_pretrained(tmp_path / "m")
+    assert model_fingerprint(reloaded) == model_fingerprint(model)
+    assert model_fingerprint(DiaNAModel.from_pretrained(tmp_path / "m", dtype=torch.bfloat16)) == model_fingerprint(model)
+    with torch.no_grad():
+        reloaded.refiner.attribute_queries.add_(1e-2)
+    assert model_fingerprint(reloaded) != model_fingerprint(model)
+
+
+def test_index_from_another_model_or_processor_is_refused(index, model, tiny_processor, processor, tmp_path):
+    path = tmp_path / "gallery.safetensors"
+    index.save(path)
+    torch.manual_seed(1)
+    other_weights = DiaNAModel(tiny_config()).eval()
+    with pytest.raises(IndexMismatchError, match=r"another model \(its weights differ\)"):
+        GalleryIndex.load(path, other_weights, tiny_processor)
+    other_config = DiaNAModel(tiny_config(projection_dim=16)).eval()
+    with pytest.raises(IndexMismatchError, match=r"another model \(its config differ"):
+        GalleryIndex.load(path, other_config, tiny_processor)
+    with pytest.raises(IndexMismatchError, match="another processor"):
+        GalleryIndex.load(path, model, processor)  # 384x192 instead of the tiny image size
+    with pytest.raises(IndexMismatchError):
+        ChatSearchSession(other_weights, tiny_processor, GalleryIndex.load(path))
+    with pytest.raises(IndexMismatchError):
+        GalleryIndex.load(path).add_images(list_images(tmp_path), other_weights, tiny_processor)
+
+
+def test_incremental_add_skips_duplicates_and_equals_one_build(index, model, tiny_processor, gallery):
+    root, first, second = gallery
+    partial = GalleryIndex.build(root / "first", model, tiny_processor, with_attributes=True, progress=False)
+    assert partial.paths == first
+    report = partial.add_images(root, model, tiny_processor, batch_size=3, progress=False)  # whole tree again
+    assert (report.added, report.skipped_duplicates) == (4, 6)
+    assert "added 4 image(s), skipped 6 already indexed" in str(report)
+    assert partial.paths == index.paths
+    torch.testing.assert_close(partial.image_embeds, index.image_embeds, atol=1e-5, rtol=0)
+    repeat = partial.add_images([second[0], second[0]], model, tiny_processor, progress=False)
+    assert (repeat.added, repeat.skipped_duplicates, len(partial)) == (0, 2, 10)
+
+
+def test_unreadable_image_is_named_or_skipped_and_counted(model, tiny_processor, gallery, tmp_path):
+    root, first, _ = gallery
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    with pytest.raises(ValueError, match="broken.jpg"):
+        GalleryIndex.build([first[0], str(broken)], model, tiny_processor, progress=False)
+    index = GalleryIndex.build([first[0], str(broken), first[1]], model, tiny_processor, on_bad_image="skip", progress=False)
+    assert index.paths == first[:2]
+    report = index.add_images([str(broken)], model, tiny_processor, on_bad_image="skip", progress=False)
+    assert report.skipped_unreadable == [str(broken)] and report.added == 0
+
+
+def test_index_from_a_dataset_split_dedupes_images_and_keeps_person_ids(model, tiny_processor, gallery):
+    datasets = pytest.importorskip("datasets")
+    root, first, _ = gallery
+    rows = {"image": [first[0], first[1], first[0], first[2]], "person_id": [7, 8, 7, 9]}  # one row per dialogue
+    split = datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image())
+    index = GalleryIndex.build_from_dataset(split, model, tiny_processor, progress=False)
+    assert index.paths == first[:3] and index.ids.tolist() == [7, 8, 9]
+
+
+# ---------------------------------------------------------------------------------------------- session
+
+
+def _from_scratch(model, processor, rounds):
+    batch = processor(dialogues=[rounds], return_round_ends=True, return_tensors="pt")
+    with torch.no_grad():
+        encoding = model.encode_dialogues(batch["input_ids"], batch["attention_mask"], batch["round_end_positions"])
+    return batch, encoding
+
+
+# "fused" = global + attribute: it checks both cached encodings; "global" the path without the refiner.
+@pytest.mark.parametrize("mode", ["global", "fused"])
+def test_cached_rounds_equal_a_full_re_encoding(model, tiny_processor, index, mode):
+    session = ChatSearchSession(model, tiny_processor, index, k=5, mode=mode)
+    tower_inputs = []
+    hook = model.text_model.register_forward_pre_hook(
+        lambda module, args, kwargs: tower_inputs.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    try:
+        results = [session.start(DIALOGUE[0][1])] + [session.add_round(q, a) for q, a in DIALOGUE[1:]]
+    finally:
+        hook.remove()
+    batch, encoding = _from_scratch(model, tiny_processor, DIALOGUE)
+    ends = batch["round_end_positions"][0].tolist()
+    # Each round runs only its own tokens through the tower.
+    expected_new = [ends[0] + 1] + [b - a for a, b in zip(ends, ends[1:])]
+    assert tower_inputs == expected_new == [r.new_tokens for r in results]
+    for number, result in enumerate(results):
+        rounds_so_far = DIALOGUE[: number + 1]
+        _, prefix = _from_scratch(model, tiny_processor, rounds_so_far)
+        text = prefix.text_embeds[:, -1]  # (1, R, D) -> (1, D)
+        attributes = prefix.text_attribute_embeds[:, -1]  # (1, R, K, D) -> (1, K, D)
+        scores = model.similarity(text, index.image_embeds, attributes, index.image_attribute_embeds, mode=mode)
+        ref_values, ref_indices = _reference_topk(scores, 5)
+        assert result.indices == ref_indices[0].tolist(), f"round {number + 1}"
+        torch.testing.assert_close(torch.tensor(result.scores), ref_values[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(encoding.text_embeds[0, number], text[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(session.text_embeds[0], encoding.text_embeds[0, -1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(session.encode_from_scratch(), encoding.text_embeds[0], atol=1e-5, rtol=0)
+    if mode != "global":
+        torch.testing.assert_close(session.text_attribute_embeds[0], encoding.text_attribute_embeds[0, -1], atol=1e-5, rtol=0)
+
+
+def test_session_truncates_like_the_processor(model, tiny_processor, index):
+    short = copy.copy(tiny_processor)
+    short.max_length = 80  # round 1 is ~70 tokens: round 2 is cut, round 3 adds nothing
+    session = ChatSearchSession(model, short, index, k=3, check_index=False)
+    results = [session.add_round(q, a) for q, a in DIALOGUE[:3]]
+    assert [r.truncated for r in results] == [False, True, True]
+    assert results[2].new_tokens == 0 and sum(r.new_tokens for r in results) == 80
+    batch, encoding = _from_scratch(model, short, DIALOGUE[:3])
+    assert batch["input_ids"].shape[1] == 80
+    torch.testing.assert_close(session.text_embeds[0], encoding.text_embeds[0, -1], atol=1e-5, rtol=0)
+
+
+def test_session_rejects_empty_answers_with_the_round(model, tiny_processor, index):
+    session = ChatSearchSession(model, tiny_processor, index, check_index=False)
+    session.start("A man in a blue shirt.")
+    with pytest.raises(ValueError, match="round 2"):
+        session.add_round("Anything else?", "   ")
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_index_add_and_search_a_json_dialogue(model, model_dir, tiny_processor, gallery, tmp_path):
+    root, first, second = gallery
+    index_file = tmp_path / "g.safetensors"
+    out = io.StringIO()
+    search_cli.main(["index", "--model", str(model_dir), "--images", str(root / "first"), "--output", str(index_file)], out=out)
+    search_cli.main(["index", "--model", str(model_dir), "--images", str(root), "--output", str(index_file), "--add"], out=out)
+    assert "added 6 image(s), skipped 0" in out.getvalue() and "added 4 image(s), skipped 6" in out.getvalue()
+    with pytest.raises(FileExistsError, match="--add"):
+        search_cli.main(["index", "--model", str(model_dir), "--images", str(root), "--output", str(index_file)], out=out)
+
+    dialogue_file = tmp_path / "dialogue.json"
+    chatpedes_rounds = [[{"from": "gpt", "value": q}, {"from": "user", "value": a}] for q, a in DIALOGUE[:3]]
+    dialogue_file.write_text(json.dumps({"dialogues": [chatpedes_rounds, "A child in a yellow raincoat."]}))
+    out = io.StringIO()
+    sheet, rankings = tmp_path / "top.png", tmp_path / "rankings.json"
+    search_cli.main(["search", "--model", str(model_dir), "--index", str(index_file), "--dialogue", str(dialogue_file),
+                     "--top-k", "3", "--contact-sheet", str(sheet), "--output-json", str(rankings)], out=out)
+    printed = out.getvalue()
+    saved = json.loads(rankings.read_text())
+    assert [len(d) for d in saved] == [3, 1]
+    index = GalleryIndex.load(index_file)
+    session = ChatSearchSession(model, tiny_processor, index, k=3)
+    for number, (question, answer) in enumerate(DIALOGUE[:3]):
+        direct = session.add_round(question, answer)
+        assert saved[0][number]["paths"] == direct.paths
+        block = printed.split(f"round {number + 1} (")[1]
+        assert f"1. {direct.scores[0]:+.4f}  {direct.paths[0]}" in block
+    for number in (1, 2):
+        picture = Image.open(tmp_path / f"top_{number}.png")
+        assert picture.width > 200 and picture.height > 100
+    assert np.asarray(Image.open(tmp_path / "top_1.png")).std() > 10  # photos drawn, not a blank canvas
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"dialogues": [[{"question": "Q?"}]]}))
+    with pytest.raises(ValueError, match="bad.json', dialogue 1"):
+        search_cli.main(["search", "--model", str(model_dir), "--index", str(index_file), "--dialogue", str(bad)], out=io.StringIO())
+
+
+def test_cli_interactive_chat_loop(model_dir, index, tmp_path):
+    index_file = tmp_path / "g.safetensors"
+    index.save(index_file)
+    stdin = io.StringIO(f"{DIALOGUE[0][1]}\n{DIALOGUE[1][0]}\n{DIALOGUE[1][1]}\n\n")
+    out = io.StringIO()
+    search_cli.main(["search", "--model", str(model_dir), "--index", str(index_file), "--top-k", "2",
+                     "--contact-sheet", str(tmp_path / "chat.png")], stdin=stdin, out=out)
+    printed = out.getvalue()
+    assert "round 1 (" in printed and "round 2 (" in printed and "round 3 (" not in printed
+    assert (tmp_path / "chat.png").is_file()
