@@ -25,8 +25,9 @@ logger = logging.getLogger(__name__)
 
 # Official refiner `sim_type` -> DiaNAConfig.attribute_reduction.
 SIM_TYPES = {"avg": "mean", "mean": "mean", "max": "max", "min": "min", "lsp_max": "logsumexp", "lsp_min": "neg_logsumexp"}
-# Keys of the official tower configs that only make sense on the authors' machines or in their training code.
-_MACHINE_LOCAL_KEYS = ("pretrained", "pretrained_path", "_name_or_path", "architectures", "auto_map")
+# Keys of the official tower configs that only make sense on the authors' machines or for the original tower
+# checkpoints (their storage dtype would otherwise build a bf16 tower; the converted model is fp32).
+_MACHINE_LOCAL_KEYS = ("pretrained", "pretrained_path", "_name_or_path", "architectures", "auto_map", "torch_dtype", "dtype")
 
 
 def _tower_dict(entry: dict, name: str, model_type: str) -> dict:
