@@ -244,6 +244,7 @@ def test_files_and_table(split, tmp_path):
                                  output_dir=tmp_path / "eval", reference=reference)
     saved = json.loads((tmp_path / "eval" / RESULTS_FILE).read_text())
     assert saved["global"] == json.loads(json.dumps(results["global"]))
+    assert saved["flat"] == results["flat"]
     assert saved["reference"]["full"]["R@1"] == 33.25 and "attribute" not in saved
     with Image.open(tmp_path / "eval" / CURVES_FILE) as picture:
         assert picture.width > 400 and picture.height > 200
@@ -365,6 +366,15 @@ def test_one_pass_equals_separate_prefixes_with_tiny_diana(tiny_model, tiny_proc
                 torch.testing.assert_close(one_pass["attributes"][i, k - 1], alone.text_attribute_embeds[0], atol=1e-5, rtol=1e-4)
 
 
+def test_a_bad_dialogue_is_located_in_the_split(tiny_processor):
+    from diana.training.evaluation import tokenize_dialogues
+
+    good = [{"question": "Please describe the person you saw.", "answer": "a man in a red coat"}]
+    bad = [*good, {"question": "Any bag?", "answer": 5}]
+    with pytest.raises(ValueError, match=r"split rows 2-3 \(the processor numbers them from 0\): dialogue 1, round 2"):
+        tokenize_dialogues(tiny_processor, [good, good, good, bad], chunk_size=2)
+
+
 @pytest.fixture(scope="module")
 def saved_tiny(tmp_path_factory, tiny_model, tiny_processor):
     """A saved tiny model folder (weights, remote code, processor) and a tiny SynthPedes."""
@@ -407,15 +417,20 @@ def test_evaluate_model_command_end_to_end(saved_tiny, tiny_model, tiny_processo
     assert (out / "round_table.md").read_text() == format_round_table(results, reference=saved["reference"])
 
 
-def test_evaluate_folder_on_mals_with_remote_code(saved_tiny):
+def test_evaluate_folder_on_mals_with_remote_code_and_no_processor_files(saved_tiny, tiny_model, tokenizer_dir):
     from diana.training.evaluate_model import evaluate_folder
 
     root, summary = saved_tiny
-    results = evaluate_folder(root / "model", root / "synth" / "mals", dataset="mals", batch_size=4, score_modes=("global",),
-                              cache_dir=str(root / "cache"), trust_remote_code=True, device="cpu")
+    # A bare weights folder (as a converter may write): the processor is built at the model's size.
+    tiny_model.save_pretrained(root / "bare")
+    assert not (root / "bare" / "processor_config.json").exists()
+    results = evaluate_folder(root / "bare", root / "synth" / "mals", dataset="mals", batch_size=4,
+                              score_modes=("global",), cache_dir=str(root / "cache"), trust_remote_code=True,
+                              tokenizer_dir=str(tokenizer_dir), device="cpu")
     meta = results["meta"]
     # Every MALS image is its own person, queried by its caption as a one-round dialogue.
     assert meta["num_queries"] == meta["num_gallery"] == meta["num_persons"] == summary["mals"]["images"]
     assert meta["num_rounds"] == 1 and set(results["global"]) == {"round_1", "full", "cumulative_hits@10"}
     with pytest.raises(ValueError, match="no split 'test'"):
-        evaluate_folder(root / "model", root / "synth" / "mals", dataset="mals", split="test", cache_dir=str(root / "cache"))
+        evaluate_folder(root / "model", root / "synth" / "mals", dataset="mals", split="test",
+                        cache_dir=str(root / "cache"))

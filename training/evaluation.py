@@ -91,7 +91,12 @@ def tokenize_dialogues(
     round_ends, truncated, num_rounds = [], [], []
     chunks = range(0, len(dialogues), chunk_size)
     for start in tqdm(chunks, desc=desc, leave=False, disable=len(chunks) <= 1):
-        batch = processor(dialogues=list(dialogues[start : start + chunk_size]), return_round_ends=True)
+        try:
+            batch = processor(dialogues=list(dialogues[start : start + chunk_size]), return_round_ends=True)
+        except ValueError as err:
+            # The processor numbers dialogues within its call; say where that call starts.
+            end = min(start + chunk_size, len(dialogues)) - 1
+            raise ValueError(f"split rows {start}-{end} (the processor numbers them from 0): {err}") from err
         mask = batch["attention_mask"].bool()  # (B, L)
         lengths = mask.sum(dim=1)  # (B,)
         positions = torch.arange(mask.shape[1])  # (L,)
@@ -486,11 +491,12 @@ def write_results(
     reference: Mapping[str, Any] | None = None,
     reference_label: str = "oracle",
 ) -> None:
-    """Writes `eval_results.json` (with the reference, if any) and `per_round_curves.png`."""
+    """Writes `eval_results.json` (the results, their flat copy, the reference if any) and
+    `per_round_curves.png`."""
     from .plots import plot_round_curves
 
     os.makedirs(output_dir, exist_ok=True)
-    payload = {k: v for k, v in results.items() if k != "flat"}
+    payload = dict(results)
     if reference is not None:
         payload["reference"] = {"label": reference_label, **reference}
     with open(os.path.join(output_dir, RESULTS_FILE), "w") as f:
