@@ -450,7 +450,6 @@ class DiaNAModel(DiaNAPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         person_ids: torch.Tensor | None = None,
         return_loss: bool | None = None,
-        **kwargs,
     ) -> DiaNAOutput:
         """Encodes a batch of (image, dialogue) pairs and, with `person_ids` or `return_loss=True`, the losses.
 

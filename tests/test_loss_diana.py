@@ -123,8 +123,9 @@ def test_two_process_gather_equals_union_batch(tmp_path):
     checked = 0
     for name, param in model.named_parameters():
         reference = param.grad if param.grad is not None else torch.zeros_like(param)
-        # Gradients reach ~1e3 on this random tiny model: compare relative to each tensor's scale.
-        scale = float(reference.abs().max()) + 1e-12
-        torch.testing.assert_close(grads[name] / scale, reference / scale, rtol=0, atol=1e-5, msg=name)
+        # Gradients reach ~1e3 on this random tiny model: the tolerance follows each tensor's scale (floored at
+        # 1, since e.g. the refiner's key bias has a mathematically zero gradient made of rounding noise).
+        scale = max(float(reference.abs().max()), 1.0)
+        torch.testing.assert_close(grads[name], reference, rtol=1e-4, atol=1e-5 * scale, msg=name)
         checked += int(reference.abs().sum() > 0)
     assert checked > 20  # the towers, projections, refiner and temperature all received gradient

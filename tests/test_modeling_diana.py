@@ -275,6 +275,12 @@ def test_save_and_load_keep_outputs_and_write_safetensors_only(model, inputs, tm
         b = loaded(inputs.pixel_values, inputs.input_ids, inputs.attention_mask, return_loss=True)
     torch.testing.assert_close(a.loss, b.loss, rtol=0, atol=0)
     torch.testing.assert_close(a.text_attribute_embeds, b.text_attribute_embeds, rtol=0, atol=0)
+    # The attention implementation is chosen per tower (Swinv2 has eager only); eager Llama = SDPA Llama.
+    eager = DiaNAModel.from_pretrained(tmp_path, attn_implementation={"text_config": "eager", "vision_config": "eager"}).eval()
+    assert eager.config.text_config._attn_implementation == "eager"
+    with torch.no_grad():
+        c = eager(inputs.pixel_values, inputs.input_ids, inputs.attention_mask, return_loss=True)
+    torch.testing.assert_close(c.text_embeds, a.text_embeds, rtol=1e-5, atol=1e-5)
 
 
 def test_bfloat16_forward_is_finite(inputs):
