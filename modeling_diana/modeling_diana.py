@@ -509,14 +509,14 @@ class DiaNAModel(DiaNAPreTrainedModel):
 
     @classmethod
     def from_vision_text_pretrained(
-        cls, vision_model_name_or_path: str, text_model_name_or_path: str, **kwargs
+        cls, vision_path: str, text_path: str, **kwargs
     ) -> "DiaNAModel":
         """Assembles DiaNA from a local Swinv2 checkpoint and a local Llama checkpoint (`LlamaModel` or
         `LlamaForCausalLM`, whose `model.` prefix is dropped); projections, refiner and temperature are new.
 
         Args:
-            vision_model_name_or_path: Folder of a Swinv2 checkpoint (any Swinv2 head; the backbone is kept).
-            text_model_name_or_path: Folder of a Llama checkpoint.
+            vision_path: Folder of a Swinv2 checkpoint (any Swinv2 head; the backbone is kept).
+            text_path: Folder of a Llama checkpoint.
             kwargs: `vision_*` go to the vision tower's `from_pretrained` (e.g. `vision_image_size=[384, 192]`
                 is a config override there), `text_*` to the text tower's; `dtype` to both; the rest are
                 `DiaNAConfig` fields (`projection_dim`, `num_attribute_queries`, ...).
@@ -530,8 +530,8 @@ class DiaNAModel(DiaNAPreTrainedModel):
             text_kwargs.setdefault("dtype", dtype)
         # AutoModel maps a task-head checkpoint (Swinv2ForImageClassification, LlamaForCausalLM) onto the bare
         # backbone by dropping its base-model prefix.
-        vision_model = AutoModel.from_pretrained(vision_model_name_or_path, **vision_kwargs)
-        text_model = AutoModel.from_pretrained(text_model_name_or_path, **text_kwargs)
+        vision_model = AutoModel.from_pretrained(vision_path, **vision_kwargs)
+        text_model = AutoModel.from_pretrained(text_path, **text_kwargs)
         if hasattr(text_model, "get_decoder") and text_model.__class__.__name__.endswith("ForCausalLM"):
             text_model = text_model.get_decoder()
         config = DiaNAConfig(vision_config=vision_model.config, text_config=text_model.config, **config_kwargs)

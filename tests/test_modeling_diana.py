@@ -7,7 +7,15 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModel, LlamaConfig, LlamaForCausalLM, Swinv2Config, Swinv2Model
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Swinv2Config,
+    Swinv2ForImageClassification,
+    Swinv2Model,
+)
 
 from diana.modeling_diana import (
     DiaNAConfig,
@@ -315,9 +323,9 @@ def test_activation_checkpointing_gives_the_same_gradients(inputs):
 
 def test_from_vision_text_pretrained_loads_both_towers(tmp_path, inputs):
     torch.manual_seed(5)
-    vision = Swinv2Model(tiny_vision_config())
+    classifier = Swinv2ForImageClassification(tiny_vision_config(num_labels=5))  # keys under `swinv2.`, like the 22k release
     causal_lm = LlamaForCausalLM(tiny_text_config())
-    vision.save_pretrained(tmp_path / "swinv2")
+    classifier.save_pretrained(tmp_path / "swinv2")
     causal_lm.save_pretrained(tmp_path / "llama")  # keys under `model.`, plus an lm_head
 
     model = DiaNAModel.from_vision_text_pretrained(
@@ -327,7 +335,7 @@ def test_from_vision_text_pretrained_loads_both_towers(tmp_path, inputs):
     )
     assert model.config.text_config.rms_norm_eps == 1e-3 and model.config.vision_config.drop_path_rate == 0.0
     assert model.config.projection_dim == 20 and model.refiner.attribute_queries.shape == (1, 2, 20)
-    for name, value in vision.state_dict().items():
+    for name, value in classifier.swinv2.state_dict().items():
         assert torch.equal(model.vision_model.state_dict()[name], value), name
     for name, value in causal_lm.model.state_dict().items():
         assert torch.equal(model.text_model.state_dict()[name], value), name
