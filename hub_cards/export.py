@@ -456,6 +456,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.dry_run and not args.push_to_hub:
         raise SystemExit("--dry-run needs --push-to-hub REPO")
+    output = Path(args.output)
+    if output.exists() and any(output.iterdir()) and not args.overwrite:
+        # Checked before loading the model, which takes a while for the full-size one.
+        raise FileExistsError(f"--output {output} exists and is not empty (use --overwrite)")
     model, processor, source = load_for_export(
         args.checkpoint, adapter=args.adapter, base=args.base, official=args.official, tokenizer_dir=args.tokenizer_dir
     )
