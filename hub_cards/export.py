@@ -421,6 +421,69 @@ def push_to_hub(
 
 
 # --------------------------------------------------------------------------------------------
+# Space folder
+# --------------------------------------------------------------------------------------------
+
+SPACE_DIR = Path(__file__).resolve().parent / "space"
+
+
+def prepare_space(
+    output_dir: str | os.PathLike,
+    model_repo: str,
+    *,
+    examples: str | os.PathLike | None = None,
+    max_images: int = 24,
+    overwrite: bool = False,
+) -> Path:
+    """Write a Hub Space folder for the demo: ``app.py``, ``README.md`` (its ``models:`` entry set
+    to ``model_repo``, which the app loads), ``requirements.txt``, ``search.py`` (copied from
+    ``diana.processing.search``: the Space does not install this project) and ``examples/``.
+
+    Args:
+        output_dir: the folder to create.
+        model_repo: the model's Hub repository.
+        examples: a folder of images (one example gallery) or of sub-folders (one gallery each),
+            e.g. a SynthPedes ``chatpedes/imgs``; the first ``max_images`` of each are copied.
+        max_images: images per example gallery.
+        overwrite: replace an existing non-empty ``output_dir``.
+    """
+    import yaml
+
+    from diana.processing import search as search_module
+    from diana.processing.search import list_images
+
+    output = Path(output_dir)
+    if output.exists() and any(output.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{output} exists and is not empty (use --overwrite)")
+        shutil.rmtree(output)
+    output.mkdir(parents=True)
+    shutil.copyfile(SPACE_DIR / "app.py", output / "app.py")
+    shutil.copyfile(SPACE_DIR / "requirements.txt", output / "requirements.txt")
+    shutil.copyfile(search_module.__file__, output / "search.py")
+    _, header, body = (SPACE_DIR / "README.md").read_text(encoding="utf-8").split("---", 2)
+    metadata = yaml.safe_load(header)
+    metadata["models"] = [model_repo]
+    body = body.replace("your-name/diana", model_repo)
+    (output / "README.md").write_text("---\n" + yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True)
+                                      + "---" + body, encoding="utf-8")
+    if examples is not None:
+        root = Path(examples)
+        folders = [p for p in sorted(root.iterdir()) if p.is_dir()] if root.is_dir() else []
+        direct = [p for p in root.iterdir() if p.is_file()] if root.is_dir() else []
+        galleries = {root.name: root} if direct or not folders else {p.name: p for p in folders}
+        for name, folder in galleries.items():
+            images = list_images(folder)[:max_images]
+            if not images:
+                raise ValueError(f"--space-examples: {folder} holds no images")
+            target = output / "examples" / name
+            target.mkdir(parents=True)
+            for image in images:
+                shutil.copyfile(image, target / Path(image).name)
+    return output
+
+
+# --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
 
@@ -449,6 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--push-to-hub", metavar="REPO", help="upload the folder to this Hub model repository")
     parser.add_argument("--private", action="store_true", help="create the repository private")
     parser.add_argument("--dry-run", action="store_true", help="with --push-to-hub: list files and sizes, no network")
+    parser.add_argument("--space-output", help="also write a Hub Space folder for the demo here")
+    parser.add_argument("--space-examples", help="images (or sub-folders of images) bundled as the Space's example galleries")
     return parser
 
 
@@ -478,6 +543,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_check:
         report = verify_folder(output, model, processor)
         print(f"fresh-process check passed: {report['model_class']}, max |diff| {report['max_abs_diff']}")
+    if args.space_output:
+        space = prepare_space(args.space_output, repo_id, examples=args.space_examples, overwrite=args.overwrite)
+        print(f"Space folder {space} (upload it with: hf upload --repo-type space YOUR-NAME/SPACE {space})")
     if args.push_to_hub:
         plan = upload_plan(output, args.push_to_hub)
         if args.dry_run:

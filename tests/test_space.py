@@ -141,3 +141,37 @@ def test_space_in_headless_chromium(space, browser, tmp_path):
     keep = os.environ.get("DIANA_SPACE_SCREENSHOT")
     if keep:
         shutil.copyfile(shot, keep)
+
+
+def test_prepared_space_folder_is_self_contained(tmp_path):
+    import ast
+
+    import yaml
+
+    from diana.hub_cards.export import prepare_space
+    from diana.processing import search
+
+    examples = tmp_path / "imgs"
+    examples.mkdir()
+    for i in range(5):
+        Image.fromarray(np.full((40, 20, 3), 50 * i, np.uint8)).save(examples / f"{i}.png")
+    space_dir = prepare_space(tmp_path / "space", "someone/diana-small", examples=examples, max_images=3)
+    assert sorted(p.name for p in space_dir.iterdir()) == ["README.md", "app.py", "examples", "requirements.txt", "search.py"]
+    header = yaml.safe_load((space_dir / "README.md").read_text().split("---", 2)[1])
+    assert header["models"] == ["someone/diana-small"] and header["sdk"] == "gradio"
+    assert default_model_id(space_dir / "README.md") == "someone/diana-small"
+    assert find_example_galleries(space_dir / "examples") == {
+        "imgs": [str((space_dir / "examples" / "imgs" / f"{i}.png").resolve()) for i in range(3)]
+    }
+    assert (space_dir / "search.py").read_bytes() == Path(search.__file__).read_bytes()
+    # The Space does not install this project: its copied module may import only what
+    # requirements.txt provides.
+    allowed = {"__future__", "hashlib", "json", "os", "collections", "dataclasses", "pathlib", "typing",
+               "numpy", "torch", "PIL", "safetensors", "tqdm", "faiss", "matplotlib", "transformers", "datasets"}
+    imported = set()
+    for node in ast.walk(ast.parse((space_dir / "search.py").read_text())):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            imported.add(node.module.split(".")[0])
+    assert imported <= allowed, imported - allowed
