@@ -57,10 +57,14 @@ class Optimisations:
         return cls(sdpa=False, compile_vision=False, fused_adamw=False, dynamic_padding=False)
 
     def name(self) -> str:
-        if self == Optimisations.naive():
-            return "naive"
-        off = [k for k, v in asdict(self).items() if k != "checkpointing" and not v]
-        label = "fast" if not off else "fast-no-" + "-no-".join(off)
+        """"naive" when every speed switch is off (the precision is in the options), else "fast"
+        with the switches that are off, e.g. "fast-no-sdpa", "fast+ckpt"."""
+        speed = ("sdpa", "compile_vision", "fused_adamw", "dynamic_padding")
+        if not any(getattr(self, k) for k in speed):
+            label = "naive"
+        else:
+            off = [k for k in (*speed, "bf16") if not getattr(self, k)]
+            label = "fast" if not off else "fast-no-" + "-no-".join(off)
         return label + ("+ckpt" if self.checkpointing else "")
 
 
@@ -87,13 +91,15 @@ class GpuSettings:
     ablations: bool = True
     batch_search: bool = True
     matmul_size: int = 8192
+    repeats: int = 10  # timed calls of the inference measurements (each also capped in seconds)
 
     @classmethod
     def tiny(cls) -> "GpuSettings":
         return cls(
-            train_batch=4, warmup_steps=1, timed_steps=2, step_cap_s=5.0, batch_search_limit=8,
+            train_batch=4, warmup_steps=1, timed_steps=1, step_cap_s=5.0, batch_search_limit=4,
             batch_search_start=2, gallery_batch=8, gallery_images=12, eval_dialogues=16, eval_persons=6,
             eval_batch=8, naive_eval_dialogues=4, rounds=3, big_gallery=2000, query_chunk=64, matmul_size=128,
+            repeats=1,
         )
 
 
@@ -204,6 +210,12 @@ def count_train_flops(config: DiaNAConfig, batch: int, length: int, image_size: 
     return harness.count_flops(step)
 
 
+def _autocast(device: torch.device):
+    """bf16 autocast on a GPU; none on the CPU, where bf16 matmuls are slow and the figures of a
+    tiny CPU run only check the script."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
 def _cleanup(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -263,7 +275,7 @@ def measure_batch_fit(model, inputs: Inputs, settings: GpuSettings, checkpointin
 
     def try_batch(b: int) -> None:
         batch = inputs.train_batch(b, pad_to=None)
-        train_step(model, optimizer, batch, bf16=True)
+        train_step(model, optimizer, batch, bf16=device.type == "cuda")
         harness.synchronize(device)
 
     with harness.memory_cap(device) as fraction:
@@ -290,10 +302,11 @@ def measure_gallery(model, inputs: Inputs, settings: GpuSettings, device, compil
     pixels = inputs.pixels(settings.gallery_batch)
 
     def fast() -> None:
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+        with _autocast(device):
             model.encode_images(pixels)
 
-    timing = harness.time_fn(fast, device=device, warmup=3 if compiled else 2, repeats=10, max_seconds=10.0)
+    timing = harness.time_fn(fast, device=device, warmup=3 if compiled else 2,
+                             repeats=settings.repeats, max_seconds=10.0)
     out = {"compiled": compiled, "batch": settings.gallery_batch, "step": timing.as_dict(),
            "images_per_s": settings.gallery_batch / timing.median_s}
     model.train()
@@ -306,99 +319,99 @@ def measure_naive_gallery(model, inputs: Inputs, settings: GpuSettings, device) 
     set_vision_compiled(model, False)
     batch = max(1, settings.gallery_batch // 4)  # the official evaluation batch is small
     pixels = inputs.pixels(batch)
-    timing = harness.time_fn(lambda: naive.plain_image_embeds(model, pixels), device=device, warmup=1, repeats=5,
-                             max_seconds=10.0)
+    timing = harness.time_fn(lambda: naive.plain_image_embeds(model, pixels), device=device, warmup=1,
+                             repeats=max(1, settings.repeats // 2), max_seconds=10.0)
     model.train()
     return {"precision": "fp32", "batch": batch, "step": timing.as_dict(), "images_per_s": batch / timing.median_s}
 
 
 @torch.no_grad()
 def measure_evaluation(model, processor, settings: GpuSettings, device, compiled: bool) -> dict[str, Any]:
-    """Per-round retrieval evaluation at ChatPedes scale, stage by stage.
+    """Per-round retrieval evaluation at ChatPedes scale with `training.evaluation`'s own stages.
 
-    Fast: gallery encoded once (bf16), dialogues sorted by length and encoded once each with all
-    round ends, one matmul per round, metrics per round. Naive: each round prefix re-encoded at 400
-    tokens, on `naive_eval_dialogues` dialogues, scaled to the full count.
+    Fast (the project's protocol): dialogues tokenised once (`tokenize_dialogues`), gallery encoded
+    once (bf16; random pixels, so image decoding is not in the figure), every dialogue encoded once
+    for all its rounds in length-grouped batches (`encode_queries`), then per round one scoring pass
+    (`score`) and the metrics. Naive: every round prefix re-encoded at 400 tokens (eager attention),
+    on `naive_eval_dialogues` dialogues, scaled linearly to the full count; its gallery and metric
+    stages are the same as the fast path's.
     """
-    from diana.training.metrics import retrieval_metrics
+    from diana.training import evaluation
+    from diana.training.metrics import retrieval_metrics_and_first_hit_ranks
 
     model.eval()
     set_text_attention(model, True)
     set_vision_compiled(model, compiled)
     image_size = tuple(model.config.vision_config.image_size)
     stages: dict[str, float] = {}
+    dialogues = workloads.make_dialogues(settings.eval_dialogues, rounds=settings.rounds, seed=1)
 
     start = time.perf_counter()
-    inputs = Inputs(processor, settings.eval_dialogues, settings.rounds, image_size, device, seed=1)
+    tokens = evaluation.tokenize_dialogues(processor, dialogues)
     stages["tokenise_s"] = time.perf_counter() - start
 
     # Identities: person p owns gallery images p, p + P, ... and every dialogue has a gallery positive.
     gallery_ids = torch.arange(settings.gallery_images, device=device) % settings.eval_persons
     query_ids = torch.arange(settings.eval_dialogues, device=device) % settings.eval_persons
+    gen = torch.Generator().manual_seed(0)
+    pixel_block = torch.randn(settings.gallery_batch, 3, *image_size, generator=gen).to(device)
 
     harness.synchronize(device)
     start = time.perf_counter()
     image_embeds = []
     for first in range(0, settings.gallery_images, settings.gallery_batch):
         n = min(settings.gallery_batch, settings.gallery_images - first)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
-            image_embeds.append(model.encode_images(inputs.pixels(n, seed=first)).image_embeds)
-    image_embeds = torch.cat(image_embeds)
+        with _autocast(device):
+            image_embeds.append(model.encode_images(pixel_block[:n]).image_embeds.float())
+    images = {"embeds": torch.cat(image_embeds)}  # (G, D)
     harness.synchronize(device)
     stages["encode_gallery_s"] = time.perf_counter() - start
 
-    # Length-grouped batches: sorting by length makes every batch's padding tiny.
-    order = torch.argsort(inputs.lengths, descending=True)
     start = time.perf_counter()
-    text_embeds = torch.empty(settings.eval_dialogues, settings.rounds, image_embeds.shape[1], device=device)
-    padded_tokens = 0
-    for first in range(0, settings.eval_dialogues, settings.eval_batch):
-        rows = order[first : first + settings.eval_batch]
-        ids, mask = inputs.text(rows, pad_to=None)
-        padded_tokens += ids.numel()
-        ends = inputs.round_end_positions[rows].to(device)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
-            enc = model.encode_dialogues(ids, mask, round_end_positions=ends)
-        text_embeds[rows.to(device)] = enc.text_embeds.float()
+    with _autocast(device):
+        text = evaluation.encode_queries(model, tokens, batch_size=settings.eval_batch,
+                                         pad_token_id=processor.pad_token_id, keep_attributes=False)
     harness.synchronize(device)
     stages["encode_dialogues_all_rounds_s"] = time.perf_counter() - start
-    real_tokens = int(inputs.lengths.sum())
 
     start = time.perf_counter()
     per_round = []
     for r in range(settings.rounds):
-        sims = text_embeds[:, r] @ image_embeds.float().t()  # (Q, G)
-        per_round.append(retrieval_metrics(sims, query_ids, gallery_ids))
+        at_r = {"embeds": text["embeds"][:, r].float()}  # (Q, D)
+        sims = evaluation.score(model, at_r, images, "global", device)  # (Q, G)
+        per_round.append(retrieval_metrics_and_first_hit_ranks(sims, query_ids, gallery_ids)[0])
     harness.synchronize(device)
     stages["score_and_metrics_s"] = time.perf_counter() - start
     fast_total = sum(v for k, v in stages.items() if k != "tokenise_s")
 
-    # Naive: re-encode every prefix at 400 tokens on a subset; the gallery and metric stages are the same.
     subset = min(settings.naive_eval_dialogues, settings.eval_dialogues)
-    sub_rows = torch.arange(subset)
-    ids, mask = inputs.text(sub_rows, pad_to=None)
-    ends = inputs.round_end_positions[sub_rows].to(device)
+    ids = torch.nn.utils.rnn.pad_sequence(tokens.input_ids[:subset], batch_first=True,
+                                          padding_value=processor.pad_token_id).to(device)
+    mask = torch.nn.utils.rnn.pad_sequence([torch.ones_like(t) for t in tokens.input_ids[:subset]],
+                                           batch_first=True).to(device)
+    ends = tokens.round_end_positions[:subset].to(device)
     naive_batch = max(1, settings.eval_batch // 2)
+    set_text_attention(model, False)
     harness.synchronize(device)
     start = time.perf_counter()
-    set_text_attention(model, False)
     for first in range(0, subset, naive_batch):
         sl = slice(first, first + naive_batch)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+        with _autocast(device):
             naive.reencode_prefixes(model, ids[sl], mask[sl], ends[sl], pad_to=settings.max_length)
     harness.synchronize(device)
     naive_subset_s = time.perf_counter() - start
     set_text_attention(model, True)
     naive_dialogue_s = naive_subset_s * settings.eval_dialogues / subset
     naive_total = naive_dialogue_s + stages["encode_gallery_s"] + stages["score_and_metrics_s"]
+    lengths = tokens.lengths
     model.train()
     return {
         "gallery_images": settings.gallery_images,
         "dialogues": settings.eval_dialogues,
         "rounds": settings.rounds,
+        "mean_dialogue_tokens": float(lengths.float().mean()),
         "stages_s": stages,
         "fast_total_s": fast_total,
-        "padding_efficiency_length_grouped": real_tokens / padded_tokens,
         "naive_encode_dialogues_s_scaled": naive_dialogue_s,
         "naive_subset_dialogues": subset,
         "naive_total_s_scaled": naive_total,
@@ -416,10 +429,10 @@ def measure_big_gallery(settings: GpuSettings, dim: int, device) -> dict[str, An
     one = torch.nn.functional.normalize(torch.randn(1, dim, device=device, generator=gen), dim=-1).to(torch.bfloat16)
     chunk = torch.nn.functional.normalize(torch.randn(settings.query_chunk, dim, device=device, generator=gen), dim=-1)
     chunk = chunk.to(torch.bfloat16)
-    single = harness.time_fn(lambda: torch.topk(one @ gallery.t(), 10, dim=1), device=device, warmup=3, repeats=20,
-                             max_seconds=5.0)
-    batched = harness.time_fn(lambda: torch.topk(chunk @ gallery.t(), 10, dim=1), device=device, warmup=2, repeats=5,
-                              max_seconds=10.0)
+    single = harness.time_fn(lambda: torch.topk(one @ gallery.t(), 10, dim=1), device=device, warmup=3,
+                             repeats=2 * settings.repeats, max_seconds=5.0)
+    batched = harness.time_fn(lambda: torch.topk(chunk @ gallery.t(), 10, dim=1), device=device, warmup=2,
+                              repeats=max(1, settings.repeats // 2), max_seconds=10.0)
     del gallery
     _cleanup(device)
     return {
@@ -448,8 +461,16 @@ def run_gpu_suite(*, tiny: bool = False, device: str | None = None, settings: Gp
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     settings = settings or (GpuSettings.tiny() if tiny else GpuSettings())
     fast = fast or Optimisations()
+    variants = [Optimisations.naive(), fast]
+    if settings.ablations:
+        for field_name in ("sdpa", "compile_vision", "fused_adamw", "dynamic_padding"):
+            if getattr(fast, field_name):
+                variants.append(replace(fast, **{field_name: False}))
+    variants.append(replace(fast, checkpointing=True))
     if dev.type == "cpu":
-        fast = replace(fast, compile_vision=False)
+        # Compilation takes minutes on a CPU and bf16 matmuls are slow there: a CPU run checks the script.
+        variants = list(dict.fromkeys(replace(v, compile_vision=False, bf16=False) for v in variants))
+        fast = replace(fast, compile_vision=False, bf16=False)
     if tiny:
         from diana.training.benchmarks.cpu import tiny_model_config
 
@@ -480,12 +501,6 @@ def run_gpu_suite(*, tiny: bool = False, device: str | None = None, settings: Gp
     model = build_model(config, dev)
     results["parameters"] = sum(p.numel() for p in model.parameters())
 
-    variants = [Optimisations.naive(), fast]
-    if settings.ablations:
-        for field_name in ("sdpa", "compile_vision", "fused_adamw", "dynamic_padding"):
-            if getattr(fast, field_name):
-                variants.append(replace(fast, **{field_name: False}))
-    variants.append(replace(fast, checkpointing=True))
     training = {}
     for opts in variants:
         executed = executed_naive if not opts.dynamic_padding else useful
