@@ -13,10 +13,13 @@ if TYPE_CHECKING:
     from .processing_diana import DiaNAProcessor
 
 PRESETS = {
-    # DESIGN.md §1: ChatPedes fine-tuning uses CUHK-PEDES statistics and 400 tokens; MALS
-    # pretraining uses the MALS statistics and 56 tokens.
+    # DESIGN.md §1: ChatPedes fine-tuning uses CUHK-PEDES statistics and 400 tokens. MALS
+    # pretraining uses the MALS statistics; its "56" budget is the caption's: the dialogue template
+    # around a caption (BOS + system prompt + the longest pool question + "USER:") is already 68
+    # tokens, so a total limit of 56 would cut every caption away. 128 = 68 + 56 caption tokens
+    # (+ slack); captions are also cut to 56 words before tokenising (augmentation.clean_caption).
     "finetune": {"max_length": 400, "stats": "cuhk_pedes"},
-    "pretrain": {"max_length": 56, "stats": "mals"},
+    "pretrain": {"max_length": 128, "stats": "mals"},
 }
 
 
@@ -32,7 +35,7 @@ def build_processor(
             made by `python -m diana.processing.tokenizer_setup` (the default,
             `default_tokenizer_dir()`), or a user's own download of meta-llama/Llama-3.2-1B.
         preset: "finetune" (ChatPedes: CUHK-PEDES statistics, 400 tokens) or "pretrain" (MALS
-            statistics, 56 tokens).
+            statistics, 128 tokens = template + 56 caption tokens).
         image_size: (height, width) of the model input.
 
     Returns:

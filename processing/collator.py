@@ -19,6 +19,7 @@ DataLoader worker it is mixed with the worker's seed so workers never repeat eac
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -184,6 +185,7 @@ class DiaNACollator:
         self.statistics = CollatorStatistics()
         self._generator: torch.Generator | None = None
         self._generator_key: Any = None
+        self.epoch: int | None = None
 
     # ----------------------------------------------------------------------------------------
 
@@ -198,8 +200,24 @@ class DiaNACollator:
         state["_generator"], state["_generator_key"] = None, None
         return state
 
-    def _batch_generator(self) -> torch.Generator:
-        """One generator per batch, seeded from the global CPU generator or the private stream."""
+    def set_epoch(self, epoch: int) -> None:
+        """Keys the augmentation of rows carrying a ``row_index`` to (seed, epoch, rows): see
+        ``_batch_generator``. `DiaNATrainer` calls it at every epoch start."""
+        self.epoch = int(epoch)
+
+    def _batch_generator(self, rows: Sequence[Mapping[str, Any]] = ()) -> torch.Generator:
+        """One generator per batch.
+
+        With an epoch set and rows that carry ``row_index``, the seed is a hash of (seed, epoch,
+        row indices): the draws of a batch then do not depend on when it is collated. That is what
+        makes a resumed run equal to an uninterrupted one: accelerate's data loader collates one
+        batch ahead, so a checkpoint's saved global RNG state is already past the next batch's
+        draws. Otherwise the seed comes from the global CPU generator or the private stream.
+        """
+        if getattr(self, "epoch", None) is not None and rows and all("row_index" in row for row in rows):
+            key = [self.seed or 0, self.epoch, *(int(row["row_index"]) for row in rows)]
+            digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
+            return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 2)
         if self.seed is None:
             seed = int(torch.randint(2**62, (1,)))
         else:
@@ -268,7 +286,7 @@ class DiaNACollator:
             raise TypeError("DiaNACollator expects a non-empty list of row dicts (Trainer's data_collator input)")
         counts = {key: 0 for key in asdict(CollatorStatistics())}
         counts["batches"], counts["samples"] = 1, len(rows)
-        generator = self._batch_generator() if self.train else None
+        generator = self._batch_generator(rows) if self.train else None
 
         dialogues, images, person_ids = [], [], []
         for index, row in enumerate(rows):

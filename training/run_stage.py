@@ -28,7 +28,9 @@ from diana.training.trainer import DiaNATrainer
 logger = logging.getLogger("diana.run_stage")
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
+    """Runs one stage; returns the final evaluation report (empty without an evaluation split).
+    `callbacks` are extra `TrainerCallback`s for programmatic use."""
     # 1. Arguments: YAML preset + command-line overrides.
     model_args, data_args, training_args = parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -50,6 +52,8 @@ def main(argv: list[str] | None = None) -> dict:
         training_args.ddp_find_unused_parameters = True
 
     # 4. Collation (augmentation on for training only) and length-grouped batches.
+    # A stable row id keys each row's augmentation to (seed, epoch, row): resumable (collator).
+    train_dataset = train_dataset.add_column("row_index", list(range(len(train_dataset))))
     train_collator = DiaNACollator(
         processor,
         train=True,
@@ -58,6 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
         image_augmentation=data_args.image_augmentation,
         mals_captions=data_args.dataset == "mals",
         max_length=data_args.max_length,
+        seed=training_args.seed,
     )
     if training_args.train_sampling_strategy == "group_by_length":
         train_dataset = add_length_column(train_dataset, processor)
@@ -71,6 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
         eval_dataset=eval_dataset,
         processing_class=processor,
         eval_score_modes=tuple(data_args.eval_score_modes),
+        callbacks=callbacks,
     )
 
     # 6. Train (continuing a killed run from its last checkpoint when asked).

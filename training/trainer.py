@@ -7,7 +7,7 @@ import os
 from typing import Any
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from .evaluation import evaluate_retrieval
 
@@ -41,6 +41,8 @@ class DiaNATrainer(Trainer):
         # training step free of host synchronisation.
         self._term_sums: dict[str, torch.Tensor] = {}
         self._term_count = 0
+        if hasattr(self.data_collator, "set_epoch"):
+            self.add_callback(CollatorEpochCallback(self.data_collator))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(
@@ -100,3 +102,17 @@ class DiaNATrainer(Trainer):
         self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         self.last_eval_results = results
         return metrics
+
+
+class CollatorEpochCallback(TrainerCallback):
+    """Tells the collator which epoch starts, so each batch's augmentation is a function of
+    (seed, epoch, rows) and a resumed run replays exactly the draws of an uninterrupted one."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        # Batches consumed so far // batches per epoch: exact on resume, unlike the float state.epoch.
+        batches = state.global_step * args.gradient_accumulation_steps
+        per_epoch = len(train_dataloader) if train_dataloader is not None else 0
+        self.collator.set_epoch(batches // per_epoch if per_epoch else int(state.epoch or 0))

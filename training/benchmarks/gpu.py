@@ -29,6 +29,7 @@ import gc
 import math
 import time
 from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -92,6 +93,9 @@ class GpuSettings:
     batch_search: bool = True
     matmul_size: int = 8192
     repeats: int = 10  # timed calls of the inference measurements (each also capped in seconds)
+    # Optional stages (ablations, batch search, the compiled gallery) are skipped once the suite has
+    # run this long, so that one GPU run stays under ~8 minutes.
+    time_budget_s: float = 390.0
 
     @classmethod
     def tiny(cls) -> "GpuSettings":
@@ -446,7 +450,8 @@ def measure_big_gallery(settings: GpuSettings, dim: int, device) -> dict[str, An
 
 
 def run_gpu_suite(*, tiny: bool = False, device: str | None = None, settings: GpuSettings | None = None,
-                  fast: Optimisations | None = None, tokenizer_dir: str | None = None) -> dict[str, Any]:
+                  fast: Optimisations | None = None, tokenizer_dir: str | None = None,
+                  checkpoint: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Runs the GPU suite and returns its JSON-ready results (see the module docstring).
 
     Args:
@@ -455,6 +460,8 @@ def run_gpu_suite(*, tiny: bool = False, device: str | None = None, settings: Gp
         settings: run sizes (default: `GpuSettings()`, or `GpuSettings.tiny()` with `tiny`).
         fast: the fast path's switches (default all on; compilation off on the CPU, where it takes minutes).
         tokenizer_dir: Llama-3.2 tokenizer folder (default: the project's).
+        checkpoint: called with the partial results after every stage (run.py rewrites its JSON, so
+            a run cut short by a time limit keeps what it measured).
     """
     from diana.processing import build_processor
 
@@ -500,65 +507,122 @@ def run_gpu_suite(*, tiny: bool = False, device: str | None = None, settings: Gp
 
     model = build_model(config, dev)
     results["parameters"] = sum(p.numel() for p in model.parameters())
+    results["skipped"] = []
+    results["errors"] = {}
 
-    training = {}
-    for opts in variants:
+    def stage(name: str, fn: Callable[[], Any], optional: bool = False) -> Any:
+        """Runs one measurement; an optional one is skipped past the time budget, and a failure is
+        recorded (with the partial results saved) instead of ending a run that cannot be repeated cheaply."""
+        elapsed = time.perf_counter() - suite_start
+        if optional and elapsed > settings.time_budget_s:
+            results["skipped"].append(f"{name} (time budget: {elapsed:.0f} s > {settings.time_budget_s:.0f} s)")
+            return None
+        try:
+            return fn()
+        except Exception as error:  # noqa: BLE001 - recorded in the JSON, the next stage still runs
+            results["errors"][name] = f"{type(error).__name__}: {error}"[:2000]
+            _cleanup(dev)
+            return None
+        finally:
+            if checkpoint is not None:
+                checkpoint(results)
+
+    def train(opts: Optimisations) -> dict[str, Any]:
         executed = executed_naive if not opts.dynamic_padding else useful
-        training[opts.name()] = measure_training(model, inputs, settings, opts, dev, useful, executed, peak, ceiling)
+        return measure_training(model, inputs, settings, opts, dev, useful, executed, peak, ceiling)
+
+    # Core figures first, optional ones (ablations, checkpointing, batch search) while time is left.
+    training: dict[str, Any] = {}
     results["training"] = training
-    results["training_speedup_fast_vs_naive"] = (
-        training[fast.name()]["samples_per_s"] / training["naive"]["samples_per_s"]
-    )
+    core, optional = variants[:2], variants[2:]
+    for opts in core:
+        out = stage(f"training {opts.name()}", lambda opts=opts: train(opts))
+        if out is not None:
+            training[opts.name()] = out
+    if "naive" in training and fast.name() in training:
+        results["training_speedup_fast_vs_naive"] = (
+            training[fast.name()]["samples_per_s"] / training["naive"]["samples_per_s"]
+        )
+
+    gallery: dict[str, Any] = {}
+    results["gallery_encoding"] = gallery
+    for key, fn in (
+        ("eager_bf16", lambda: measure_gallery(model, inputs, settings, dev, compiled=False)),
+        ("compiled_bf16", lambda: measure_gallery(model, inputs, settings, dev, compiled=True)),
+        ("naive_fp32", lambda: measure_naive_gallery(model, inputs, settings, dev)),
+    ):
+        if key == "compiled_bf16" and not fast.compile_vision:
+            continue
+        out = stage(f"gallery {key}", fn)
+        if out is not None:
+            gallery[key] = out
+
+    results["evaluation_chatpedes"] = stage(
+        "evaluation", lambda: measure_evaluation(model, processor, settings, dev, compiled=fast.compile_vision))
+    results["big_gallery_query"] = stage(
+        "big gallery", lambda: measure_big_gallery(settings, config.projection_dim, dev))
+
+    for opts in optional:
+        out = stage(f"training {opts.name()}", lambda opts=opts: train(opts), optional=True)
+        if out is not None:
+            training[opts.name()] = out
 
     if settings.batch_search:
-        results["batch_fit_80GB"] = {
-            "no_checkpointing": measure_batch_fit(model, inputs, settings, False, dev),
-            "checkpointing": measure_batch_fit(model, inputs, settings, True, dev),
-        }
-
-    gallery = {"eager_bf16": measure_gallery(model, inputs, settings, dev, compiled=False)}
-    if fast.compile_vision:
-        gallery["compiled_bf16"] = measure_gallery(model, inputs, settings, dev, compiled=True)
-    gallery["naive_fp32"] = measure_naive_gallery(model, inputs, settings, dev)
-    results["gallery_encoding"] = gallery
-
-    results["evaluation_chatpedes"] = measure_evaluation(model, processor, settings, dev, compiled=fast.compile_vision)
-    dim = config.projection_dim
+        fits: dict[str, Any] = {}
+        results["batch_fit_80GB"] = fits
+        for key, ckpt in (("no_checkpointing", False), ("checkpointing", True)):
+            out = stage(f"batch fit {key}", lambda ckpt=ckpt: measure_batch_fit(model, inputs, settings, ckpt, dev),
+                        optional=True)
+            if out is not None:
+                fits[key] = out
     del model, inputs
     _cleanup(dev)
-    results["big_gallery_query"] = measure_big_gallery(settings, dim, dev)
     results["suite_wall_s"] = time.perf_counter() - suite_start
+    if checkpoint is not None:
+        checkpoint(results)
     return results
 
 
 def table_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
-    """(measurement, value, note) rows of the printed table."""
+    """(measurement, value, note) rows of the printed table; missing stages are left out."""
     rows: list[tuple[str, str, str]] = []
     hw = results["hardware"]
     rows.append(("bf16 peak (data sheet)", fmt(hw["bf16_peak_tflops"], "TFLOP/s"), hw["card"]))
     rows.append(("matmul ceiling (measured)", fmt(hw["matmul_ceiling_tflops"], "TFLOP/s"), f"{hw['matmul_size']}^3"))
-    for name, t in results["training"].items():
-        mfu = t["mfu_vs_peak"]
-        note = f"MFU {fmt(100 * mfu if mfu is not None else None, '%')} of peak, " \
-               f"{fmt(100 * t['mfu_vs_matmul_ceiling'] if t['mfu_vs_matmul_ceiling'] else None, '%')} of ceiling, " \
-               f"peak mem {fmt(t['peak_memory_bytes'] / 2**30 if t['peak_memory_bytes'] else None, 'GiB')}"
+    fl = results["flops"]
+    rows.append(("train FLOPs per sample (fwd+bwd)", fmt(fl["per_sample_fast"] / 1e12, "TFLOP"),
+                 f"padded to {fl['fast_padded_length']} tokens, mean dialogue {fl['mean_dialogue_tokens']:.0f}"))
+
+    def pct(x: float | None) -> str:
+        return fmt(100 * x if x is not None else None, "%")
+
+    for name, t in results.get("training", {}).items():
+        mem = t["peak_memory_bytes"] / 2**30 if t["peak_memory_bytes"] else None
+        note = f"MFU {pct(t['mfu_vs_peak'])} of peak, {pct(t['mfu_vs_matmul_ceiling'])} of ceiling, mem {fmt(mem, 'GiB')}"
         rows.append((f"train {name} (B={t['batch']})", fmt(t["samples_per_s"], "samples/s"), note))
-    rows.append(("train speed-up fast / naive", fmt(results["training_speedup_fast_vs_naive"], "x"), ""))
+    if "training_speedup_fast_vs_naive" in results:
+        rows.append(("train speed-up fast / naive", fmt(results["training_speedup_fast_vs_naive"], "x"), ""))
     for key, fit in results.get("batch_fit_80GB", {}).items():
         rows.append((f"max batch in 80 GB ({key})", str(fit["max_batch"]),
                      "search limit reached" if fit["hit_search_limit"] else f"{len(fit['probes'])} probes"))
-    for key, g in results["gallery_encoding"].items():
+    for key, g in results.get("gallery_encoding", {}).items():
         rows.append((f"gallery encoding {key}", fmt(g["images_per_s"], "images/s"), f"batch {g['batch']}"))
-    ev = results["evaluation_chatpedes"]
-    rows.append((f"per-round eval {ev['dialogues']} dlg x {ev['rounds']} rounds vs {ev['gallery_images']} img",
-                 fmt(ev["fast_total_s"], "s"), "one pass for all rounds"))
-    rows.append(("per-round eval, naive (scaled)", fmt(ev["naive_total_s_scaled"], "s"),
-                 f"prefixes re-encoded at 400, {ev['naive_subset_dialogues']} dialogues measured"))
-    rows.append(("per-round eval speed-up", fmt(ev["speedup_vs_naive"], "x"), ""))
-    bg = results["big_gallery_query"]
-    rows.append((f"1 query vs {bg['gallery']:,} images (top-10)", fmt(bg["single_query_latency_s"] * 1e3, "ms"), ""))
-    rows.append((f"{bg['query_chunk']} queries vs {bg['gallery']:,} images", fmt(bg["queries_per_s"], "queries/s"), ""))
-    rows.append(("suite wall time", fmt(results["suite_wall_s"], "s"), ""))
+    ev = results.get("evaluation_chatpedes")
+    if ev:
+        rows.append((f"per-round eval {ev['dialogues']} dlg x {ev['rounds']} rounds vs {ev['gallery_images']} img",
+                     fmt(ev["fast_total_s"], "s"), "one pass for all rounds (tokenisation excluded)"))
+        rows.append(("per-round eval, naive (scaled)", fmt(ev["naive_total_s_scaled"], "s"),
+                     f"prefixes re-encoded at 400, {ev['naive_subset_dialogues']} dialogues measured"))
+        rows.append(("per-round eval speed-up", fmt(ev["speedup_vs_naive"], "x"), ""))
+    bg = results.get("big_gallery_query")
+    if bg:
+        rows.append((f"1 query vs {bg['gallery']:,} images (top-10)", fmt(bg["single_query_latency_s"] * 1e3, "ms"), ""))
+        rows.append((f"{bg['query_chunk']} queries vs {bg['gallery']:,} images", fmt(bg["queries_per_s"], "queries/s"), ""))
+    for name, error in results.get("errors", {}).items():
+        rows.append((f"ERROR {name}", "failed", error[:100]))
+    for skipped in results.get("skipped", []):
+        rows.append(("skipped", skipped, ""))
+    rows.append(("suite wall time", fmt(results.get("suite_wall_s"), "s"), ""))
     return rows
 
 

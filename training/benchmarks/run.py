@@ -49,8 +49,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         harness.write_json(out_path, payload)  # keep the CPU figures if the GPU suite fails
     if args.suite in ("gpu", "all"):
         settings, fast = gpu.from_arguments(args)
+        def save_partial(partial: dict[str, Any]) -> None:
+            harness.write_json(out_path, {**payload, "gpu": partial})
+
         payload["gpu"] = gpu.run_gpu_suite(tiny=args.tiny, device=args.device, settings=settings, fast=fast,
-                                           tokenizer_dir=args.tokenizer_dir)
+                                           tokenizer_dir=args.tokenizer_dir, checkpoint=save_partial)
         tables.append(harness.format_table(gpu.table_rows(payload["gpu"]), "GPU suite" + (" (tiny)" if args.tiny else "")))
     harness.write_json(out_path, payload)
     print("\n\n".join(tables))

@@ -1,0 +1,245 @@
+"""End-to-end runs of `training/run_stage.py` on a tiny SynthPedes (open_clip's
+test_training_simple, for both DiaNA stages), plus resume, LoRA and two-process equivalence."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+from diana.processing.synthpedes import generate
+from diana.training.run_stage import main as run_stage
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.xdist_group("run_stage")  # shares the generated data and the CPU
+
+# The tests' tiny odd-sized model (tests/helpers.py sizes) as a run_stage model_config.
+TINY_MODEL = {
+    "projection_dim": 24,
+    "num_attribute_queries": 4,
+    "refiner_num_layers": 1,
+    "refiner_num_heads": 4,
+    "vision_config": {
+        "model_type": "swinv2", "image_size": [64, 32], "patch_size": 4, "embed_dim": 16, "depths": [1, 2],
+        "num_heads": [2, 4], "window_size": 4, "mlp_ratio": 2.0, "drop_path_rate": 0.0,
+    },
+    "text_config": {
+        "model_type": "llama", "vocab_size": 128256, "hidden_size": 32, "intermediate_size": 37,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 512, "bos_token_id": 128000, "eos_token_id": 128001,
+        "pad_token_id": 128004, "tie_word_embeddings": False,
+    },
+}
+COMMON = ["--image_size", "64", "32", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16",
+          "--logging_steps", "1", "--report_to", "none", "--disable_tqdm", "true"]
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("synthpedes")
+    generate(str(root), persons=16, images_per_person=2, rounds=3, seed=1, image_size=(64, 32), progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def model_config_file(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("cfg") / "tiny_model.json"
+    path.write_text(json.dumps(TINY_MODEL))
+    return str(path)
+
+
+def stage1_args(synth: Path, out: Path, model_config_file: str, *extra: str) -> list[str]:
+    return ["--config", "stage1_synthpedes_small", "--data_dir", str(synth / "mals"), "--output_dir", str(out),
+            "--model_config", model_config_file, "--cache_dir", str(synth / "cache"), "--max_steps", "2",
+            *COMMON, *extra]
+
+
+def stage2_args(synth: Path, out: Path, *extra: str) -> list[str]:
+    return ["--config", "stage2_synthpedes_small", "--data_dir", str(synth / "chatpedes"), "--output_dir", str(out),
+            "--cache_dir", str(synth / "cache"), "--validation_persons", "3", *COMMON, *extra]
+
+
+def log_history(out: Path) -> list[dict]:
+    return json.loads((out / "trainer_state.json").read_text())["log_history"]
+
+
+@pytest.fixture(scope="module")
+def stage1_dir(synth, model_config_file, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("stage1")
+    run_stage(stage1_args(synth, out, model_config_file))
+    return out
+
+
+def test_stage1_writes_a_remote_code_folder_and_logs_its_loss_terms(stage1_dir):
+    files = {p.name for p in stage1_dir.iterdir()}
+    assert {"model.safetensors", "config.json", "modeling_diana.py", "configuration_diana.py", "loss_diana.py",
+            "processing_diana.py", "tokenizer.json", "processor_config.json"} <= files
+    assert not any(name.endswith(".bin") and name != "training_args.bin" for name in files)
+    config = json.loads((stage1_dir / "config.json").read_text())
+    assert config["auto_map"]["AutoModel"].endswith("DiaNAModel")
+    assert config["use_sdm_loss"] is False and config["num_attribute_queries"] == 4
+    steps = [entry for entry in log_history(stage1_dir) if "loss" in entry]
+    assert len(steps) == 2
+    for entry in steps:
+        # Stage 1 = ITC on the global and the attribute similarity, no SDM (DESIGN.md §1).
+        assert {"itc_loss", "refiner_loss", "logit_scale"} <= entry.keys() and "sdm_loss" not in entry
+        assert entry["loss"] == pytest.approx(entry["itc_loss"] + entry["refiner_loss"], rel=1e-3)
+        assert entry["gathered_batch_size"] == 8
+
+
+def test_stage2_from_stage1_reinitialises_queries_evaluates_per_round_and_loads_remotely(
+    synth, stage1_dir, tmp_path, caplog
+):
+    out = tmp_path / "stage2"
+    with caplog.at_level(logging.WARNING, logger="diana.run_stage"):
+        results = run_stage(stage2_args(synth, out, "--model_name_or_path", str(stage1_dir), "--max_steps", "2",
+                                        "--num_attribute_queries", "3", "--eval_strategy", "no",
+                                        "--save_strategy", "no", "--load_best_model_at_end", "false"))
+    assert "attribute queries re-initialised" in caplog.text and "K=4" in caplog.text and "K=3" in caplog.text
+    steps = [entry for entry in log_history(out) if "loss" in entry]
+    assert all({"itc_loss", "sdm_loss", "refiner_loss"} <= entry.keys() for entry in steps)
+
+    report = json.loads((out / "eval_results.json").read_text())
+    assert report == json.loads(json.dumps(results))
+    rounds = [key for key in report["global"] if key.startswith("round_")]
+    assert rounds == ["round_1", "round_2", "round_3"]
+    for key in ("R@1", "R@5", "R@10", "mAP", "mINP", "mFR"):
+        assert key in report["global"]["full"]
+    assert (out / f"eval_validation_step2").is_dir() or any(out.glob("eval_validation_step*/per_round_curves.png"))
+    assert json.loads((out / "config.json").read_text())["num_attribute_queries"] == 3
+    run_args = json.loads((out / "run_args.json").read_text())
+    assert run_args["data"]["eval_split"] == "validation" and run_args["model"]["model_name_or_path"] == str(stage1_dir)
+
+    # The saved folder is a trust_remote_code model: its features equal the in-process class's.
+    code = (
+        "import sys, torch; from transformers import AutoModel;"
+        f"m = AutoModel.from_pretrained({str(out)!r}, trust_remote_code=True).eval();"
+        "torch.manual_seed(0); x = torch.randn(2, 3, 64, 32);"
+        "print(type(m).__module__); torch.save(m.get_image_features(x), sys.argv[1])"
+    )
+    target = tmp_path / "feat.pt"
+    proc = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "transformers_modules" in proc.stdout  # loaded from the folder's own code files
+    from diana.modeling_diana import DiaNAModel
+
+    local = DiaNAModel.from_pretrained(out).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        expected = local.get_image_features(torch.randn(2, 3, 64, 32))
+    torch.testing.assert_close(torch.load(target), expected, rtol=0, atol=1e-6)
+
+
+class _KillAt(TrainerCallback):
+    """Stands in for a killed job: raises right after `step` finishes (checkpoints already written)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt(f"killed after step {self.step}")
+
+
+def test_resume_from_a_killed_run_ends_with_the_same_weights(synth, stage1_dir, tmp_path):
+    def args(out: Path, *extra: str) -> list[str]:
+        return stage2_args(synth, out, "--model_name_or_path", str(stage1_dir), "--max_steps", "4",
+                           "--save_strategy", "steps", "--save_steps", "2", "--eval_strategy", "no",
+                           "--load_best_model_at_end", "false", "--eval_split", "validation", *extra)
+
+    run_stage(args(tmp_path / "straight"))
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(args(tmp_path / "killed"), callbacks=[_KillAt(3)])
+    assert (tmp_path / "killed" / "checkpoint-2").is_dir() and not (tmp_path / "killed" / "checkpoint-4").exists()
+    run_stage(args(tmp_path / "killed", "--resume_from_checkpoint", "last"))
+
+    straight = load_file(tmp_path / "straight" / "model.safetensors")
+    resumed = load_file(tmp_path / "killed" / "model.safetensors")
+    assert straight.keys() == resumed.keys()
+    initial = load_file(stage1_dir / "model.safetensors")
+    moved = [k for k in straight if k in initial and straight[k].shape == initial[k].shape
+             and not torch.equal(straight[k], initial[k])]
+    assert moved, "training did not change the weights"
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=1e-6, msg=key)
+    # No checkpoint the run wrote is lost by resuming.
+    assert (tmp_path / "killed" / "checkpoint-2").is_dir() and (tmp_path / "killed" / "checkpoint-4").is_dir()
+
+
+def test_lora_adapters_save_reload_and_merge_into_a_plain_model(synth, stage1_dir, tmp_path):
+    from peft import PeftModel
+
+    from diana.modeling_diana import DiaNAModel
+    from diana.processing import build_processor
+
+    out = tmp_path / "lora"
+    run_stage(stage2_args(synth, out, "--model_name_or_path", str(stage1_dir), "--max_steps", "2",
+                          "--lora_rank", "4", "--learning_rate", "5e-3", "--eval_strategy", "no",
+                          "--save_strategy", "no", "--load_best_model_at_end", "false"))
+    assert (out / "adapter_model.safetensors").is_file() and (out / "adapter_config.json").is_file()
+    adapter_keys = load_file(out / "adapter_model.safetensors").keys()
+    assert any("lora_A" in k and "text_model" in k for k in adapter_keys)
+    assert not any("lora_" in k and "vision_model" in k for k in adapter_keys)  # LoRA only on the dialogue tower
+
+    base = DiaNAModel.from_pretrained(out / "base").eval()
+    with_adapters = PeftModel.from_pretrained(DiaNAModel.from_pretrained(out / "base"), str(out)).eval()
+    merged = DiaNAModel.from_pretrained(out / "merged").eval()
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+
+    processor = build_processor(tokenizer_dir=str(out / "merged"), image_size=(64, 32))
+    batch = processor(dialogues=["a woman in a red coat with a black bag", "a man in blue jeans"],
+                      images=[torch.rand(3, 64, 32).numpy().transpose(1, 2, 0)] * 2)
+    with torch.no_grad():
+        text_adapted = with_adapters.get_text_features(batch["input_ids"], batch["attention_mask"])
+        text_merged = merged.get_text_features(batch["input_ids"], batch["attention_mask"])
+        text_base = base.get_text_features(batch["input_ids"], batch["attention_mask"])
+        image_adapted = with_adapters.get_image_features(batch["pixel_values"])
+        image_merged = merged.get_image_features(batch["pixel_values"])
+    torch.testing.assert_close(text_merged, text_adapted, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(image_merged, image_adapted, rtol=1e-5, atol=1e-5)
+    assert (text_merged - text_base).abs().max() > 1e-4, "the adapters had no effect"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_gather_negatives_and_evaluate_like_one(synth, stage1_dir, tmp_path):
+    """`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2`: each step's
+    contrastive columns hold both processes' samples, and the evaluation numbers equal a
+    one-process evaluation of the same weights."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), str(REPO / "training" / "run_stage.py"),
+           *stage2_args(synth, out, "--model_name_or_path", str(stage1_dir), "--max_steps", "2",
+                        "--per_device_train_batch_size", "4", "--eval_strategy", "no", "--save_strategy", "no",
+                        "--load_best_model_at_end", "false")]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    steps = [entry for entry in log_history(out) if "loss" in entry]
+    assert steps and all(entry["gathered_batch_size"] == 8 for entry in steps)  # 2 processes x 4
+
+    from diana.training.evaluate_model import evaluate_folder
+
+    two = json.loads((out / "eval_results.json").read_text())
+    one = evaluate_folder(out, synth / "chatpedes", split="validation", cache_dir=str(synth / "cache"),
+                          validation_persons=3, score_modes=("global", "attribute", "fused"))
+    assert two["meta"]["num_queries"] == one["meta"]["num_queries"]
+    for key, value in one["flat"].items():
+        assert two["flat"][key] == pytest.approx(value, abs=1e-3), key
