@@ -173,12 +173,116 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--backend", choices=["exact", "faiss"], default="exact")
     search.add_argument("--contact-sheet", help="PNG with the top-k photos of every round")
     search.add_argument("--output-json", help="write every round's ranking to this JSON file")
+    bench = commands.add_parser("benchmark", help="print timings: exact vs FAISS top-k, cached rounds vs re-encoding")
+    bench.add_argument("--model", help="DiaNA folder (default: a random model with a mid-size Llama tower)")
+    bench.add_argument("--tokenizer-dir", help="tokenizer folder for the random model")
+    bench.add_argument("--device", help="cpu / cuda (default: cuda if available)")
+    bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    bench.add_argument("--gallery-size", type=int, default=200_000)
+    bench.add_argument("--dim", type=int, default=768, help="embedding width of the random gallery")
+    bench.add_argument("--top-k", type=int, default=10)
+    bench.add_argument("--repeats", type=int, default=5)
     return parser
+
+
+def _timed(function, repeats: int) -> float:
+    """Median seconds of ``repeats`` calls (after one warm-up call)."""
+    import time
+
+    function()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def benchmark(args: argparse.Namespace, out: TextIO) -> None:
+    """Print the two speed claims of the search module as measured figures."""
+    import platform
+
+    from .search import exact_topk, faiss_available
+
+    torch.manual_seed(0)
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+          f"torch {torch.__version__}", file=out)
+    gallery = torch.nn.functional.normalize(torch.randn(args.gallery_size, args.dim), dim=-1)
+    query = torch.nn.functional.normalize(torch.randn(1, args.dim), dim=-1)
+    index = GalleryIndex(gallery, [str(i) for i in range(args.gallery_size)], "benchmark", "benchmark")
+    exact = _timed(lambda: exact_topk(query, gallery, args.top_k), args.repeats)
+    print(f"exact top-{args.top_k} over {args.gallery_size:,} x {args.dim}: {exact * 1e3:.1f} ms / query", file=out)
+    if faiss_available():
+        index.search(query, args.top_k, backend="faiss")  # builds the FAISS index once
+        flat = _timed(lambda: index.search(query, args.top_k, backend="faiss"), args.repeats)
+        same = torch.equal(index.search(query, args.top_k, backend="faiss")[1], exact_topk(query, gallery, args.top_k)[1])
+        print(f"FAISS IndexFlatIP top-{args.top_k}: {flat * 1e3:.1f} ms / query (same ranking: {same})", file=out)
+
+    if args.model:
+        model, processor = load_model_and_processor(args.model, args.tokenizer_dir, args.device, args.dtype)
+    else:
+        from transformers import LlamaConfig, Swinv2Config
+
+        from diana.modeling_diana import DiaNAConfig, DiaNAModel
+
+        from . import build_processor
+
+        # Tiny image tower (unused here), a mid-size dialogue tower: the round cost is the Llama pass.
+        config = DiaNAConfig(
+            vision_config=Swinv2Config(image_size=[64, 32], embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=4),
+            text_config=LlamaConfig(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+                                    num_key_value_heads=4, vocab_size=128256, max_position_embeddings=1024,
+                                    bos_token_id=128000, eos_token_id=128001, pad_token_id=128004),
+            projection_dim=128, num_attribute_queries=4, refiner_num_heads=4,
+        )
+        model = DiaNAModel(config).eval()
+        processor = build_processor(tokenizer_dir=args.tokenizer_dir, image_size=(64, 32))
+    from .search import model_fingerprint, processor_fingerprint
+
+    index = GalleryIndex(torch.nn.functional.normalize(torch.randn(1000, model.config.projection_dim), dim=-1),
+                         [str(i) for i in range(1000)], model_fingerprint(model), processor_fingerprint(processor))
+    rounds = [("Please describe the person you saw.", "A woman in her thirties wearing a long red wool coat, black "
+               "trousers and black ankle boots, walking quickly.")] + [
+        (f"Question {r}: what else did you notice about her?", f"Detail {r}: she had a small black leather backpack, "
+         "long brown hair tied in a ponytail, and white headphones around her neck.") for r in range(2, 9)]
+    device = next(model.parameters()).device
+    print(f"dialogue tower: hidden {model.config.text_config.hidden_size}, {model.config.text_config.num_hidden_layers} "
+          f"layers, {args.dtype} on {device}", file=out)
+    print("round  tokens(total/new)  cached round ms  re-encode ms", file=out)
+    session = ChatSearchSession(model, processor, index, k=args.top_k, mode="global", check_index=False)
+    for number in range(1, len(rounds) + 1):
+        def cached_round():
+            session.reset()
+            for question, answer in rounds[: number - 1]:
+                session.add_round(question, answer)
+        cached_round()
+        import time
+
+        times = []
+        for _ in range(args.repeats):
+            cached_round()
+            start = time.perf_counter()
+            result = session.add_round(*rounds[number - 1])
+            times.append(time.perf_counter() - start)
+        cached = sorted(times)[len(times) // 2]
+        batch = processor(dialogues=[rounds[:number]], return_tensors="pt")
+        batch = {k: v.to(device) for k, v in batch.items()}
+
+        def full() -> None:
+            with torch.no_grad():
+                encoding = model.encode_dialogues(batch["input_ids"], batch["attention_mask"])
+                index.search(encoding.text_embeds.float(), args.top_k)
+        rebuild = _timed(full, args.repeats)
+        total = int(batch["attention_mask"].sum())
+        print(f"{number:>5}  {total:>6}/{result.new_tokens:<10} {cached * 1e3:>15.1f}  {rebuild * 1e3:>12.1f}", file=out)
 
 
 def main(argv: list[str] | None = None, stdin: TextIO | None = None, out: TextIO | None = None) -> int:
     args = build_parser().parse_args(argv)
     stdin, out = stdin or sys.stdin, out or sys.stdout
+    if args.command == "benchmark":
+        benchmark(args, out)
+        return 0
     # Cheap checks first: loading a 1.2B-parameter model takes a while.
     if args.command == "index":
         output = Path(args.output)
