@@ -70,6 +70,7 @@ class Evaluation:
     num_queries: int | None = None
     num_gallery: int | None = None
     curve: str | None = None  # picture path relative to the card
+    reference: ModeResults | None = None  # another ranker on the same split (e.g. SynthPedes' oracle)
 
     @property
     def dataset_name(self) -> str:
@@ -135,9 +136,28 @@ def parse_eval_results(
     if not modes:
         raise ValueError(f"{source}: no score mode among {SCORE_MODES} (top-level keys: {sorted(results)})")
     meta = results.get("meta", {})
+    reference = None
+    if isinstance(results.get("reference"), Mapping):
+        # evaluation.write_results stores {"label": ..., **reference}: one mode's layout
+        # ({"round_1": {...}, ..., "full": {...}}) or the SynthPedes oracle's ({"rounds": [{"round": k, ...}]}).
+        entries = dict(results["reference"])
+        reference = ModeResults(str(entries.pop("label", "reference")))
+        for row in entries.pop("rounds", None) or []:
+            if isinstance(row, Mapping) and "round" in row:
+                entries[f"round_{int(row['round'])}"] = {m: v for m, v in row.items() if m != "round"}
+        for key, metrics in entries.items():
+            match = _ROUND.match(key)
+            if not isinstance(metrics, Mapping):
+                continue
+            if key == "full":
+                reference.full = {m: float(v) for m, v in metrics.items() if isinstance(v, (int, float))}
+            elif match:
+                reference.rounds[int(match.group(1))] = {
+                    m: float(v) for m, v in metrics.items() if isinstance(v, (int, float))
+                }
     return Evaluation(
         dataset=dataset, split=split, modes=modes, num_queries=meta.get("num_queries"),
-        num_gallery=meta.get("num_gallery"), curve=curve,
+        num_gallery=meta.get("num_gallery"), curve=curve, reference=reference,
     )
 
 
@@ -364,6 +384,9 @@ def render_model_card(
                 {"name": m.name, "rows": _table_rows(m), "has_cumulative": bool(m.cumulative)}
                 for m in evaluation.modes.values()
             ],
+            "reference": None if evaluation.reference is None else {
+                "name": evaluation.reference.name, "rows": _table_rows(evaluation.reference),
+            },
         })
     card = ModelCard.from_template(
         card_data,

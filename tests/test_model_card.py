@@ -35,6 +35,10 @@ def _eval_report(seed: int, modes=("global", "fused")) -> dict:
         per_mode["cumulative_hits@10"] = cumulative_hits_at_k(torch.stack(first_hits), k=10)
         report[mode] = per_mode
     report["meta"] = {"num_queries": 12, "num_gallery": 18, "num_persons": 6, "num_rounds": ROUNDS}
+    # evaluation.write_results adds a reference ranker as {"label", **curve}; SynthPedes' oracle layout.
+    rounds = [{"round": k, "R@1": 40.0 + k + seed, "R@5": 60.5 + k, "R@10": 70.25 + k, "mAP": 45.0 + k}
+              for k in range(1, ROUNDS + 1)]
+    report["reference"] = {"label": "oracle", "rounds": rounds, "full": rounds[-1], "num_queries": 12}
     return report
 
 
@@ -88,6 +92,9 @@ def test_card_metadata_tables_and_round_trip(tmp_path):
                    f"| {m['mFR']:.2f} | {report[mode]['cumulative_hits@10'][k - 1]:.2f} |")
             assert row in text
     assert "![Retrieval per dialogue round" in text and "(per_round_curves.png)" in text
+    oracle = report["reference"]["rounds"][1]
+    assert "**Reference: oracle**" in text
+    assert f"| 2 | {oracle['R@1']:.2f} | {oracle['R@5']:.2f} | {oracle['R@10']:.2f} | {oracle['mAP']:.2f} | – | – |" in text
     assert 'revision = "someone/diana-tiny", "0123abcd"' in text
     assert "trust_remote_code=True, revision=revision" in text and "AutoProcessor.from_pretrained" in text
     assert "| peak learning rate | 1.7e-05 |" in text and "| global batch | 64 (32 per device" in text
