@@ -255,6 +255,11 @@ class DiaNAModel(DiaNAPreTrainedModel):
         # Trainer rewrites) stay in sync.
         self.config.vision_config = self.vision_model.config
         self.config.text_config = self.text_model.config
+        for tower in (self.vision_model, self.text_model):
+            if tower.config._attn_implementation is None:
+                # Building a DiaNAConfig around existing tower configs resets their attention implementation;
+                # give a passed-in tower back its own default (SDPA for Llama, eager for Swinv2).
+                tower.config._attn_implementation = tower.get_correct_attn_implementation(None)
 
         self.visual_projection = nn.Linear(config.vision_config.hidden_size, config.projection_dim)
         self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim)

@@ -335,6 +335,8 @@ def test_from_vision_text_pretrained_loads_both_towers(tmp_path, inputs):
     )
     assert model.config.text_config.rms_norm_eps == 1e-3 and model.config.vision_config.drop_path_rate == 0.0
     assert model.config.projection_dim == 20 and model.refiner.attribute_queries.shape == (1, 2, 20)
+    assert model.config.text_config._attn_implementation == "sdpa"
+    assert model.config.vision_config._attn_implementation == "eager"
     for name, value in classifier.swinv2.state_dict().items():
         assert torch.equal(model.vision_model.state_dict()[name], value), name
     for name, value in causal_lm.model.state_dict().items():
