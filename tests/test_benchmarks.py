@@ -204,6 +204,7 @@ def test_run_command_runs_both_suites_tiny_and_writes_json(tmp_path, tokenizer_d
     assert 0 < pad["efficiency_pad_to_400"] <= pad["efficiency_dynamic"] <= pad["efficiency_length_grouped"] <= 1
 
     gpu_res = on_disk["gpu"]
+    assert gpu_res["errors"] == {} and gpu_res["skipped"] == []
     assert {"hardware", "flops", "training", "batch_fit_80GB", "gallery_encoding", "evaluation_chatpedes",
             "big_gallery_query"} <= gpu_res.keys()
     # On the CPU compilation is off, so the fast path is named after it.

@@ -311,7 +311,8 @@ def measure_gallery(model, inputs: Inputs, settings: GpuSettings, device, compil
 
     timing = harness.time_fn(fast, device=device, warmup=3 if compiled else 2,
                              repeats=settings.repeats, max_seconds=10.0)
-    out = {"compiled": compiled, "batch": settings.gallery_batch, "step": timing.as_dict(),
+    out = {"compiled": compiled, "precision": "bf16" if device.type == "cuda" else "fp32",
+           "batch": settings.gallery_batch, "step": timing.as_dict(),
            "images_per_s": settings.gallery_batch / timing.median_s}
     model.train()
     return out
@@ -547,11 +548,11 @@ def run_gpu_suite(*, tiny: bool = False, device: str | None = None, settings: Gp
     gallery: dict[str, Any] = {}
     results["gallery_encoding"] = gallery
     for key, fn in (
-        ("eager_bf16", lambda: measure_gallery(model, inputs, settings, dev, compiled=False)),
-        ("compiled_bf16", lambda: measure_gallery(model, inputs, settings, dev, compiled=True)),
-        ("naive_fp32", lambda: measure_naive_gallery(model, inputs, settings, dev)),
+        ("eager", lambda: measure_gallery(model, inputs, settings, dev, compiled=False)),
+        ("compiled", lambda: measure_gallery(model, inputs, settings, dev, compiled=True)),
+        ("naive_fp32_plain_tower", lambda: measure_naive_gallery(model, inputs, settings, dev)),
     ):
-        if key == "compiled_bf16" and not fast.compile_vision:
+        if key == "compiled" and not fast.compile_vision:
             continue
         out = stage(f"gallery {key}", fn)
         if out is not None:

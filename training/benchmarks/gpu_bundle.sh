@@ -23,7 +23,7 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 BUNDLE="${1:-$REPO/outputs/gpu_bundle}"
 PY="${PYTHON:-$REPO/.venv/bin/python}"
-PY_VERSION="3.12"  # the GPU image's python3 (KINDS.md: Python 3.12.3, torch 2.11, transformers 5.17)
+PY_VERSION="${BUNDLE_PY_VERSION:-3.12}"  # the GPU image's python3 (KINDS.md: Python 3.12.3, torch 2.11, transformers 5.17)
 PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
            --platform manylinux2014_x86_64 --platform any)
 
@@ -37,7 +37,8 @@ mkdir -p "$BUNDLE/wheels" "$BUNDLE/tokenizer"
 SRC="$(mktemp -d)"
 trap 'rm -rf "$SRC"' EXIT
 (cd "$REPO" && tar cf - --exclude='__pycache__' --exclude='*.pyc' \
-    setup.cfg pyproject.toml README.md modeling_diana processing training hub_cards) | (cd "$SRC" && tar xf -)
+    setup.cfg pyproject.toml modeling_diana processing training hub_cards $(ls README.md 2>/dev/null)) | (cd "$SRC" && tar xf -)
+[ -f "$SRC/README.md" ] || echo "DiaNA" > "$SRC/README.md"  # setup.cfg reads it as the long description
 "$PY" - "$SRC/setup.cfg" <<'EOF'
 import sys
 path = sys.argv[1]
