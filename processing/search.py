@@ -228,7 +228,7 @@ class FaissSearcher:
         if nprobe is not None:
             faiss.extract_index_ivf(self.index).nprobe = nprobe
         self.index.add(data)
-        self.factory = factory
+        self.factory, self.nprobe = factory, nprobe
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(scores (Q, k), indices (Q, k))`` best first."""
@@ -547,6 +547,7 @@ class GalleryIndex:
         backend: str = "exact",
         chunk_size: int = 65536,
         faiss_factory: str = "Flat",
+        faiss_nprobe: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k gallery images for normalised dialogue embeddings.
 
@@ -560,6 +561,7 @@ class GalleryIndex:
             backend: ``"exact"`` (chunked matrix products) or ``"faiss"`` (global mode only).
             chunk_size: gallery rows scored at once by the exact back end.
             faiss_factory: FAISS index factory string; ``"Flat"`` is exact.
+            faiss_nprobe: IVF lists visited per query (IVF factories; more = slower, closer to exact).
 
         Returns:
             ``(scores (Q, k), indices (Q, k))``.
@@ -571,8 +573,8 @@ class GalleryIndex:
         if backend == "faiss":
             if mode != "global":
                 raise ValueError(f"the FAISS back end scores the global embeddings only, not mode {mode!r}")
-            if self._faiss is None or self._faiss.factory != faiss_factory:
-                self._faiss = FaissSearcher(self.image_embeds, faiss_factory)
+            if self._faiss is None or (self._faiss.factory, self._faiss.nprobe) != (faiss_factory, faiss_nprobe):
+                self._faiss = FaissSearcher(self.image_embeds, faiss_factory, faiss_nprobe)
             return self._faiss.search(text_embeds, k)
         if backend != "exact":
             raise ValueError(f"backend must be 'exact' or 'faiss', got {backend!r}")
@@ -630,6 +632,8 @@ class ChatSearchSession:
         k: results per round.
         mode: score mode (default ``model.config.score_mode``).
         backend: ``"exact"`` or ``"faiss"``.
+        faiss_factory: FAISS index factory string (``"Flat"`` is exact; e.g. ``"IVF4096,Flat"`` or
+            ``"HNSW32"`` for galleries of millions).
     """
 
     def __init__(
@@ -641,6 +645,7 @@ class ChatSearchSession:
         k: int = 10,
         mode: str | None = None,
         backend: str = "exact",
+        faiss_factory: str = "Flat",
         check_index: bool = True,
     ) -> None:
         if check_index:
@@ -653,6 +658,7 @@ class ChatSearchSession:
         if self.mode not in SCORE_MODES:
             raise ValueError(f"mode must be one of {SCORE_MODES}, got {self.mode!r}")
         self.backend = backend
+        self.faiss_factory = faiss_factory
         self.reset()
 
     def reset(self) -> None:
@@ -713,7 +719,7 @@ class ChatSearchSession:
         self.rounds = rounds
         scores, indices = self.index.search(
             self.text_embeds, self.k, text_attribute_embeds=self.text_attribute_embeds, mode=self.mode,
-            model=model, backend=self.backend,
+            model=model, backend=self.backend, faiss_factory=self.faiss_factory,
         )
         picked = indices[0].tolist()
         result = RoundResult(

@@ -170,7 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--dialogue", help="JSON dialogue file (batch); without it, chat on stdin")
     search.add_argument("--top-k", type=int, default=10)
     search.add_argument("--mode", choices=["global", "attribute", "fused"], help="score mode (default: the model's)")
-    search.add_argument("--backend", choices=["exact", "faiss"], default="exact")
+    search.add_argument("--backend", choices=["exact", "faiss"], default="exact",
+                        help="exact chunked matrix products, or FAISS (global score only)")
+    search.add_argument("--faiss-factory", default="Flat",
+                        help="FAISS index factory: Flat (exact) or e.g. IVF4096,Flat / HNSW32 for millions of images")
     search.add_argument("--contact-sheet", help="PNG with the top-k photos of every round")
     search.add_argument("--output-json", help="write every round's ranking to this JSON file")
     bench = commands.add_parser("benchmark", help="print timings: exact vs FAISS top-k, cached rounds vs re-encoding")
@@ -315,7 +318,7 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None, out: TextIO
 
     index = GalleryIndex.load(args.index, model, processor)
     session = ChatSearchSession(model, processor, index, k=args.top_k, mode=args.mode, backend=args.backend,
-                                check_index=False)
+                                faiss_factory=args.faiss_factory, check_index=False)
     if args.dialogue:
         results = run_dialogues(session, dialogues, args.contact_sheet, out)
     else:
