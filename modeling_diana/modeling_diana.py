@@ -484,7 +484,8 @@ class DiaNAModel(DiaNAPreTrainedModel):
         if return_loss:
             if person_ids is None:
                 # Each pair is its own person; offset by rank so ids stay distinct after the gather.
-                rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+                distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+                rank = torch.distributed.get_rank() if distributed else 0
                 person_ids = torch.arange(input_ids.shape[0], device=input_ids.device) + rank * input_ids.shape[0]
             ids = gather_no_grad(person_ids.to(text_embeds.device))
             losses = diana_loss(
