@@ -212,8 +212,13 @@ def test_run_command_runs_both_suites_tiny_and_writes_json(tmp_path, tokenizer_d
     assert {"naive", fast_name, fast_name + "+ckpt"} <= gpu_res["training"].keys()
     for t in gpu_res["training"].values():
         assert t["samples_per_s"] > 0 and t["step"]["repeats"] >= 1
-    assert gpu_res["training"]["naive"]["padded_length"] == naive.NAIVE_MAX_LENGTH
-    assert gpu_res["flops"]["train_step_naive_padded"] > gpu_res["flops"]["train_step_fast"] > 0
+    assert gpu_res["training"]["naive"]["padded_lengths"] == [naive.NAIVE_MAX_LENGTH] * 2
+    assert max(gpu_res["training"][fast_name]["padded_lengths"]) < naive.NAIVE_MAX_LENGTH
+    assert gpu_res["flops"]["per_sample_padded_400"] > gpu_res["flops"]["per_sample_fast"] > 0
+    naive_run, fast_run = gpu_res["training"]["naive"], gpu_res["training"][fast_name]
+    # Same samples, same model FLOPs; the naive path executes more (padding to 400).
+    assert naive_run["model_flops_per_step"] == fast_run["model_flops_per_step"]
+    assert naive_run["executed_flops_per_step"] > naive_run["model_flops_per_step"]
     fits = gpu_res["batch_fit_80GB"]
     assert fits["no_checkpointing"]["max_batch"] >= 1 and fits["checkpointing"]["max_batch"] >= 1
     ev = gpu_res["evaluation_chatpedes"]

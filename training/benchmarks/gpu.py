@@ -226,17 +226,39 @@ def _cleanup(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def measure_training(model, inputs: Inputs, settings: GpuSettings, opts: Optimisations, device, useful_flops: int,
-                     executed_flops: int, peak_tflops: float | None, ceiling_tflops: float | None) -> dict[str, Any]:
+_FLOP_CACHE: dict[tuple, int] = {}
+
+
+def train_flops_cached(config: DiaNAConfig, batch: int, length: int, image_size: tuple[int, int]) -> int:
+    """`count_train_flops`, memoised per (config, batch, length): a paper-size count takes seconds."""
+    key = (id(config), batch, length, tuple(image_size))
+    if key not in _FLOP_CACHE:
+        _FLOP_CACHE[key] = count_train_flops(config, batch, length, image_size)
+    return _FLOP_CACHE[key]
+
+
+def measure_training(model, inputs: Inputs, settings: GpuSettings, opts: Optimisations, device, *,
+                     peak_tflops: float | None, ceiling_tflops: float | None, batch: int | None = None) -> dict[str, Any]:
     """Samples/s, MFU and peak memory of the training step under `opts` (the model is reconfigured
-    in place; a fresh optimizer each time so the fused/unfused states do not coexist)."""
+    in place; a fresh optimizer each time so the fused/unfused states do not coexist).
+
+    Two batches alternate (different lengths, as a real loader). "Model" FLOPs are those of the same
+    samples padded dynamically, whatever `opts` pads to, so MFU ratios are throughput ratios;
+    `hw_flops_util_vs_peak` counts what was executed (padding to 400 included).
+    """
+    batch = batch or settings.train_batch
+    config = model.config
+    image_size = tuple(config.vision_config.image_size)
     set_text_attention(model, opts.sdpa)
     set_vision_compiled(model, opts.compile_vision)
     set_checkpointing(model, opts.checkpointing)
     torch.backends.cuda.matmul.allow_tf32 = True
     optimizer = make_optimizer(model, opts.fused_adamw)
     pad_to = None if opts.dynamic_padding else settings.max_length
-    batches = [inputs.train_batch(settings.train_batch, pad_to, offset=i * settings.train_batch) for i in range(2)]
+    batches = [inputs.train_batch(batch, pad_to, offset=i * batch) for i in range(2)]
+    dynamic_lengths = [inputs.train_batch(batch, None, offset=i * batch)["input_ids"].shape[1] for i in range(2)]
+    useful_flops = sum(train_flops_cached(config, batch, n, image_size) for n in dynamic_lengths) / 2
+    executed_flops = sum(train_flops_cached(config, batch, b["input_ids"].shape[1], image_size) for b in batches) / 2
     counter = {"i": 0}
 
     def step() -> None:
@@ -245,20 +267,27 @@ def measure_training(model, inputs: Inputs, settings: GpuSettings, opts: Optimis
 
     harness.reset_peak_memory(device)
     start = time.perf_counter()
-    timing = harness.time_fn(step, device=device, warmup=settings.warmup_steps, repeats=settings.timed_steps,
-                             max_seconds=settings.step_cap_s)
-    wall = time.perf_counter() - start
-    peak_mem = harness.peak_memory_bytes(device)
-    del optimizer, batches
-    _cleanup(device)
+    try:
+        timing = harness.time_fn(step, device=device, warmup=settings.warmup_steps, repeats=settings.timed_steps,
+                                 max_seconds=settings.step_cap_s)
+    finally:
+        # Also after an OOM: the caller retries with a smaller batch.
+        wall = time.perf_counter() - start
+        peak_mem = harness.peak_memory_bytes(device)
+        optimizer.zero_grad(set_to_none=True)
+        del optimizer, batches
+        set_checkpointing(model, False)
+        _cleanup(device)
     achieved_useful = useful_flops / timing.median_s / 1e12
     achieved_executed = executed_flops / timing.median_s / 1e12
     return {
         "options": asdict(opts),
-        "batch": settings.train_batch,
-        "padded_length": None if opts.dynamic_padding else settings.max_length,
+        "batch": batch,
+        "padded_lengths": [pad_to] * 2 if pad_to else dynamic_lengths,
         "step": timing.as_dict(),
-        "samples_per_s": settings.train_batch / timing.median_s,
+        "samples_per_s": batch / timing.median_s,
+        "model_flops_per_step": useful_flops,
+        "executed_flops_per_step": executed_flops,
         "model_tflops_per_s": achieved_useful,
         "mfu_vs_peak": achieved_useful / peak_tflops if peak_tflops else None,
         "mfu_vs_matmul_ceiling": achieved_useful / ceiling_tflops if ceiling_tflops else None,
@@ -266,6 +295,23 @@ def measure_training(model, inputs: Inputs, settings: GpuSettings, opts: Optimis
         "peak_memory_bytes": peak_mem,
         "wall_s_incl_warmup": wall,
     }
+
+
+def measure_training_fitting(model, inputs: Inputs, settings: GpuSettings, opts: Optimisations, device,
+                             **kwargs) -> dict[str, Any]:
+    """`measure_training` at `settings.train_batch`, halving the batch on OOM (the naive path's eager
+    attention at 400 tokens may not fit where the fast path does); `oom_batches` lists the failures."""
+    batch, failed = settings.train_batch, []
+    while True:
+        try:
+            out = measure_training(model, inputs, settings, opts, device, batch=batch, **kwargs)
+            out["oom_batches"] = failed
+            return out
+        except Exception as error:  # noqa: BLE001 - only OOM is retried
+            if not harness.is_oom(error) or batch == 1:
+                raise
+            failed.append(batch)
+            batch //= 2
 
 
 def measure_batch_fit(model, inputs: Inputs, settings: GpuSettings, checkpointing: bool, device) -> dict[str, Any]:
@@ -366,8 +412,9 @@ def measure_evaluation(model, processor, settings: GpuSettings, device, compiled
     image_embeds = []
     for first in range(0, settings.gallery_images, settings.gallery_batch):
         n = min(settings.gallery_batch, settings.gallery_images - first)
+        # Always a full batch (the tail sliced off): a new batch shape would recompile a compiled tower.
         with _autocast(device):
-            image_embeds.append(model.encode_images(pixel_block[:n]).image_embeds.float())
+            image_embeds.append(model.encode_images(pixel_block).image_embeds[:n].float())
     images = {"embeds": torch.cat(image_embeds)}  # (G, D)
     harness.synchronize(device)
     stages["encode_gallery_s"] = time.perf_counter() - start
@@ -469,12 +516,12 @@ def run_gpu_suite(*, tiny: bool = False, device: str | None = None, settings: Gp
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     settings = settings or (GpuSettings.tiny() if tiny else GpuSettings())
     fast = fast or Optimisations()
-    variants = [Optimisations.naive(), fast]
+    # Core (naive, fast) first, then the optional ones in order of interest.
+    variants = [Optimisations.naive(), fast, replace(fast, checkpointing=True)]
     if settings.ablations:
-        for field_name in ("sdpa", "compile_vision", "fused_adamw", "dynamic_padding"):
+        for field_name in ("compile_vision", "dynamic_padding", "sdpa", "fused_adamw"):
             if getattr(fast, field_name):
                 variants.append(replace(fast, **{field_name: False}))
-    variants.append(replace(fast, checkpointing=True))
     if dev.type == "cpu":
         # Compilation takes minutes on a CPU and bf16 matmuls are slow there: a CPU run checks the script.
         variants = list(dict.fromkeys(replace(v, compile_vision=False, bf16=False) for v in variants))
@@ -497,14 +544,11 @@ def run_gpu_suite(*, tiny: bool = False, device: str | None = None, settings: Gp
                            "matmul_size": settings.matmul_size}
 
     inputs = Inputs(processor, max(64, settings.train_batch * 2), settings.rounds, image_size, dev)
-    fast_batch = inputs.train_batch(settings.train_batch, pad_to=None)
-    fast_len = fast_batch["input_ids"].shape[1]
-    useful = count_train_flops(config, settings.train_batch, fast_len, image_size)
-    executed_naive = count_train_flops(config, settings.train_batch, settings.max_length, image_size)
-    results["flops"] = {"train_step_fast": useful, "train_step_naive_padded": executed_naive,
-                        "fast_padded_length": fast_len, "per_sample_fast": useful / settings.train_batch,
-                        "mean_dialogue_tokens": float(inputs.lengths.float().mean())}
-    del fast_batch
+    fast_len = inputs.train_batch(settings.train_batch, pad_to=None)["input_ids"].shape[1]
+    per_sample = train_flops_cached(config, settings.train_batch, fast_len, image_size) / settings.train_batch
+    per_sample_400 = train_flops_cached(config, settings.train_batch, settings.max_length, image_size) / settings.train_batch
+    results["flops"] = {"per_sample_fast": per_sample, "per_sample_padded_400": per_sample_400,
+                        "fast_padded_length": fast_len, "mean_dialogue_tokens": float(inputs.lengths.float().mean())}
 
     model = build_model(config, dev)
     results["parameters"] = sum(p.numel() for p in model.parameters())
@@ -529,8 +573,7 @@ def run_gpu_suite(*, tiny: bool = False, device: str | None = None, settings: Gp
                 checkpoint(results)
 
     def train(opts: Optimisations) -> dict[str, Any]:
-        executed = executed_naive if not opts.dynamic_padding else useful
-        return measure_training(model, inputs, settings, opts, dev, useful, executed, peak, ceiling)
+        return measure_training_fitting(model, inputs, settings, opts, dev, peak_tflops=peak, ceiling_tflops=ceiling)
 
     # Core figures first, optional ones (ablations, checkpointing, batch search) while time is left.
     training: dict[str, Any] = {}
@@ -552,21 +595,18 @@ def run_gpu_suite(*, tiny: bool = False, device: str | None = None, settings: Gp
         ("compiled", lambda: measure_gallery(model, inputs, settings, dev, compiled=True)),
         ("naive_fp32_plain_tower", lambda: measure_naive_gallery(model, inputs, settings, dev)),
     ):
-        if key == "compiled" and not fast.compile_vision:
+        if key == "compiled" and (not fast.compile_vision or f"training {fast.name()}" in results["errors"]):
             continue
         out = stage(f"gallery {key}", fn)
         if out is not None:
             gallery[key] = out
 
+    # A compile failure is recorded once; the evaluation then runs eager.
+    compiled_ok = fast.compile_vision and f"training {fast.name()}" not in results["errors"]
     results["evaluation_chatpedes"] = stage(
-        "evaluation", lambda: measure_evaluation(model, processor, settings, dev, compiled=fast.compile_vision))
+        "evaluation", lambda: measure_evaluation(model, processor, settings, dev, compiled=compiled_ok))
     results["big_gallery_query"] = stage(
         "big gallery", lambda: measure_big_gallery(settings, config.projection_dim, dev))
-
-    for opts in optional:
-        out = stage(f"training {opts.name()}", lambda opts=opts: train(opts), optional=True)
-        if out is not None:
-            training[opts.name()] = out
 
     if settings.batch_search:
         fits: dict[str, Any] = {}
@@ -576,6 +616,11 @@ def run_gpu_suite(*, tiny: bool = False, device: str | None = None, settings: Gp
                         optional=True)
             if out is not None:
                 fits[key] = out
+    for opts in optional:
+        out = stage(f"training {opts.name()}", lambda opts=opts: train(opts), optional=True)
+        if out is not None:
+            training[opts.name()] = out
+
     del model, inputs
     _cleanup(dev)
     results["suite_wall_s"] = time.perf_counter() - suite_start
@@ -592,7 +637,8 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
     rows.append(("matmul ceiling (measured)", fmt(hw["matmul_ceiling_tflops"], "TFLOP/s"), f"{hw['matmul_size']}^3"))
     fl = results["flops"]
     rows.append(("train FLOPs per sample (fwd+bwd)", fmt(fl["per_sample_fast"] / 1e12, "TFLOP"),
-                 f"padded to {fl['fast_padded_length']} tokens, mean dialogue {fl['mean_dialogue_tokens']:.0f}"))
+                 f"padded to {fl['fast_padded_length']} tokens (mean dialogue {fl['mean_dialogue_tokens']:.0f}); "
+                 f"{fmt(fl['per_sample_padded_400'] / 1e12, 'TFLOP')} at 400"))
 
     def pct(x: float | None) -> str:
         return fmt(100 * x if x is not None else None, "%")
@@ -600,6 +646,8 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
     for name, t in results.get("training", {}).items():
         mem = t["peak_memory_bytes"] / 2**30 if t["peak_memory_bytes"] else None
         note = f"MFU {pct(t['mfu_vs_peak'])} of peak, {pct(t['mfu_vs_matmul_ceiling'])} of ceiling, mem {fmt(mem, 'GiB')}"
+        if t.get("oom_batches"):
+            note += f", OOM at B={t['oom_batches']}"
         rows.append((f"train {name} (B={t['batch']})", fmt(t["samples_per_s"], "samples/s"), note))
     if "training_speedup_fast_vs_naive" in results:
         rows.append(("train speed-up fast / naive", fmt(results["training_speedup_fast_vs_naive"], "x"), ""))

@@ -34,9 +34,9 @@ _BF16_PEAK_TFLOPS = (
     ("L40S", 362.0),
 )
 
-# The paper's per-GPU memory budget (an 80 GB card); an H200 is capped to it so that the
-# "batch that fits" figure means the same thing on both cards.
-MEMORY_BUDGET_BYTES = 80 * 10**9
+# The paper's per-GPU memory budget, an "80 GB" card (the H100 SXM reports 79.6 GiB); an H200 is
+# capped to it so that the "batch that fits" figure means the same thing on both cards.
+MEMORY_BUDGET_BYTES = 80 * 2**30
 
 
 @dataclass
