@@ -128,14 +128,11 @@ def set_vision_compiled(model: DiaNAModel, compiled: bool) -> None:
 
 
 def set_checkpointing(model: DiaNAModel, enabled: bool) -> None:
-    """Activation checkpointing on both towers, enabled tower by tower: on the composite,
-    transformers 5.24 hooks `enable_input_require_grads` onto every sub-model's input embeddings,
-    Swinv2's patch embeddings included, whose tuple output then fails `requires_grad_`."""
-    for tower in (model.vision_model, model.text_model):
-        if enabled:
-            tower.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            tower.activation_checkpointing_disable()
+    """Activation checkpointing on both towers through the composite, as the trainer enables it."""
+    if enabled:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.activation_checkpointing_disable()
 
 
 def make_optimizer(model: DiaNAModel, fused: bool) -> torch.optim.Optimizer:
