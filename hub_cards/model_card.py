@@ -71,6 +71,7 @@ class Evaluation:
     num_gallery: int | None = None
     curve: str | None = None  # picture path relative to the card
     reference: ModeResults | None = None  # another ranker on the same split (e.g. SynthPedes' oracle)
+    num_processes: int | None = None  # processes of the run that evaluated (= its training world size)
 
     @property
     def dataset_name(self) -> str:
@@ -158,6 +159,7 @@ def parse_eval_results(
     return Evaluation(
         dataset=dataset, split=split, modes=modes, num_queries=meta.get("num_queries"),
         num_gallery=meta.get("num_gallery"), curve=curve, reference=reference,
+        num_processes=meta.get("num_processes"),
     )
 
 
@@ -213,10 +215,28 @@ def load_run_args(path: str | Path) -> dict[str, Any]:
     return record
 
 
-def _initialisation(run_args: Mapping[str, Any] | None, depth: int = 0) -> tuple[str, list[str] | None]:
-    """(sentence, base models) following ``model_name_or_path`` back through earlier stages."""
+def _paper_sized(config: Any) -> bool:
+    """Whether the towers have the paper's shapes (Swinv2-B, Llama-3.2-1B)."""
+    vision, text = getattr(config, "vision_config", None), getattr(config, "text_config", None)
+    if vision is None or text is None:
+        return config is None  # no config given: describe the paper's model
+    return (vision.embed_dim, list(vision.depths)) == (128, [2, 2, 18, 2]) and (
+        text.hidden_size, text.num_hidden_layers, text.vocab_size) == (2048, 16, 128256)
+
+
+def _initialisation(
+    run_args: Mapping[str, Any] | None, config: Any = None, depth: int = 0
+) -> tuple[str, list[str] | None]:
+    """(sentence, base models) following ``model_name_or_path`` back through earlier stages.
+
+    Where the run does not record its origin, the paper's towers are named as base models only
+    if the towers have their shapes (a randomly initialised full-size model is not a use case).
+    """
+    unknown_bases = list(PAPER_BASE_MODELS) if _paper_sized(config) else None
     if run_args is None:
-        return "the paper's towers (Swinv2-B 22k, Llama-3.2-1B)", list(PAPER_BASE_MODELS)
+        if unknown_bases:
+            return "the paper's towers (Swinv2-B 22k, Llama-3.2-1B)", unknown_bases
+        return "not recorded (no run arguments given)", None
     model = run_args.get("model", {})
     if model.get("vision_model_path") or model.get("text_model_path"):
         names = [str(model.get("vision_model_path")), str(model.get("text_model_path"))]
@@ -226,9 +246,9 @@ def _initialisation(run_args: Mapping[str, Any] | None, depth: int = 0) -> tuple
     if source:
         previous = Path(source) / "run_args.json"
         if depth < 4 and previous.is_file():
-            sentence, bases = _initialisation(load_run_args(previous), depth + 1)
+            sentence, bases = _initialisation(load_run_args(previous), config, depth + 1)
             return f"an earlier stage ({Path(source).name}), itself initialised from {sentence}", bases
-        return f"the DiaNA weights in {source}", list(PAPER_BASE_MODELS)
+        return f"the DiaNA weights in {source} (their own origin is not recorded)", unknown_bases
     if model.get("model_config") is not None:
         return "random initialisation from a config (no pretrained tower weights)", None
     return "the paper's towers (Swinv2-B 22k, Llama-3.2-1B)", list(PAPER_BASE_MODELS)
@@ -246,8 +266,12 @@ def _dataset_of(run_args: Mapping[str, Any] | None) -> str | None:
     return name
 
 
-def recipe_rows(run_args: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """The training settings that define the recipe, as (name, value) rows."""
+def recipe_rows(run_args: Mapping[str, Any], config: Any = None, num_processes: int | None = None) -> list[tuple[str, str]]:
+    """The training settings that define the recipe, as (name, value) rows.
+
+    ``num_processes`` (the evaluation report's, the same run's world size) makes the global
+    batch exact; without it only the per-device batch is stated.
+    """
     model, data, training = run_args.get("model", {}), run_args.get("data", {}), run_args.get("training", {})
     rows: list[tuple[str, str]] = []
 
@@ -255,16 +279,21 @@ def recipe_rows(run_args: Mapping[str, Any]) -> list[tuple[str, str]]:
         if value is not None and value != "":
             rows.append((name, str(value)))
 
-    add("initialisation", _initialisation(run_args)[0])
-    add("data set", f"{data.get('dataset')} ({data.get('data_dir')})")
-    devices = run_args.get("world_size") or training.get("world_size") or 1
+    add("initialisation", _initialisation(run_args, config)[0])
+    dataset = _dataset_of(run_args) or str(data.get("dataset"))
+    add("data set", f"{DATASETS.get(dataset, (dataset,))[0]} ({data.get('data_dir')})")
     per_device = training.get("per_device_train_batch_size")
     accumulation = training.get("gradient_accumulation_steps", 1) or 1
-    if per_device:
-        add("global batch", f"{int(per_device) * int(devices) * int(accumulation)} "
-            f"({per_device} per device x {devices} device(s) x {accumulation} accumulation)")
-    add("epochs", training.get("num_train_epochs"))
-    add("max steps", training.get("max_steps") if (training.get("max_steps") or -1) > 0 else None)
+    if per_device and num_processes:
+        add("global batch", f"{int(per_device) * int(num_processes) * int(accumulation)} "
+            f"({per_device} per device x {num_processes} process(es) x {accumulation} accumulation)")
+    elif per_device:
+        add("batch", f"{per_device} per device x {accumulation} accumulation (number of devices not recorded)")
+    max_steps = training.get("max_steps") or -1
+    if max_steps > 0:
+        add("steps", max_steps)
+    else:
+        add("epochs", training.get("num_train_epochs"))
     add("peak learning rate", training.get("learning_rate"))
     add("schedule, warmup", f"{training.get('lr_scheduler_type')}, {training.get('warmup_steps') or training.get('warmup_ratio')}")
     add("optimizer", f"{training.get('optim')} (betas {training.get('adam_beta1')}, {training.get('adam_beta2')}, "
@@ -363,7 +392,7 @@ def render_model_card(
         evaluations = [evaluations]
     evaluations = list(evaluations or [])
     model_name = model_name or repo_id.split("/")[-1]
-    init_sentence, inferred_bases = _initialisation(run_args)
+    init_sentence, inferred_bases = _initialisation(run_args, config)
     bases = inferred_bases if base_models == "auto" else base_models
     score_mode = getattr(config, "score_mode", None) or "global"
     card_data = build_card_data(
@@ -401,7 +430,10 @@ def render_model_card(
         text_summary=_text_summary(config),
         init_summary=init_sentence,
         trained_on=trained_on,
-        recipe=recipe_rows(run_args) if run_args else None,
+        recipe=recipe_rows(run_args, config, next((e.num_processes for e in evaluations if e.num_processes), None))
+        if run_args else None,
+        synthetic_only=run_dataset == "synthpedes" or (
+            not run_dataset and bool(evaluations) and all(e.dataset == "synthpedes" for e in evaluations)),
     )
     return card
 

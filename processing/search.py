@@ -183,7 +183,8 @@ def exact_topk(
     for start in range(0, num_gallery, chunk_size):
         rows = slice(start, min(start + chunk_size, num_gallery))
         if score_fn is None:
-            scores = queries.float() @ gallery[rows].float().T  # (Q, n_chunk)
+            # The gallery stays on the host; one chunk at a time visits the queries' device.
+            scores = queries.float() @ gallery[rows].to(queries.device, torch.float32).T  # (Q, n_chunk)
         else:
             scores = score_fn(queries, rows).float()
         values, indices = _topk_ties_by_index(scores, k)
@@ -196,7 +197,7 @@ def exact_topk(
                 torch.cat([best_values, values], 1), torch.cat([best_indices, indices], 1)
             )
             best_values, best_indices = merged_values[:, :k], merged_indices[:, :k]
-    return best_values, best_indices
+    return best_values.cpu(), best_indices.cpu()
 
 
 def faiss_available() -> bool:

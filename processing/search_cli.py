@@ -30,21 +30,26 @@ from .search import ChatSearchSession, GalleryIndex, RoundResult, save_contact_s
 
 
 def load_model_and_processor(model_dir: str, tokenizer_dir: str | None = None, device: str | None = None,
-                             dtype: str = "float32") -> tuple[Any, Any]:
-    """A DiaNA folder's model (eval mode) and processor (the folder's own, else the default one)."""
+                             dtype: str = "float32", revision: str | None = None) -> tuple[Any, Any]:
+    """A DiaNA model (eval mode) and processor from a local folder or a Hub repository id.
+
+    A folder without processor files (e.g. a converted official checkpoint) gets the default
+    fine-tuning processor at the model's image size.
+    """
     from diana.modeling_diana import DiaNAModel
 
     from . import build_processor
     from .processing_diana import DiaNAProcessor
 
     folder = Path(model_dir)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"--model {folder}: no config.json (not a DiaNA model folder)")
-    model = DiaNAModel.from_pretrained(str(folder), dtype=getattr(torch, dtype)).eval()
+    is_hub_id = not folder.exists() and model_dir.count("/") == 1 and not model_dir.startswith((".", "/"))
+    if not is_hub_id and not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"--model {folder}: no config.json (not a DiaNA model folder nor a Hub id)")
+    model = DiaNAModel.from_pretrained(model_dir, dtype=getattr(torch, dtype), revision=revision).eval()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    if (folder / "processor_config.json").is_file():
-        processor = DiaNAProcessor.from_pretrained(str(folder))
+    if is_hub_id or (folder / "processor_config.json").is_file():
+        processor = DiaNAProcessor.from_pretrained(model_dir, revision=revision)
     else:
         size = model.config.vision_config.image_size
         processor = build_processor(tokenizer_dir=tokenizer_dir, image_size=tuple(size) if isinstance(size, (list, tuple)) else (size, size))
@@ -146,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     def common(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--model", required=True, help="DiaNA model folder (an export or a training output)")
+        sub.add_argument("--model", required=True, help="DiaNA model folder (an export or a training output) or Hub id")
+        sub.add_argument("--revision", help="Hub revision (commit) when --model is a Hub id")
         sub.add_argument("--tokenizer-dir", help="tokenizer folder when the model folder has no processor files")
         sub.add_argument("--device", help="cpu / cuda (default: cuda if available)")
         sub.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -294,7 +300,7 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None, out: TextIO
         if args.add and not output.is_file():
             raise FileNotFoundError(f"--add: there is no index {output} to extend yet")
     dialogues = read_dialogues(args.dialogue) if args.command == "search" and args.dialogue else None
-    model, processor = load_model_and_processor(args.model, args.tokenizer_dir, args.device, args.dtype)
+    model, processor = load_model_and_processor(args.model, args.tokenizer_dir, args.device, args.dtype, args.revision)
     if args.command == "index":
         if args.add:
             index = GalleryIndex.load(output, model, processor)

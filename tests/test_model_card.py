@@ -34,7 +34,7 @@ def _eval_report(seed: int, modes=("global", "fused")) -> dict:
         per_mode["full"] = dict(per_mode[f"round_{ROUNDS}"])
         per_mode["cumulative_hits@10"] = cumulative_hits_at_k(torch.stack(first_hits), k=10)
         report[mode] = per_mode
-    report["meta"] = {"num_queries": 12, "num_gallery": 18, "num_persons": 6, "num_rounds": ROUNDS}
+    report["meta"] = {"num_queries": 12, "num_gallery": 18, "num_persons": 6, "num_rounds": ROUNDS, "num_processes": 1}
     # evaluation.write_results adds a reference ranker as {"label", **curve}; SynthPedes' oracle layout.
     rounds = [{"round": k, "R@1": 40.0 + k + seed, "R@5": 60.5 + k, "R@10": 70.25 + k, "mAP": 45.0 + k}
               for k in range(1, ROUNDS + 1)]
@@ -97,7 +97,7 @@ def test_card_metadata_tables_and_round_trip(tmp_path):
     assert f"| 2 | {oracle['R@1']:.2f} | {oracle['R@5']:.2f} | {oracle['R@10']:.2f} | {oracle['mAP']:.2f} | – | – |" in text
     assert 'revision = "someone/diana-tiny", "0123abcd"' in text
     assert "trust_remote_code=True, revision=revision" in text and "AutoProcessor.from_pretrained" in text
-    assert "| peak learning rate | 1.7e-05 |" in text and "| global batch | 64 (32 per device" in text
+    assert "| peak learning rate | 1.7e-05 |" in text and "| global batch | 64 (32 per device x 1 process(es) x 2 accumulation) |" in text
     assert "| seed | 1234 |" in text and "| precision | bf16 |" in text
     for phrase in ("Surveillance", "Consent", "Bias", "@inproceedings", "Bai, Yang", "CVPR"):
         assert phrase in text
@@ -113,10 +113,16 @@ def test_random_initialisation_and_chained_stages_name_their_origin(tmp_path):
     assert card.data.base_model is None  # no pretrained tower weights anywhere in the chain
     assert "an earlier stage (stage1), itself initialised from random initialisation" in card.text
 
+    unrecorded = _run_args(tmp_path, model_name_or_path=str(tmp_path / "elsewhere"))
+    card = render_model_card(parse_eval_results(_eval_report(1)), unrecorded, config=tiny_config())
+    assert card.data.base_model is None and "their own origin is not recorded" in card.text
+
     synth = _run_args(tmp_path, model_config={"projection_dim": 24})
     synth["data"]["data_dir"] = "/runs/synthpedes/chatpedes"
     card = render_model_card(parse_eval_results(_eval_report(2), dataset="synthpedes"), synth)
     assert card.data.datasets == ["synthpedes"] and "Trained on: SynthPedes" in card.text
+    assert "trained on SynthPedes, procedurally drawn" in card.text
+    assert "| data set | SynthPedes (synthetic, ChatPedes layout) (/runs/synthpedes/chatpedes) |" in card.text
 
 
 def test_card_without_results_or_recipe_still_checks():
