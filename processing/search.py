@@ -262,7 +262,7 @@ class AddReport:
     skipped_unreadable: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
-        text = f"added {self.added} image(s), skipped {self.skipped_duplicates} already indexed"
+        text = f"added {self.added} image(s), skipped {self.skipped_duplicates} already indexed (or repeated)"
         if self.skipped_unreadable:
             text += f", skipped {len(self.skipped_unreadable)} unreadable"
         return text
@@ -759,9 +759,12 @@ def save_contact_sheet(
     output: str | os.PathLike,
     *,
     title: str | None = None,
-    thumb_height: float = 1.6,
+    thumb_width: float = 1.1,
 ) -> Path:
-    """Save a PNG grid: one row per round, its top-k images labelled with rank and score."""
+    """Save a PNG grid: one row per round (its answer on the left), its top-k photos labelled
+    with rank, score and person id (when known)."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -770,13 +773,21 @@ def save_contact_sheet(
     if not results:
         raise ValueError("no rounds to draw")
     columns = max(len(r.paths) for r in results)
+    text_width = 1.7
+    row_height = thumb_width * 2 + 0.55  # pedestrian photos are 2:1 (H:W), plus the labels
     figure, axes = plt.subplots(
-        len(results), columns, figsize=(columns * thumb_height * 0.6, len(results) * (thumb_height + 0.45)),
-        squeeze=False,
+        len(results), columns + 1, squeeze=False,
+        figsize=(text_width + columns * thumb_width, 0.5 * bool(title) + len(results) * row_height),
+        gridspec_kw={"width_ratios": [text_width / thumb_width] + [1] * columns},
     )
     for row, result in enumerate(results):
+        label_axis = axes[row][0]
+        label_axis.axis("off")
+        answer = "\n".join(textwrap.wrap(result.answer, 24)[:6])
+        label_axis.text(0.0, 0.5, f"round {result.round_index}\n{answer}", fontsize=7, va="center", ha="left",
+                        transform=label_axis.transAxes)
         for column in range(columns):
-            axis = axes[row][column]
+            axis = axes[row][column + 1]
             axis.set_xticks([])
             axis.set_yticks([])
             if column >= len(result.paths):
@@ -788,8 +799,6 @@ def save_contact_sheet(
             if result.ids[column] >= 0:
                 label += f"\nid {result.ids[column]}"
             axis.set_title(label, fontsize=7)
-        answer = result.answer if len(result.answer) < 60 else result.answer[:57] + "..."
-        axes[row][0].set_ylabel(f"round {result.round_index}\n{answer}", fontsize=6, rotation=0, ha="right", va="center")
     if title:
         figure.suptitle(title, fontsize=9)
     figure.tight_layout()

@@ -163,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--images", help="folder of images (searched recursively)")
     source.add_argument("--chatpedes", metavar="DATA_DIR", help="ChatPedes-layout folder; with --split")
     index.add_argument("--split", default="test", help="split of --chatpedes (train / validation / test)")
+    index.add_argument("--validation-persons", type=int, default=0,
+                       help="persons carved out of train into validation, as in the training run (--split validation)")
+    index.add_argument("--validation-seed", type=int, default=0, help="seed of that carve-out")
     index.add_argument("--output", required=True, help="index file (.safetensors)")
     index.add_argument("--add", action="store_true", help="add new images to the existing --output index")
     index.add_argument("--with-attributes", action="store_true", help="also store attribute embeddings (attribute / fused modes)")
@@ -294,6 +297,8 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None, out: TextIO
         return 0
     # Cheap checks first: loading a 1.2B-parameter model takes a while.
     if args.command == "index":
+        if args.split == "validation" and args.chatpedes and args.validation_persons <= 0:
+            raise ValueError("--split validation needs --validation-persons N (as in the training run)")
         output = Path(args.output)
         if not args.add and output.exists():
             raise FileExistsError(f"{output} exists: use --add to extend it, or another --output")
@@ -311,7 +316,8 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None, out: TextIO
         else:
             from .chatpedes import load_chatpedes
 
-            splits = load_chatpedes(args.chatpedes)
+            splits = load_chatpedes(args.chatpedes, validation_persons=args.validation_persons,
+                                    validation_seed=args.validation_seed)
             if args.split not in splits:
                 raise KeyError(f"--split {args.split!r}: {args.chatpedes} has splits {sorted(splits)}")
             report = index.add_dataset(splits[args.split], model, processor, batch_size=args.batch_size,

@@ -157,7 +157,7 @@ def test_incremental_add_skips_duplicates_and_equals_one_build(index, model, tin
     assert partial.paths == first
     report = partial.add_images(root, model, tiny_processor, batch_size=3, progress=False)  # whole tree again
     assert (report.added, report.skipped_duplicates) == (4, 6)
-    assert "added 4 image(s), skipped 6 already indexed" in str(report)
+    assert "added 4 image(s), skipped 6 already indexed (or repeated)" in str(report)
     assert partial.paths == index.paths
     torch.testing.assert_close(partial.image_embeds, index.image_embeds, atol=1e-5, rtol=0)
     repeat = partial.add_images([second[0], second[0]], model, tiny_processor, progress=False)
