@@ -80,7 +80,7 @@ def _expected_captions(backend: DemoBackend, rounds: list[tuple[str, str]]) -> l
     shown = []
     for question, answer in rounds:
         result = session.add_round(question, answer)
-        shown.append([f"#{r} score {s:.3f}" for r, s in enumerate(result.scores, start=1)])
+        shown.append([f"#{r} · {s:.3f}" for r, s in enumerate(result.scores, start=1)])
     return shown
 
 

@@ -70,7 +70,7 @@ def _gallery_items(result) -> list[tuple[Image.Image, str]]:
     items = []
     for rank, (path, score) in enumerate(zip(result.paths, result.scores), start=1):
         with Image.open(path) as handle:
-            items.append((handle.convert("RGB"), f"#{rank} score {score:.3f}"))
+            items.append((handle.convert("RGB"), f"#{rank} · {score:.3f}"))
     return items
 
 
@@ -125,7 +125,7 @@ def build_demo(backend: DemoBackend) -> gr.Blocks:
                     submit = gr.Button("Add round", variant="primary", elem_id="submit")
                     reset = gr.Button("New search", elem_id="reset")
             with gr.Column(scale=2):
-                ranking = gr.Gallery(label="Ranking", columns=backend.k, height="auto", object_fit="contain",
+                ranking = gr.Gallery(label="Ranking", columns=min(backend.k, 4), height=640, object_fit="contain",
                                      elem_id="ranking")
         load.click(load_gallery, [gallery_choice, uploads], [session, status, chat, ranking, question, answer])
         submit.click(add_round, [session, question, answer, chat], [session, chat, ranking, status, question, answer])
