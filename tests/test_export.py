@@ -211,3 +211,23 @@ def test_export_leaves_no_stray_files(checkpoint, model, tiny_processor, tmp_pat
     output = export.export_folder(model, tiny_processor, tmp_path / "hub")
     assert sorted(p.name for p in output.iterdir()) == sorted(export.REQUIRED_FILES + ("loss_diana.py", "chat_template.jinja"))
     shutil.rmtree(output)
+
+
+def test_official_release_is_converted_and_gets_a_processor(tokenizer_dir, tmp_path):
+    from tests.test_convert_official_checkpoint import write_official_folder
+
+    official_dir = tmp_path / "official"
+    official, _ = write_official_folder(official_dir)
+    output = tmp_path / "hub"
+    export.main(["--official", str(official_dir), "--tokenizer-dir", str(tokenizer_dir), "--output", str(output),
+                 "--skip-check"])
+    for name in export.REQUIRED_FILES:
+        assert (output / name).is_file(), name
+    model = DiaNAModel.from_pretrained(output).eval()
+    processor_config = json.loads((output / "processor_config.json").read_text())
+    assert processor_config["image_processor"]["size"] == dict(zip(("height", "width"), model.config.vision_config.image_size))
+    pixels = torch.randn(2, 3, *model.config.vision_config.image_size)
+    with torch.no_grad():
+        ours = model.get_image_features(pixels)
+        theirs = official.encode_image(pixels)[0]  # (pooled projection, refiner slots)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
