@@ -82,7 +82,8 @@ class DiaNAConfig(PreTrainedConfig):
         use_refiner_loss: Add the attribute-similarity losses of the refiner.
         sdm_epsilon: Epsilon inside the log of the SDM targets.
         score_mode: Default retrieval score of `DiaNAModel.similarity`: "global", "attribute" or "fused".
-        initializer_range: Standard deviation of the normal initialisation of the projections and the refiner.
+        initializer_factor: Multiplies the width-scaled standard deviations of the projections' and the
+            refiner's initialisation (CLIP's convention; 1.0 = the scaled defaults).
 
     Example:
     ```python
@@ -121,7 +122,7 @@ class DiaNAConfig(PreTrainedConfig):
     use_refiner_loss: bool = True
     sdm_epsilon: float = 1e-6
     score_mode: str = "global"
-    initializer_range: float = 0.02
+    initializer_factor: float = 1.0
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

@@ -211,15 +211,36 @@ class DiaNAPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         # The towers are PreTrainedModels and get their own `_init_weights`; this covers DiaNA's own modules.
         # `transformers.initialization` functions skip parameters that were loaded from a checkpoint.
-        std = self.config.initializer_range
+        # Standard deviations scale with the width (CLIP's projections, the IRRA / CLIP cross-modal
+        # transformer for the refiner): a fixed 0.02 is right at D = 768 but leaves a narrow refiner's
+        # slots at ~1e-3, and LayerNorm / L2 normalisation of such vectors gave gradient norms of
+        # 1e14 at D = 24.
+        factor = self.config.initializer_factor
+        dim = self.config.projection_dim
+        attn_std = factor * dim**-0.5
+        proj_std = factor * dim**-0.5 * (2 * max(1, self.config.refiner_num_layers)) ** -0.5
+        fc_std = factor * (2 * dim) ** -0.5
         if isinstance(module, DiaNAModel):
             init.constant_(module.logit_scale, math.log(self.config.logit_scale_init_value))
+            for projection in (module.visual_projection, module.text_projection):
+                init.normal_(projection.weight, mean=0.0, std=factor * projection.in_features**-0.5)
+                init.zeros_(projection.bias)
         elif isinstance(module, DiaNAAttributeRefiner):
-            init.normal_(module.attribute_queries, mean=0.0, std=std)
-        elif isinstance(module, nn.Linear):
-            init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                init.zeros_(module.bias)
+            # transformers calls this only for modules that own parameters, so the refiner (which owns
+            # the queries) initialises its parameter-less attention / MLP wrappers itself.
+            init.normal_(module.attribute_queries, mean=0.0, std=attn_std)
+            for sub in module.modules():
+                if isinstance(sub, DiaNARefinerAttention):
+                    for projection in (sub.q_proj, sub.k_proj, sub.v_proj):
+                        init.normal_(projection.weight, mean=0.0, std=attn_std)
+                        init.zeros_(projection.bias)
+                    init.normal_(sub.out_proj.weight, mean=0.0, std=proj_std)
+                    init.zeros_(sub.out_proj.bias)
+                elif isinstance(sub, DiaNARefinerMLP):
+                    init.normal_(sub.fc1.weight, mean=0.0, std=fc_std)
+                    init.zeros_(sub.fc1.bias)
+                    init.normal_(sub.fc2.weight, mean=0.0, std=proj_std)
+                    init.zeros_(sub.fc2.bias)
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)

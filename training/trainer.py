@@ -16,7 +16,7 @@ class DiaNATrainer(Trainer):
     """Trainer for both DiaNA stages.
 
     - `compute_loss` asks the model for its loss (ITC, SDM, refiner terms per `DiaNAConfig`) and
-      keeps every term, the logit scale and the number of gathered negatives for the next log line.
+      keeps every term and the logit scale for the next log line.
     - `evaluate` ranks the evaluation split's gallery with every dialogue at every round count
       (gallery encoded once, all rounds from one encoder pass) and reports R@K / mAP / mINP / mFR
       per score mode; `metric_for_best_model` (default `eval_global/full/R@1`) picks the best
@@ -58,8 +58,6 @@ class DiaNATrainer(Trainer):
                 "sdm_loss": outputs.sdm_loss,
                 "refiner_loss": outputs.refiner_loss,
                 "logit_scale": outputs.logit_scale,
-                # (local texts, gathered images): the columns are every process's images.
-                "gathered_batch_size": torch.tensor(float(outputs.logits_per_text.shape[-1])),
             }
             for name, value in terms.items():
                 if value is None:
@@ -70,10 +68,14 @@ class DiaNATrainer(Trainer):
         return (outputs.loss, outputs) if return_outputs else outputs.loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        # Training log lines carry "loss"; add the mean of every term since the previous line.
+        # Training log lines carry "loss" (every process calls log() for them): add the mean of every
+        # term since the previous line, averaged over processes like the Trainer's own loss.
         if "loss" in logs and self._term_count:
-            for name, total in self._term_sums.items():
-                logs[name] = round(float(total) / self._term_count, 6)
+            names = sorted(self._term_sums)
+            means = torch.stack([self._term_sums[n] for n in names]).to(self.args.device) / self._term_count
+            means = self.accelerator.reduce(means, reduction="mean")
+            for name, value in zip(names, means.tolist()):
+                logs[name] = round(value, 6)
             self._term_sums, self._term_count = {}, 0
         super().log(logs, start_time)
 
