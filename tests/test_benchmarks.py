@@ -101,11 +101,12 @@ def test_fast_and_naive_training_step_give_the_same_loss_and_gradients(tiny_proc
     assert results["fast"][2] % 8 == 0
     torch.testing.assert_close(results["fast"][0], results["naive"][0], atol=1e-5, rtol=1e-5)
     assert results["fast"][1].keys() == results["naive"][1].keys()
+    # Relative to each tensor's norm, plus a floor relative to the whole gradient: some gradients are
+    # ~0 in exact arithmetic (softmax is invariant to a key bias) and hold only rounding noise.
+    total = torch.stack([g.norm() for g in results["fast"][1].values()]).norm()
     for name, grad in results["fast"][1].items():
-        # Relative to the tensor's norm: some gradients are ~0 in exact arithmetic (softmax is invariant
-        # to a key bias) and hold only rounding noise there.
         diff = (grad - results["naive"][1][name]).norm()
-        assert diff <= 1e-4 * grad.norm() + 1e-6, f"{name}: |diff| {diff:.2e} vs |grad| {grad.norm():.2e}"
+        assert diff <= 1e-4 * grad.norm() + 1e-7 * total, f"{name}: |diff| {diff:.2e} vs |grad| {grad.norm():.2e}"
 
 
 # ----------------------------------------------------------------------------------------- harness

@@ -168,8 +168,9 @@ class Inputs:
         return ids.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True)
 
     def pixels(self, batch: int, seed: int = 0) -> torch.Tensor:
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        return torch.randn(batch, 3, *self.image_size, generator=gen).to(self.device)
+        # Drawn on the device: a 1024-image probe of the batch search would spend seconds in a CPU randn.
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        return torch.randn(batch, 3, *self.image_size, generator=gen, device=self.device)
 
     def train_batch(self, batch: int, pad_to: int | None, offset: int = 0) -> dict[str, torch.Tensor]:
         rows = (torch.arange(batch) + offset) % self.input_ids.shape[0]

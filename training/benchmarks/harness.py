@@ -104,6 +104,46 @@ def time_fn(
     )
 
 
+def time_interleaved(
+    fns: dict[str, Callable[[], Any]],
+    *,
+    device: torch.device | str = "cpu",
+    warmup: int = 1,
+    repeats: int = 3,
+    max_seconds: float = 120.0,
+) -> dict[str, Timing]:
+    """Times several alternatives round-robin (A B C A B C ...), so that a change of machine load
+    hits them alike; compare them by `min_s`, the least disturbed call, on a shared machine.
+
+    Args:
+        fns: name -> work.
+        warmup: untimed rounds first.
+        repeats: timed rounds wanted (at least one).
+        max_seconds: stop after the round in which the total timed time passed this.
+    """
+    for _ in range(max(0, warmup)):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    spent, capped = 0.0, False
+    for i in range(max(1, repeats)):
+        for name, fn in fns.items():
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+            spent += times[name][-1]
+        if spent > max_seconds and i + 1 < repeats:
+            capped = True
+            break
+    return {
+        name: Timing(median_s=statistics.median(t), mean_s=statistics.fmean(t), min_s=min(t), max_s=max(t),
+                     repeats=len(t), warmup=warmup, capped=capped)
+        for name, t in times.items()
+    }
+
+
 def count_flops(fn: Callable[[], Any]) -> int:
     """Floating-point operations (multiply-add = 2) that `fn()` dispatches, by
     `torch.utils.flop_counter.FlopCounterMode` (matmuls, convolutions, attention; the backward pass
