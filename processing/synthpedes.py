@@ -102,19 +102,22 @@ QUESTIONS: dict[str, list[str]] = {
     "bag": ["Were they carrying a bag?", "Did the person have a bag?"],
     "bag_colour": ["What colour was the bag?", "Do you remember the colour of the bag?"],
 }
+# Every answer names its subject ("The top was red.", never "It was red."): a witness's answer is
+# then readable without the question, which a tiny text tower trained from scratch needs to bind
+# a colour to the right garment within minutes.
 ANSWERS: dict[str, dict[str, list[str]]] = {
     "hair_colour": {"*": ["The hair was {v}.", "{V} hair."]},
-    "hair_length": {"*": ["It was {v}.", "{V} hair."]},
+    "hair_length": {"*": ["The hair was {v}.", "{V} hair."]},
     "hat": {"none": ["No, no hat.", "No hat."], "*": ["Yes, a {v} cap.", "A {v} hat."]},
-    "upper_colour": {"*": ["The top was {v}.", "It was {v}.", "{V}."]},
+    "upper_colour": {"*": ["The top was {v}.", "A {v} top.", "{V} top."]},
     "sleeves": {"*": ["The sleeves were {v}.", "{V} sleeves."]},
-    "pattern": {"plain": ["It was plain.", "No pattern, it was plain."], "striped": ["It had stripes.", "It was striped."]},
-    "lower_colour": {"*": ["The lower clothing was {v}.", "{V}."]},
+    "pattern": {"plain": ["The top was plain.", "A plain top, no pattern."], "striped": ["The top had stripes.", "A striped top."]},
+    "lower_colour": {"*": ["The lower clothing was {v}.", "{V} lower clothing."]},
     "lower_type": {"trousers": ["They wore trousers.", "Long trousers."], "shorts": ["They wore shorts.", "Shorts."],
                    "skirt": ["A skirt.", "They wore a skirt."]},
     "shoes": {"*": ["The shoes were {v}.", "{V} shoes."]},
     "bag": {"none": ["No bag.", "No, they did not carry a bag."], "*": ["Yes, a {v}.", "They carried a {v}."]},
-    "bag_colour": {"*": ["The bag was {v}.", "It was {v}."]},
+    "bag_colour": {"*": ["The bag was {v}.", "A {v} bag."]},
 }
 FIRST_ANSWERS = ["The person {c1} and {c2}.", "I saw someone who {c1} and {c2}.", "The pedestrian {c1} and {c2}.",
                  "It was a pedestrian who {c1} and {c2}."]

@@ -27,6 +27,11 @@ from diana.processing.synthpedes import (
     sample_attributes,
 )
 
+SUBJECTS = {
+    "hair_colour": ["hair"], "hair_length": ["hair"], "hat": ["hat", "cap"], "upper_colour": ["top"],
+    "sleeves": ["sleeves"], "pattern": ["top"], "lower_colour": ["lower clothing"],
+    "lower_type": ["trousers", "shorts", "skirt"], "shoes": ["shoes"], "bag": ["bag", "backpack"], "bag_colour": ["bag"],
+}
 KW = dict(persons=20, images_per_person=2, rounds=5, mals_images=8, mals_files=2, progress=False)
 
 
@@ -81,11 +86,15 @@ def test_identities_splits_and_dialogues(synth):
             stated = [a for r in rev for a in r]
             assert len(stated) == len(set(stated))  # each round reveals something new
             assert all(attrs[a] is not None for a in stated)
-            # The answer of each round names the value it reveals (shape words excepted).
-            for rnd, names in zip(dialogue, rev):
+            # The answer of each round names the value it reveals (shape words excepted) and,
+            # after round 1, its subject, so it reads without the question.
+            for r, (rnd, names) in enumerate(zip(dialogue, rev)):
                 for a in names:
+                    answer = rnd["answer"].lower()
                     if attrs[a] not in ("none", "plain", "striped"):
-                        assert attrs[a].split()[-1] in rnd["answer"].lower()
+                        assert attrs[a].split()[-1] in answer
+                    if r > 0:
+                        assert any(w in answer for w in SUBJECTS[a]), (a, answer)
     assert forms == {True, False}
 
 
