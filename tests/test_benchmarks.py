@@ -130,6 +130,14 @@ def test_find_max_batch_finds_the_oom_threshold(threshold, start, limit, expecte
     assert len(calls) <= 2 * max(1, limit).bit_length() + 2  # doubling then bisection, not a linear scan
 
 
+def test_find_max_batch_relative_tolerance_brackets_the_threshold():
+    calls: list[int] = []
+    result = harness.find_max_batch(_fake_step(700, calls), start=32, limit=1024, relative_tolerance=1 / 16)
+    failed = min(b for b, ok in result.probes if not ok)
+    assert result.max_batch <= 700 < failed and failed - result.max_batch <= result.max_batch // 16
+    assert len(calls) < 12
+
+
 def test_find_max_batch_propagates_other_errors():
     def broken(b: int) -> None:
         raise RuntimeError("shape mismatch in layer 3")

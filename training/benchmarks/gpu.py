@@ -78,7 +78,8 @@ class GpuSettings:
     timed_steps: int = 8
     step_cap_s: float = 20.0
     batch_search_limit: int = 1024
-    batch_search_start: int = 16
+    batch_search_start: int = 32
+    batch_search_tolerance: float = 1 / 16  # the answer is exact to within 6 %, in fewer probes
     gallery_batch: int = 256
     gallery_images: int = workloads.CHATPEDES_TEST_IMAGES
     eval_dialogues: int = workloads.CHATPEDES_TEST_DIALOGUES
@@ -328,13 +329,15 @@ def measure_batch_fit(model, inputs: Inputs, settings: GpuSettings, checkpointin
 
     with harness.memory_cap(device) as fraction:
         result = harness.find_max_batch(try_batch, start=settings.batch_search_start, limit=settings.batch_search_limit,
-                                        cleanup=lambda: (optimizer.zero_grad(set_to_none=True), _cleanup(device)))
+                                        cleanup=lambda: (optimizer.zero_grad(set_to_none=True), _cleanup(device)),
+                                        relative_tolerance=settings.batch_search_tolerance)
     set_checkpointing(model, False)
     del optimizer
     _cleanup(device)
     return {
         "checkpointing": checkpointing,
         "max_batch": result.max_batch,
+        "first_batch_that_failed": min((b for b, ok in result.probes if not ok), default=None),
         "hit_search_limit": result.hit_limit,
         "probes": result.probes,
         "memory_fraction_cap": fraction,

@@ -216,7 +216,7 @@ class BatchSearch:
 
 
 def find_max_batch(try_batch: Callable[[int], Any], *, start: int = 8, limit: int = 1024,
-                   cleanup: Callable[[], None] | None = None) -> BatchSearch:
+                   cleanup: Callable[[], None] | None = None, relative_tolerance: float = 0.0) -> BatchSearch:
     """Largest batch size for which `try_batch(b)` runs without running out of memory.
 
     Doubles from `start` until an OOM (or `limit`), then bisects between the last batch that
@@ -228,6 +228,9 @@ def find_max_batch(try_batch: Callable[[int], Any], *, start: int = 8, limit: in
         start: first batch tried (>= 1).
         limit: never try more than this.
         cleanup: called after every probe (free the failed step's tensors, empty the cache).
+        relative_tolerance: stop bisecting once the gap between the batch that fitted and the one
+            that did not is at most this fraction of the former (each probe of a large model costs
+            seconds); 0 = exact.
 
     Returns:
         `BatchSearch`; when `start` does not fit the search bisects below it, and `max_batch`
@@ -262,7 +265,7 @@ def find_max_batch(try_batch: Callable[[int], Any], *, start: int = 8, limit: in
                 bad = nxt
     else:
         good, bad = 0, start
-    while bad - good > 1:
+    while bad - good > max(1, int(good * relative_tolerance)):
         mid = (good + bad) // 2
         if fits(mid):
             good = mid
