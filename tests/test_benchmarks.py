@@ -155,6 +155,13 @@ def test_count_flops_counts_matmul_forward_and_backward():
     assert harness.count_flops(lambda: (x @ w).sum().backward()) == 3 * 2 * m * k * n
 
 
+def test_counting_flops_leaves_a_live_model_from_the_same_config_alone():
+    model = DiaNAModel(tiny_model_config())
+    gpu.set_text_attention(model, True)
+    gpu.count_train_flops(model.config, 2, 16, (64, 32))
+    assert model.text_model.config._attn_implementation == "sdpa"
+
+
 def test_train_flops_cover_the_text_tower_and_grow_with_batch_and_length():
     config = tiny_model_config()
     batch, length = 2, 40
@@ -221,6 +228,7 @@ def test_run_command_runs_both_suites_tiny_and_writes_json(tmp_path, tokenizer_d
     assert {"naive", fast_name, fast_name + "+ckpt"} <= gpu_res["training"].keys()
     for t in gpu_res["training"].values():
         assert t["samples_per_s"] > 0 and t["step"]["repeats"] >= 1
+        assert t["text_attention_used"] == ("sdpa" if t["options"]["sdpa"] else "eager")
     assert gpu_res["training"]["naive"]["padded_lengths"] == [naive.NAIVE_MAX_LENGTH] * 2
     assert max(gpu_res["training"][fast_name]["padded_lengths"]) < naive.NAIVE_MAX_LENGTH
     assert gpu_res["flops"]["per_sample_padded_400"] > gpu_res["flops"]["per_sample_fast"] > 0

@@ -25,6 +25,7 @@ measurement).
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import math
 import time
@@ -196,6 +197,9 @@ def train_step(model: DiaNAModel, optimizer: torch.optim.Optimizer, batch: dict[
 
 def count_train_flops(config: DiaNAConfig, batch: int, length: int, image_size: tuple[int, int]) -> int:
     """FLOPs of one training step's forward + backward on the meta device (no compute, no memory)."""
+    # A copy: the towers share their sub-config objects with the composite, so switching the meta
+    # model's attention to eager would switch a live model built from the same config too.
+    config = copy.deepcopy(config)
     with torch.device("meta"):
         model = DiaNAModel(config)
     # transformers' SDPA mask path reads tensor values (impossible on meta); eager counts the same matmuls.
@@ -248,22 +252,23 @@ def measure_training(model, inputs: Inputs, settings: GpuSettings, opts: Optimis
     batch = batch or settings.train_batch
     config = model.config
     image_size = tuple(config.vision_config.image_size)
-    set_text_attention(model, opts.sdpa)
-    set_vision_compiled(model, opts.compile_vision)
-    set_checkpointing(model, opts.checkpointing)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    optimizer = make_optimizer(model, opts.fused_adamw)
     pad_to = None if opts.dynamic_padding else settings.max_length
     batches = [inputs.train_batch(batch, pad_to, offset=i * batch) for i in range(2)]
     dynamic_lengths = [inputs.train_batch(batch, None, offset=i * batch)["input_ids"].shape[1] for i in range(2)]
     useful_flops = sum(train_flops_cached(config, batch, n, image_size) for n in dynamic_lengths) / 2
     executed_flops = sum(train_flops_cached(config, batch, b["input_ids"].shape[1], image_size) for b in batches) / 2
+    set_text_attention(model, opts.sdpa)
+    set_vision_compiled(model, opts.compile_vision)
+    set_checkpointing(model, opts.checkpointing)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    optimizer = make_optimizer(model, opts.fused_adamw)
     counter = {"i": 0}
 
     def step() -> None:
         counter["i"] += 1
         train_step(model, optimizer, batches[counter["i"] % 2], opts.bf16)
 
+    attention_used = model.text_model.config._attn_implementation
     harness.reset_peak_memory(device)
     start = time.perf_counter()
     try:
@@ -281,6 +286,7 @@ def measure_training(model, inputs: Inputs, settings: GpuSettings, opts: Optimis
     achieved_executed = executed_flops / timing.median_s / 1e12
     return {
         "options": asdict(opts),
+        "text_attention_used": attention_used,
         "batch": batch,
         "padded_lengths": [pad_to] * 2 if pad_to else dynamic_lengths,
         "step": timing.as_dict(),
