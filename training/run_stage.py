@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
     # 3. Model and processor.
     model = build_model(model_args)
     processor = build_run_processor(model_args, data_args, model.config)
+    if model_args.compile_vision:
+        # Compiles in place: parameter names and the saved state dict stay those of the plain tower.
+        model.vision_model.compile()
     if model_args.lora_rank > 0:
         model = wrap_with_lora(model, model_args, training_args.output_dir)
     if not model_config_of(model).use_refiner_loss:
