@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import datasets
 from PIL import Image, UnidentifiedImageError
 
 logger = logging.getLogger(__name__)
@@ -242,3 +243,31 @@ def log_report(report: SkipReport, dataset: str) -> None:
             "%s: skipped %d missing/unreadable images (%s); see the builder's report",
             dataset, report.total_skipped, report.num_skipped,
         )
+
+
+class ReportingBuilder(datasets.GeneratorBasedBuilder):
+    """What the ChatPedes and MALS builders share: the `on_missing_image` / `image_check` checks,
+    generation errors re-raised as the located error that caused them, and the skip report kept
+    next to the cached arrow files (so a cached load still has it)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        self._report: SkipReport | None = None
+        super().__init__(*args, **kwargs)
+        check_choice("on_missing_image", self.config.on_missing_image, MISSING_IMAGE_POLICIES)
+        check_choice("image_check", self.config.image_check, IMAGE_CHECKS)
+
+    @property
+    def report(self) -> SkipReport | None:
+        """What `on_missing_image="skip"` skipped (None before `download_and_prepare`)."""
+        return self._report
+
+    def download_and_prepare(self, *args: Any, **kwargs: Any) -> None:
+        self._report = None
+        try:
+            super().download_and_prepare(*args, **kwargs)
+        except datasets.exceptions.DatasetGenerationError as e:
+            raise unwrap_generation_error(e) from None
+        if self._report is not None:
+            self._report.save(self._output_dir)
+        else:
+            self._report = SkipReport.load(self._output_dir)

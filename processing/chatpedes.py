@@ -33,17 +33,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ._annotations import (
-    IMAGE_CHECKS,
-    MISSING_IMAGE_POLICIES,
+    ReportingBuilder,
     AnnotationError,
     SkipReport,
-    check_choice,
     fingerprint,
     load_json_list,
     log_report,
     require,
     resolve_image,
-    unwrap_generation_error,
 )
 
 ANNOTATION_FILES = {"train": "train_reid.json", "test": "test_reid.json"}
@@ -169,7 +166,7 @@ def validation_person_ids(train_person_ids: list[int], n: int, seed: int) -> set
     return set(int(p) for p in rng.permutation(unique)[:n])
 
 
-class ChatPedes(datasets.GeneratorBasedBuilder):
+class ChatPedes(ReportingBuilder):
     """ChatPedes builder; see the module docstring. The cache key includes a hash of the two
     annotation files' contents, so edited annotations are re-read."""
 
@@ -186,30 +183,10 @@ class ChatPedes(datasets.GeneratorBasedBuilder):
             if missing:
                 raise AnnotationError(f"ChatPedes annotation file(s) not found: {', '.join(missing)}")
             hash = fingerprint(files, contents=True)
-        self._report: SkipReport | None = None
         super().__init__(*args, data_dir=data_dir, hash=hash, **kwargs)
-        check_choice("on_missing_image", self.config.on_missing_image, MISSING_IMAGE_POLICIES)
-        check_choice("image_check", self.config.image_check, IMAGE_CHECKS)
 
     def _info(self) -> datasets.DatasetInfo:
         return datasets.DatasetInfo(description=_DESCRIPTION, citation=_CITATION, features=FEATURES)
-
-    @property
-    def report(self) -> SkipReport | None:
-        """What `on_missing_image="skip"` skipped (None before `download_and_prepare`)."""
-        return self._report
-
-    def download_and_prepare(self, *args: Any, **kwargs: Any) -> None:
-        self._report = None
-        try:
-            super().download_and_prepare(*args, **kwargs)
-        except datasets.exceptions.DatasetGenerationError as e:
-            raise unwrap_generation_error(e) from None
-        # Generated now: keep the report next to the arrow files so a cached load still has it.
-        if self._report is not None:
-            self._report.save(self._output_dir)
-        else:
-            self._report = SkipReport.load(self._output_dir)
 
     def _split_generators(self, dl_manager: Any) -> list[datasets.SplitGenerator]:
         cfg = self.config

@@ -27,17 +27,14 @@ import datasets
 from tqdm.auto import tqdm
 
 from ._annotations import (
-    IMAGE_CHECKS,
-    MISSING_IMAGE_POLICIES,
+    ReportingBuilder,
     AnnotationError,
     SkipReport,
-    check_choice,
     fingerprint,
     load_json_list,
     log_report,
     require,
     resolve_image,
-    unwrap_generation_error,
 )
 
 NUM_ATTRIBUTES = 27
@@ -123,7 +120,7 @@ def parse_record(record: Any, where: str) -> dict[str, Any]:
     return {"image": image, "caption": caption, "image_id": str(image_id), "label": label}
 
 
-class MALS(datasets.GeneratorBasedBuilder):
+class MALS(ReportingBuilder):
     """MALS builder; see the module docstring. The cache key includes the selected annotation
     files' names, sizes and mtimes (hashing ~1 GB of JSON would cost seconds on every load)."""
 
@@ -136,29 +133,10 @@ class MALS(datasets.GeneratorBasedBuilder):
         data_dir = os.path.abspath(os.path.expanduser(data_dir))
         if hash is None:
             hash = fingerprint(annotation_files(data_dir, kwargs.get("files")), contents=False)
-        self._report: SkipReport | None = None
         super().__init__(*args, data_dir=data_dir, hash=hash, **kwargs)
-        check_choice("on_missing_image", self.config.on_missing_image, MISSING_IMAGE_POLICIES)
-        check_choice("image_check", self.config.image_check, IMAGE_CHECKS)
 
     def _info(self) -> datasets.DatasetInfo:
         return datasets.DatasetInfo(description=_DESCRIPTION, citation=_CITATION, features=FEATURES)
-
-    @property
-    def report(self) -> SkipReport | None:
-        """What `on_missing_image="skip"` skipped (None before `download_and_prepare`)."""
-        return self._report
-
-    def download_and_prepare(self, *args: Any, **kwargs: Any) -> None:
-        self._report = None
-        try:
-            super().download_and_prepare(*args, **kwargs)
-        except datasets.exceptions.DatasetGenerationError as e:
-            raise unwrap_generation_error(e) from None
-        if self._report is not None:
-            self._report.save(self._output_dir)
-        else:
-            self._report = SkipReport.load(self._output_dir)
 
     def _split_generators(self, dl_manager: Any) -> list[datasets.SplitGenerator]:
         files = annotation_files(self.config.data_dir, self.config.files)
