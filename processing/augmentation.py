@@ -348,7 +348,7 @@ def build_train_image_transform(
     *,
     interpolation: v2.InterpolationMode = v2.InterpolationMode.BILINEAR,
     flip_probability: float = 0.5,
-    padding: int = 10,
+    padding: int | None = None,
     erasing_probability: float = 0.5,
     erasing_scale: tuple[float, float] = (0.02, 0.4),
 ) -> v2.Compose:
@@ -371,6 +371,8 @@ def build_train_image_transform(
         interpolation: Resize interpolation (the processor's `resample`).
         flip_probability: Horizontal flip probability (0 disables the step).
         padding: Pixels padded on each side before the random crop (0 disables pad and crop).
+            Default: the paper's 10 pixels at 384x192, scaled to this width (10 px on a 32-px-wide
+            image would shift the person by a third of its width).
         erasing_probability: Random erasing probability (0 disables the step; IRRA uses 0.5).
         erasing_scale: Range of the erased area as a fraction of the image.
 
@@ -379,6 +381,8 @@ def build_train_image_transform(
         float32 `tv_tensors.Image`.
     """
     height, width = int(size[0]), int(size[1])
+    if padding is None:
+        padding = max(1, round(10 * width / 192))
     steps: list[v2.Transform] = [
         v2.ToImage(),
         v2.RGB(),

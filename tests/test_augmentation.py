@@ -10,6 +10,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from torchvision.transforms import v2
 from transformers import ViTImageProcessor
 
 from diana.processing.augmentation import (
@@ -313,3 +314,13 @@ def test_load_image_variants_and_errors(tmp_path):
         load_image({"path": str(tmp_path / "missing.jpg"), "bytes": None})
     with pytest.raises(ImageLoadError, match="missing"):
         load_image(None)
+
+
+def test_default_padding_is_the_papers_10_pixels_scaled_to_the_image_width():
+    def pads(size):
+        transform = build_train_image_transform(size, (0.5,) * 3, (0.5,) * 3)
+        return [t.padding for t in transform.transforms if isinstance(t, v2.Pad)]
+
+    assert pads((384, 192)) == [10]  # DESIGN.md §1
+    assert pads((64, 32)) == [2]     # not a third of a 32-px-wide person
+    assert pads((768, 384)) == [20]
