@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import math
 
-from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
-from transformers.configuration_utils import SubConfigSpec
+
+# `strict` is huggingface_hub's decorator (it runs the validate_* methods), taken through transformers:
+# this file travels with the weights and may import only torch and transformers.
+from transformers.configuration_utils import SubConfigSpec, strict
 
 # The paper's image tower: Swinv2-B (ImageNet-22k), patch 4, window 12, at 384x192 (H x W).
 DEFAULT_VISION_CONFIG: dict = {
