@@ -185,6 +185,13 @@ def test_pretrain_preset_keeps_a_56_word_caption_and_uses_mals_statistics(tokeni
     assert out["input_ids"][1, : out["attention_mask"][1].sum()].tolist() == ids_of(pre, short, truncation=False)
     assert out["round_truncated"].tolist() == [[True], [False]]
     assert out["round_end_positions"][:, 0].tolist() == [127, len(ids_of(pre, short, truncation=False)) - 1]
+    # DESIGN.md's literal 56-token limit still works per call, and shows why the preset is 128: the
+    # template alone fills it, so even a short caption is cut away (flagged, round end at 55).
+    at56 = pre(dialogues=[caption, short], max_length=56, return_round_ends=True)
+    assert at56["input_ids"].shape == (2, 56)
+    assert at56["input_ids"][1].tolist() == ids_of(pre, short, truncation=False)[:56]
+    assert at56["round_truncated"].tolist() == [[True], [True]]
+    assert at56["round_end_positions"][:, 0].tolist() == [55, 55]
     pixels = pre(images=Image.new("RGB", (32, 64), (10, 200, 30)))["pixel_values"]
     expected = torch.tensor([(c / 255 - m) / s for c, m, s in zip((10, 200, 30), MALS_MEAN, MALS_STD)])
     assert torch.allclose(pixels[0, :, 5, 5], expected, atol=1e-4)
