@@ -22,7 +22,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from diana.modeling_diana import DiaNAConfig, DiaNAModel
 from diana.processing import build_processor
 from diana.processing.collator import DiaNACollator, add_length_column
-from diana.training.arguments import DataArguments, DiaNATrainingArguments, ModelArguments, parse_args
+from diana.training.arguments import DataArguments, ModelArguments, parse_args
 from diana.training.trainer import DiaNATrainer
 
 logger = logging.getLogger("diana.run_stage")
@@ -100,7 +100,6 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
         from diana.training.lora import load_and_merge
 
         merged = load_and_merge(Path(training_args.output_dir) / "base", training_args.output_dir)
-        merged.register_for_auto_class("AutoModel")
         merged.save_pretrained(Path(training_args.output_dir) / "merged")
         processor.save_pretrained(Path(training_args.output_dir) / "merged")
 
@@ -109,10 +108,9 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
     if eval_dataset is not None:
         metrics = trainer.evaluate(eval_dataset, metric_key_prefix=f"eval_{data_args.eval_split}")
         results = trainer.last_eval_results
-        if trainer.is_world_process_zero():
-            write_run_record(training_args.output_dir, model_args, data_args, training_args, results,
-                             data_report)
         trainer.save_metrics(f"eval_{data_args.eval_split}", metrics)
+    if trainer.is_world_process_zero():
+        write_run_record(training_args.output_dir, model_args, data_args, training_args, results, data_report)
     return results
 
 
@@ -234,10 +232,12 @@ def model_config_of(model) -> DiaNAConfig:
 
 
 def write_run_record(output_dir, model_args, data_args, training_args, results, data_report) -> None:
-    """eval_results.json (the report the model card renders) and run_args.json (the recipe used)."""
+    """run_args.json (the recipe used) and, after an evaluation, eval_results.json (the report the
+    model card renders)."""
     os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, "eval_results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    if results:
+        with open(os.path.join(output_dir, "eval_results.json"), "w") as f:
+            json.dump(results, f, indent=2)
     record = {
         "model": asdict(model_args),
         "data": asdict(data_args),
