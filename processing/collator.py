@@ -214,7 +214,7 @@ class DiaNACollator:
         batch ahead, so a checkpoint's saved global RNG state is already past the next batch's
         draws. Otherwise the seed comes from the global CPU generator or the private stream.
         """
-        if getattr(self, "epoch", None) is not None and rows and all("row_index" in row for row in rows):
+        if self.epoch is not None and rows and all("row_index" in row for row in rows):
             key = [self.seed or 0, self.epoch, *(int(row["row_index"]) for row in rows)]
             digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
             return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 2)
