@@ -225,6 +225,16 @@ class DiaNAPreTrainedModel(PreTrainedModel):
             for projection in (module.visual_projection, module.text_projection):
                 init.normal_(projection.weight, mean=0.0, std=factor * projection.in_features**-0.5)
                 init.zeros_(projection.bias)
+            # A from-scratch Swinv2 zeroes its patch-embedding bias, so a patch that random erasing filled with
+            # the mean (0 after normalisation) embeds to the zero vector. Its LayerNorm then has zero variance
+            # and scales the gradient by 1/sqrt(eps) = 316 at every norm it meets: 1e16 gradients at step 0,
+            # which global clipping turns into no update at all for every other weight. PyTorch's default
+            # conv bias (what a pretrained tower also has: non-zero) keeps that vector off zero. Runs after the
+            # towers' own init (children first); skipped for weights loaded from a checkpoint.
+            patch = getattr(module.vision_model.get_input_embeddings(), "projection", None)
+            if isinstance(patch, nn.Conv2d) and patch.bias is not None:
+                bound = patch.weight[0].numel() ** -0.5
+                init.uniform_(patch.bias, -bound, bound)
         elif isinstance(module, DiaNAAttributeRefiner):
             # transformers calls this only for modules that own parameters, so the refiner (which owns
             # the queries) initialises its parameter-less attention / MLP wrappers itself.

@@ -150,6 +150,29 @@ def test_model_structure_and_init(model):
     assert model.config.vision_config._attn_implementation == "eager"
 
 
+def test_erased_patch_keeps_from_scratch_gradients_finite(inputs):
+    # Random erasing fills with the mean, i.e. 0 after normalisation. With Swinv2's zero-initialised
+    # patch-embedding bias such a patch embeds to the zero vector, whose LayerNorm has zero variance: the
+    # gradient grew by 1/sqrt(eps) per norm to ~1e16 at step 0 (the small SynthPedes preset), and global
+    # clipping then froze every other weight. DiaNA gives a from-scratch tower PyTorch's default bias.
+    torch.manual_seed(0)
+    model = DiaNAModel(tiny_config(logit_scale_init_value=10.0)).train()
+    bias = model.vision_model.embeddings.patch_embeddings.projection.bias
+    assert bias.abs().max() > 0
+    assert bias.abs().max() <= 48**-0.5  # uniform(+-1/sqrt(fan_in)), fan_in = 3 * 4 * 4
+    def vision_gradient_norm(pixel_values):
+        model.zero_grad()
+        model(pixel_values=pixel_values, input_ids=inputs.input_ids, attention_mask=inputs.attention_mask,
+              person_ids=torch.tensor([0, 1, 2]), return_loss=True).loss.backward()
+        return torch.linalg.vector_norm(
+            torch.stack([p.grad.norm() for p in model.vision_model.parameters() if p.grad is not None]))
+
+    erased = inputs.pixel_values.clone()
+    erased[:, :, 8:40, :] = 0.0  # an erased band covering whole patches and whole windows
+    # Same order of magnitude as on the intact images (without the bias: 1e17 against 3e3).
+    assert vision_gradient_norm(erased) < 10 * vision_gradient_norm(inputs.pixel_values)
+
+
 def test_auto_model_from_config_builds_diana():
     built = AutoModel.from_config(tiny_config())
     assert isinstance(built, DiaNAModel)
