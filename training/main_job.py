@@ -23,10 +23,12 @@ logger = logging.getLogger("diana.main_job")
 def parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="outputs/main_job")
-    parser.add_argument("--persons", type=int, default=400, help="SynthPedes persons (train + test)")
+    parser.add_argument("--persons", type=int, default=1500,
+                        help="SynthPedes persons (train + test); with 400, stage 2 overfits its 280 train persons")
+    parser.add_argument("--test_persons", type=int, default=100, help="held-out persons of the test split")
     parser.add_argument("--images_per_person", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--mals_images", type=int, default=8000,
+    parser.add_argument("--mals_images", type=int, default=16000,
                         help="MALS-layout images for stage 1 (each its own identity; more data, fewer epochs)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stage1_config", default="stage1_synthpedes_small")
@@ -47,6 +49,7 @@ def main() -> None:
 
     summary = generate(str(out / "synthpedes"), persons=args.persons, images_per_person=args.images_per_person,
                        rounds=args.rounds, seed=args.seed, mals_images=args.mals_images,
+                       test_fraction=args.test_persons / args.persons,
                        mals_files=4, overwrite=True, progress=True)
     oracle = summary["oracle"]
     logger.info("SynthPedes written to %s in %.0f s", out / "synthpedes", time.time() - start)
