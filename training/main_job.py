@@ -35,7 +35,10 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--stage2_config", default="stage2_synthpedes_small")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                         help="flags passed to both stages, e.g. --extra --num_train_epochs 1")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if not 1 <= args.test_persons <= args.persons - 2:
+        parser.error(f"--test_persons {args.test_persons} must leave at least 2 of --persons {args.persons} for training")
+    return args
 
 
 def main() -> None:

@@ -1,0 +1,47 @@
+"""The README's first command, `python -m diana.training.main_job`, end to end on a tiny budget: data and
+oracle, both stages with the shipped small presets (2 steps each), the per-round test table beside the
+oracle, the verdict file and a Hub folder checked in a fresh process."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from diana.training import main_job
+
+pytestmark = pytest.mark.xdist_group("run_stage")  # shares the CPU with the other end-to-end runs
+
+
+def test_main_job_runs_every_step_and_writes_its_verdict(tmp_path: Path, monkeypatch, capsys):
+    out = tmp_path / "main_job"
+    monkeypatch.setattr(sys, "argv", [
+        "main_job", "--output_dir", str(out), "--persons", "12", "--test_persons", "4", "--images_per_person", "2",
+        "--rounds", "3", "--mals_images", "64",
+        "--extra", "--max_steps", "2", "--per_device_train_batch_size", "8", "--validation_persons", "2",
+        "--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "false",
+        "--report_to", "none", "--disable_tqdm", "true", "--cache_dir", str(tmp_path / "cache"),
+    ])
+    main_job.main()
+
+    printed = capsys.readouterr().out
+    assert "DiaNA vs the attribute oracle" in printed and "oracle R@1" in printed
+    summary = json.loads((out / "main_job_summary.json").read_text())
+    assert len(summary["model_R@1_per_round"]) == 3  # one entry per round count
+    oracle = json.loads((out / "synthpedes" / "oracle.json").read_text())
+    assert summary["oracle_full_R@1"] == oracle["full"]["R@1"]
+    assert summary["reaches_80_percent_of_oracle"] == (summary["model_full_R@1"] >= 0.8 * oracle["full"]["R@1"])
+    test_eval = json.loads((out / "test_eval" / "eval_results.json").read_text())
+    assert test_eval["global"]["full"]["R@1"] == summary["model_full_R@1"]
+    assert len({row["id"] for row in json.loads(
+        (out / "synthpedes" / "chatpedes" / "test_reid.json").read_text())}) == 4
+    for name in ("config.json", "model.safetensors", "README.md", "modeling_diana.py"):
+        assert (out / "hub_model" / name).is_file(), name
+
+
+def test_main_job_refuses_a_test_split_that_leaves_no_training_persons(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["main_job", "--persons", "10", "--test_persons", "9"])
+    with pytest.raises(SystemExit):
+        main_job.parse()
