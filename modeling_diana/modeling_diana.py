@@ -228,7 +228,7 @@ class DiaNAPreTrainedModel(PreTrainedModel):
             # A from-scratch Swinv2 zeroes its patch-embedding bias, so a patch that random erasing filled with
             # the mean (0 after normalisation) embeds to the zero vector. Its LayerNorm then has zero variance
             # and scales the gradient by 1/sqrt(eps) = 316 at every norm it meets: 1e16 gradients at step 0,
-            # which global clipping turns into no update at all for every other weight. PyTorch's default
+            # which global clipping turns into almost no update for every other weight. PyTorch's default
             # conv bias (what a pretrained tower also has: non-zero) keeps that vector off zero. Runs after the
             # towers' own init (children first); skipped for weights loaded from a checkpoint.
             patch = getattr(module.vision_model.get_input_embeddings(), "projection", None)
