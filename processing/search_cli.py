@@ -197,24 +197,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _timed(function, repeats: int) -> float:
-    """Median seconds of ``repeats`` calls (after one warm-up call)."""
-    import time
-
-    function()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
 def benchmark(args: argparse.Namespace, out: TextIO) -> None:
     """Print the two speed claims of the search module as measured figures."""
     import platform
+    import time
+
+    # The benchmark suite's timer: median of timed calls after a warm-up, CUDA synchronised around each.
+    from diana.training.benchmarks.harness import synchronize, time_fn
 
     from .search import exact_topk, faiss_available
+
+    def timed(function) -> float:
+        return time_fn(function, device=device, warmup=1, repeats=args.repeats, max_seconds=float("inf")).median_s
 
     torch.manual_seed(0)
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
@@ -222,11 +216,12 @@ def benchmark(args: argparse.Namespace, out: TextIO) -> None:
     gallery = torch.nn.functional.normalize(torch.randn(args.gallery_size, args.dim), dim=-1)
     query = torch.nn.functional.normalize(torch.randn(1, args.dim), dim=-1)
     index = GalleryIndex(gallery, [str(i) for i in range(args.gallery_size)], "benchmark", "benchmark")
-    exact = _timed(lambda: exact_topk(query, gallery, args.top_k), args.repeats)
+    device = "cpu"  # the random gallery below lives on the host
+    exact = timed(lambda: exact_topk(query, gallery, args.top_k))
     print(f"exact top-{args.top_k} over {args.gallery_size:,} x {args.dim}: {exact * 1e3:.1f} ms / query", file=out)
     if faiss_available():
         index.search(query, args.top_k, backend="faiss")  # builds the FAISS index once
-        flat = _timed(lambda: index.search(query, args.top_k, backend="faiss"), args.repeats)
+        flat = timed(lambda: index.search(query, args.top_k, backend="faiss"))
         same = torch.equal(index.search(query, args.top_k, backend="faiss")[1], exact_topk(query, gallery, args.top_k)[1])
         print(f"FAISS IndexFlatIP top-{args.top_k}: {flat * 1e3:.1f} ms / query (same ranking: {same})", file=out)
 
@@ -268,13 +263,13 @@ def benchmark(args: argparse.Namespace, out: TextIO) -> None:
             for question, answer in rounds[: number - 1]:
                 session.add_round(question, answer)
         cached_round()
-        import time
-
         times = []
         for _ in range(args.repeats):
-            cached_round()
+            cached_round()  # replay the earlier rounds untimed; time only the new one
+            synchronize(device)
             start = time.perf_counter()
             result = session.add_round(*rounds[number - 1])
+            synchronize(device)
             times.append(time.perf_counter() - start)
         cached = sorted(times)[len(times) // 2]
         batch = processor(dialogues=[rounds[:number]], return_tensors="pt")
@@ -284,7 +279,7 @@ def benchmark(args: argparse.Namespace, out: TextIO) -> None:
             with torch.no_grad():
                 encoding = model.encode_dialogues(batch["input_ids"], batch["attention_mask"])
                 index.search(encoding.text_embeds.float(), args.top_k)
-        rebuild = _timed(full, args.repeats)
+        rebuild = timed(full)
         total = int(batch["attention_mask"].sum())
         print(f"{number:>5}  {total:>6}/{result.new_tokens:<10} {cached * 1e3:>15.1f}  {rebuild * 1e3:>12.1f}", file=out)
 
