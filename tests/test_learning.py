@@ -72,15 +72,3 @@ def test_stage1_preset_learns_in_about_a_minute(tmp_path: Path):
     assert r1 >= 3 / HELD_OUT, (r1, r10)
     assert ranks.float().median() < 0.25 * HELD_OUT, ranks.float().median()
 
-
-def test_opt_in_p8_preset_reads_the_layout_through_one_final_token():
-    # stage1_synthpedes_small_p8's point: patch merging, not a mean over many tokens, gathers the image.
-    from diana.modeling_diana import DiaNAConfig
-    from diana.training.arguments import load_yaml_preset
-
-    default = DiaNAModel(DiaNAConfig(**load_yaml_preset("stage1_synthpedes_small")["model_config"])).eval()
-    variant = DiaNAModel(DiaNAConfig(**load_yaml_preset("stage1_synthpedes_small_p8")["model_config"])).eval()
-    pixel_values = torch.randn(2, 3, 64, 32)
-    with torch.no_grad():
-        assert variant.vision_model(pixel_values=pixel_values).last_hidden_state.shape[1] == 1
-        assert default.vision_model(pixel_values=pixel_values).last_hidden_state.shape[1] == 8 * 4
