@@ -66,9 +66,11 @@ def test_stage1_preset_learns_in_about_a_minute(tmp_path: Path):
     r1, r10 = (ranks == 0).float().mean().item(), (ranks < 10).float().mean().item()
     print(f"learning check: itc {history[0]['itc_loss']} -> {sum(late) / len(late):.3f}; held-out R@1 {r1:.2%} R@10 {r10:.2%} "
           f"median rank {ranks.float().median():.0f} of {HELD_OUT}")
-    # Measured on this 2-core CPU (one thread, 85 s): ITC 4.49 -> 3.60, R@1 2.0% and R@10 14.75% against
-    # chance 0.25% and 2.5%, median rank 37 of 400 (chance 200). The bounds leave room for other CPUs.
-    assert r10 >= 3 * chance_r10, (r1, r10)
-    assert r1 >= 3 / HELD_OUT, (r1, r10)
-    assert ranks.float().median() < 0.25 * HELD_OUT, ranks.float().median()
+    # Measured on this 2-core CPU (one thread, 78 s): ITC 4.68 -> 3.35, R@1 4.75% and R@10 28.5% against
+    # chance 0.25% and 2.5%, median rank 22 of 400 (chance 200). With transformers' default Swinv2 init
+    # (0.02 instead of the preset's 0.15) the same check gives R@1 1.25%, R@10 12.25%, median 42 and fails
+    # these bounds, which leave room for other CPUs.
+    assert r10 >= 8 * chance_r10, (r1, r10)
+    assert r1 >= 10 / HELD_OUT, (r1, r10)
+    assert ranks.float().median() < 50, ranks.float().median()
 
