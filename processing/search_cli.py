@@ -207,6 +207,8 @@ def benchmark(args: argparse.Namespace, out: TextIO) -> None:
 
     from .search import exact_topk, faiss_available
 
+    device = "cpu"  # the random gallery below lives on the host
+
     def timed(function) -> float:
         return time_fn(function, device=device, warmup=1, repeats=args.repeats, max_seconds=float("inf")).median_s
 
@@ -216,7 +218,6 @@ def benchmark(args: argparse.Namespace, out: TextIO) -> None:
     gallery = torch.nn.functional.normalize(torch.randn(args.gallery_size, args.dim), dim=-1)
     query = torch.nn.functional.normalize(torch.randn(1, args.dim), dim=-1)
     index = GalleryIndex(gallery, [str(i) for i in range(args.gallery_size)], "benchmark", "benchmark")
-    device = "cpu"  # the random gallery below lives on the host
     exact = timed(lambda: exact_topk(query, gallery, args.top_k))
     print(f"exact top-{args.top_k} over {args.gallery_size:,} x {args.dim}: {exact * 1e3:.1f} ms / query", file=out)
     if faiss_available():

@@ -73,4 +73,3 @@ def test_stage1_preset_learns_in_about_a_minute(tmp_path: Path):
     assert r10 >= 8 * chance_r10, (r1, r10)
     assert r1 >= 10 / HELD_OUT, (r1, r10)
     assert ranks.float().median() < 50, ranks.float().median()
-
