@@ -141,8 +141,16 @@ def load_yaml_preset(name_or_path: str) -> dict[str, Any]:
 
 def load_model_config(value: str) -> dict[str, Any]:
     """`--model_config` as a JSON/YAML file or an inline JSON object."""
-    text = Path(value).read_text() if Path(value).exists() else value
-    data = yaml.safe_load(text)  # YAML is a superset of JSON
+    if value.lstrip().startswith("{"):
+        text = value  # inline: a long one is no file name (the OS refuses names over 255 bytes)
+    elif Path(value).is_file():
+        text = Path(value).read_text()
+    else:
+        raise FileNotFoundError(f"--model_config {value!r}: no such file (give a JSON/YAML file or an inline JSON object)")
+    try:
+        data = yaml.safe_load(text)  # YAML is a superset of JSON
+    except yaml.YAMLError as err:
+        raise ValueError(f"--model_config {value[:80]!r}: not valid JSON/YAML: {err}") from err
     if not isinstance(data, dict):
         raise ValueError(f"--model_config must be a mapping of DiaNAConfig arguments, got {value!r}")
     return data
