@@ -33,6 +33,9 @@ def test_main_job_runs_every_step_and_writes_its_verdict(tmp_path: Path, monkeyp
     oracle = json.loads((out / "synthpedes" / "oracle.json").read_text())
     assert summary["oracle_full_R@1"] == oracle["full"]["R@1"]
     assert summary["reaches_80_percent_of_oracle"] == (summary["model_full_R@1"] >= 0.8 * oracle["full"]["R@1"])
+    probe = json.loads((out / "attribute_probe" / "attribute_probe.json").read_text())
+    assert set(probe) == set(summary["attribute_probe"]) and "hair_length" in probe
+    assert "Linear probes of the trained embeddings" in printed and (out / "attribute_probe" / "attribute_probe.png").is_file()
     test_eval = json.loads((out / "test_eval" / "eval_results.json").read_text())
     assert test_eval["global"]["full"]["R@1"] == summary["model_full_R@1"]
     assert len({row["id"] for row in json.loads(

@@ -3,7 +3,8 @@
 1. generate SynthPedes (ChatPedes and MALS layouts) and its attribute oracle;
 2. stage 1: pretrain a small DiaNA on the MALS-layout captions;
 3. stage 2: fine-tune it on the ChatPedes-layout dialogues (best checkpoint on validation persons);
-4. evaluate on the held-out test persons, per round, beside the oracle;
+4. evaluate on the held-out test persons, per round, beside the oracle, and probe which attributes
+   the model's embeddings carry (`attribute_probe`: why it falls short of the oracle);
 5. export a Hub-ready model folder (card, pictures, remote code) and check that it loads.
 
     python -m diana.training.main_job --output_dir outputs/main_job
@@ -76,6 +77,20 @@ def main() -> None:
     print("\nSynthPedes test persons (text -> image), DiaNA vs the attribute oracle:\n")
     print(format_round_table(results, reference=oracle))
 
+    # The oracle assumes every stated attribute is perceived; the probe shows which ones the model reads.
+    from diana.training.attribute_probe import format_table, plot_probe, probe_model
+    from diana.training.evaluate_model import load_model_and_processor
+
+    model, processor = load_model_and_processor(out / "stage2", device="cpu")
+    probe = probe_model(model, processor, out / "synthpedes" / "chatpedes")
+    (out / "attribute_probe").mkdir(exist_ok=True)
+    (out / "attribute_probe" / "attribute_probe.json").write_text(json.dumps(probe, indent=2))
+    plot_probe(probe, out / "attribute_probe" / "attribute_probe.png")
+    print("\nLinear probes of the trained embeddings per attribute (test persons; majority = always the most "
+          "frequent class):\n")
+    print(format_table(probe))
+    del model
+
     # 5. A Hub-ready folder, checked by loading it in a fresh process.
     from diana.hub_cards.export import main as export
 
@@ -94,6 +109,8 @@ def main() -> None:
         "fraction_of_oracle": round(full_r1 / oracle_r1, 3) if oracle_r1 else None,
         "reaches_80_percent_of_oracle": bool(oracle_r1 and full_r1 >= 0.8 * oracle_r1),
         "R@1_rises_with_rounds": per_round[-1] > per_round[0],
+        "attribute_probe": {name: {k: round(v, 3) for k, v in row.items() if k in ("image", "text")}
+                            for name, row in probe.items()},
     }
     (out / "main_job_summary.json").write_text(json.dumps(verdict, indent=2))
     print(f"\nfull-dialogue R@1 {full_r1:.1f} = {verdict['fraction_of_oracle']:.0%} of the oracle's {oracle_r1:.1f} "
