@@ -31,6 +31,9 @@ def test_a_class_never_seen_in_training_counts_as_an_error():
 
 def test_majority_rate_uses_the_training_majority():
     assert majority_rate(["a", "a", "b"], ["b", "b", "a", "c"]) == pytest.approx(0.25)
+    # A tie is broken by name, not by set order (which follows the per-process string hash).
+    for train in (["long", "short"], ["short", "long"]):
+        assert majority_rate(train, ["short", "short", "long"]) == pytest.approx(1 / 3)
 
 
 @pytest.fixture(scope="module")
