@@ -100,3 +100,37 @@ def slow_diana_losses(text, image, text_attr, image_attr, ids, scale, reduction=
         total += out["refiner_loss"]
     out["loss"] = total
     return out
+
+
+# ---- two-process CPU launches (accelerate) -------------------------------------------------------
+import os  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+# What a launch prints when its rendezvous port was taken between picking and binding it.
+_PORT_TAKEN = ("Address already in use", "EADDRINUSE", "address already in use")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_two_cpu_processes(args: list[str], *, env: dict[str, str] | None = None, timeout: float = 600,
+                             cwd: str | os.PathLike | None = None, attempts: int = 3) -> subprocess.CompletedProcess:
+    """`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 <args>`.
+
+    A free port can be taken by another process (the other xdist worker launches too) before the
+    launch binds it: only that failure is retried, on a new port; any other failure is returned.
+    """
+    env = {**os.environ, **(env or {}), "ACCELERATE_USE_CPU": "1"}
+    for _ in range(attempts):
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), *args]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=cwd)
+        if proc.returncode == 0 or not any(text in proc.stderr for text in _PORT_TAKEN):
+            return proc
+    return proc

@@ -4,10 +4,6 @@ prefix separately, gallery de-duplication, sharding over two processes, report f
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,6 +16,7 @@ from PIL import Image
 
 from diana.training.evaluation import CURVES_FILE, RESULTS_FILE, evaluate_retrieval, format_round_table
 from diana.training.metrics import cumulative_hits_at_k, retrieval_metrics_and_first_hit_ranks
+from tests.helpers import launch_two_cpu_processes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -303,20 +300,11 @@ assert results["meta"]["num_processes"] == 2
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_give_the_single_process_numbers(tmp_path):
     script = tmp_path / "two_process_eval.py"
     script.write_text(_TWO_PROCESS_SCRIPT)
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           str(script), str(tmp_path)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    done = launch_two_cpu_processes([str(script), str(tmp_path)], timeout=240,
+                                    env={"PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
     assert ranks[0] == ranks[1]

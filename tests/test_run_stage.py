@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from transformers import TrainerCallback
 
 from diana.processing.synthpedes import generate
 from diana.training.run_stage import main as run_stage
+from tests.helpers import launch_two_cpu_processes
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.xdist_group("run_stage")  # shares the generated data and the CPU
@@ -212,12 +212,6 @@ def test_lora_adapters_save_reload_and_merge_into_a_plain_model(synth, stage1_di
     assert (text_merged - text_base).abs().max() > 1e-4, "the adapters had no effect"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_gather_negatives_and_evaluate_like_one(synth, stage1_dir, tmp_path):
     """`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2`: a step on 2 x 4
@@ -233,13 +227,9 @@ def test_two_processes_gather_negatives_and_evaluate_like_one(synth, stage1_dir,
     one = tmp_path / "one"
     run_stage(stage2_args(synth, one, *plain, "--per_device_train_batch_size", "8"))
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), str(REPO / "training" / "run_stage.py"),
-           *stage2_args(synth, out, *plain, "--per_device_train_batch_size", "4")]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    proc = launch_two_cpu_processes(
+        [str(REPO / "training" / "run_stage.py"), *stage2_args(synth, out, *plain, "--per_device_train_batch_size", "4")],
+        env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     (step_one,) = [entry for entry in log_history(one) if "loss" in entry]
     (step_two,) = [entry for entry in log_history(out) if "loss" in entry]
