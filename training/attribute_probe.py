@@ -92,18 +92,18 @@ def embed(model, processor, data_dir, entries, *, batch_size: int = 128, desc: s
     """(image embeddings (E, D) one per entry, full-dialogue embeddings (N, D) in entry/dialogue order)."""
     from diana.training.evaluation import encode_queries, tokenize_dialogues
 
-    device = next(model.parameters()).device
+    param = next(model.parameters())
     images = []
     for start in tqdm(range(0, len(entries), batch_size), desc=f"{desc} images", leave=False):
         batch = [Image.open(os.path.join(data_dir, "imgs", e["file_path"])).convert("RGB")
                  for e in entries[start : start + batch_size]]
-        pixel_values = processor(images=batch)["pixel_values"].to(device)
-        images.append(model.encode_images(pixel_values).image_embeds.cpu())
+        pixel_values = processor(images=batch)["pixel_values"].to(param.device, param.dtype)
+        images.append(model.encode_images(pixel_values).image_embeds.float().cpu())
     dialogues = [d for e in entries for d in e["dialogues"]]
     tokens = tokenize_dialogues(processor, dialogues)
     text = encode_queries(model, tokens, batch_size=batch_size, pad_token_id=processor.tokenizer.pad_token_id,
                           keep_attributes=False, desc=f"{desc} dialogues")["embeds"][:, -1]  # (N, D) full dialogue
-    return torch.cat(images), text
+    return torch.cat(images), text.float()
 
 
 def probe_model(model, processor, data_dir: str | os.PathLike, *, train_entries: int | None = 2000,
@@ -171,6 +171,23 @@ def plot_probe(report: dict[str, dict[str, float | int]], path: str | os.PathLik
     fig.savefig(path, dpi=120)
 
 
+def run(model_dir: str | os.PathLike, data_dir: str | os.PathLike, output_dir: str | os.PathLike | None = None, *,
+        train_entries: int | None = 2000, batch_size: int = 128, device: str | None = None) -> dict[str, Any]:
+    """Loads a model folder, probes it on a SynthPedes ChatPedes-layout folder and, with `output_dir`,
+    writes attribute_probe.json and attribute_probe.png there. Returns the report."""
+    from diana.training.evaluate_model import load_model_and_processor
+
+    model, processor = load_model_and_processor(model_dir, device=device)
+    report = probe_model(model, processor, data_dir, train_entries=train_entries, batch_size=batch_size)
+    if output_dir is not None:
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "attribute_probe.json").write_text(json.dumps(report, indent=2))
+        plot_probe(report, out / "attribute_probe.png")
+        logger.info("wrote %s", out)
+    return report
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a saved DiaNA folder")
@@ -178,19 +195,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--output", default=None, help="folder for attribute_probe.json / .png")
     parser.add_argument("--train_entries", type=int, default=2000, help="training images (with their dialogues) to fit on")
     parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    from diana.training.evaluate_model import load_model_and_processor
-
-    model, processor = load_model_and_processor(args.model, device="cpu")
-    report = probe_model(model, processor, args.data, train_entries=args.train_entries, batch_size=args.batch_size)
+    report = run(args.model, args.data, args.output, train_entries=args.train_entries, batch_size=args.batch_size,
+                 device=args.device)
     print(format_table(report))
-    if args.output:
-        out = Path(args.output)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "attribute_probe.json").write_text(json.dumps(report, indent=2))
-        plot_probe(report, out / "attribute_probe.png")
-        logger.info("wrote %s", out)
     return report
 
 

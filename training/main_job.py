@@ -78,18 +78,12 @@ def main() -> None:
     print(format_round_table(results, reference=oracle))
 
     # The oracle assumes every stated attribute is perceived; the probe shows which ones the model reads.
-    from diana.training.attribute_probe import format_table, plot_probe, probe_model
-    from diana.training.evaluate_model import load_model_and_processor
+    from diana.training.attribute_probe import format_table, run as attribute_probe
 
-    model, processor = load_model_and_processor(out / "stage2", device="cpu")
-    probe = probe_model(model, processor, out / "synthpedes" / "chatpedes")
-    (out / "attribute_probe").mkdir(exist_ok=True)
-    (out / "attribute_probe" / "attribute_probe.json").write_text(json.dumps(probe, indent=2))
-    plot_probe(probe, out / "attribute_probe" / "attribute_probe.png")
+    probe = attribute_probe(out / "stage2", out / "synthpedes" / "chatpedes", out / "attribute_probe")
     print("\nLinear probes of the trained embeddings per attribute (test persons; majority = always the most "
           "frequent class):\n")
     print(format_table(probe))
-    del model
 
     # 5. A Hub-ready folder, checked by loading it in a fresh process.
     from diana.hub_cards.export import main as export
