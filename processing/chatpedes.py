@@ -135,8 +135,12 @@ def parse_chats(chats: Any, where: str) -> list[list[dict[str, str]]]:
     return [parse_dialogue(chats, f"{where}, dialogue 0")]
 
 
-def parse_entries(path: str) -> list[dict[str, Any]]:
+def parse_entries(path: str, raw: list[Any] | None = None) -> list[dict[str, Any]]:
     """Validates a ChatPedes annotation file.
+
+    Args:
+        path: the annotation file (named in every error).
+        raw: its entries when the caller has already read them with `load_json_list` (read once).
 
     Returns:
         One dict per entry: entry_index, person_id, file_path, dialogues.
@@ -145,7 +149,7 @@ def parse_entries(path: str) -> list[dict[str, Any]]:
         AnnotationError: naming the file, the entry index and the field / dialogue / round.
     """
     entries = []
-    for i, entry in enumerate(load_json_list(path)):
+    for i, entry in enumerate(load_json_list(path) if raw is None else raw):
         where = f"{path}: entry {i}"
         person_id = require(entry, "id", int, where)
         file_path = require(entry, "file_path", str, where)

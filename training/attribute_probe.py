@@ -25,7 +25,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from tqdm.auto import tqdm
 
 logger = logging.getLogger("diana.attribute_probe")
@@ -69,12 +68,12 @@ def majority_rate(train_y: Sequence[str], test_y: Sequence[str]) -> float:
 
 def load_synthpedes_split(data_dir: str | os.PathLike, split: str, max_entries: int | None) -> list[dict[str, Any]]:
     """Entries of `{split}_reid.json` with their SynthPedes record, dialogues as question/answer lists."""
+    from diana.processing._annotations import load_json_list
     from diana.processing.chatpedes import parse_entries
 
     path = os.path.join(data_dir, f"{split}_reid.json")
-    with open(path) as f:
-        raw = json.load(f)
-    entries = parse_entries(path)[:max_entries]
+    raw = load_json_list(path)  # read once: validated by parse_entries, the 'synthpedes' records kept here
+    entries = parse_entries(path, raw)[:max_entries]
     for entry in entries:
         record = raw[entry["entry_index"]].get("synthpedes")
         if not isinstance(record, dict) or "attributes" not in record or "revealed" not in record:
@@ -90,12 +89,13 @@ def load_synthpedes_split(data_dir: str | os.PathLike, split: str, max_entries: 
 @torch.inference_mode()
 def embed(model, processor, data_dir, entries, *, batch_size: int = 128, desc: str = "") -> tuple[torch.Tensor, torch.Tensor]:
     """(image embeddings (E, D) one per entry, full-dialogue embeddings (N, D) in entry/dialogue order)."""
+    from diana.processing.augmentation import load_image
     from diana.training.evaluation import encode_queries, tokenize_dialogues
 
     param = next(model.parameters())
     images = []
     for start in tqdm(range(0, len(entries), batch_size), desc=f"{desc} images", leave=False):
-        batch = [Image.open(os.path.join(data_dir, "imgs", e["file_path"])).convert("RGB")
+        batch = [load_image(os.path.join(data_dir, "imgs", e["file_path"]), where=f"entry {e['entry_index']}")
                  for e in entries[start : start + batch_size]]
         pixel_values = processor(images=batch)["pixel_values"].to(param.device, param.dtype)
         images.append(model.encode_images(pixel_values).image_embeds.float().cpu())
