@@ -37,6 +37,21 @@ def test_model_config_inline_json_longer_than_a_file_name_or_from_a_file(tmp_pat
         parse_args(["--output_dir", str(tmp_path), "--model_config", str(path)])
 
 
+def test_small_presets_share_one_model_config_found_in_the_configs_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the name resolves under training/configs/, not the working directory
+    stage0, data0, _ = parse_args(["--config", "stage0_synthpedes_small", "--output_dir", str(tmp_path)])
+    stage1, data1, _ = parse_args(["--config", "stage1_synthpedes_small", "--output_dir", str(tmp_path)])
+    assert stage0.model_config == stage1.model_config
+    assert stage0.model_config["vision_config"]["initializer_range"] == 0.15
+    assert stage0.model_config["text_config"]["hidden_size"] == 64
+    assert (data0.objective, data1.objective) == ("image_attributes", "retrieval")
+    # A file of that name in the working directory wins over the configs folder.
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "synthpedes_small.yaml").write_text("projection_dim: 24\n")
+    model, _, _ = parse_args(["--config", "stage1_synthpedes_small", "--output_dir", str(tmp_path)])
+    assert model.model_config == {"projection_dim": 24}
+
+
 def test_unknown_preset_key_is_named(tmp_path):
     preset = tmp_path / "p.yaml"
     preset.write_text("learning_rate: 1.0e-4\nlerning_rate: 2.0e-4\n")

@@ -1,5 +1,5 @@
 """The README's first command, `python -m diana.training.main_job`, end to end on a tiny budget: data and
-oracle, both stages with the shipped small presets (2 steps each), the per-round test table beside the
+oracle, the three stages with the shipped small presets (2 steps each), the per-round test table beside the
 oracle, the verdict file and a Hub folder checked in a fresh process."""
 
 from __future__ import annotations
@@ -40,6 +40,10 @@ def test_main_job_runs_every_step_and_writes_its_verdict(tmp_path: Path, monkeyp
     assert test_eval["global"]["full"]["R@1"] == summary["model_full_R@1"]
     assert len({row["id"] for row in json.loads(
         (out / "synthpedes" / "chatpedes" / "test_reid.json").read_text())}) == 4
+    # Stage 0 trains the image tower; stage 1 starts from its folder.
+    assert (out / "stage0" / "vision_pretraining.json").is_file()
+    stage1_args = json.loads((out / "stage1" / "run_args.json").read_text())
+    assert stage1_args["model"]["model_name_or_path"] == str(out / "stage0")
     for name in ("config.json", "model.safetensors", "README.md", "modeling_diana.py"):
         assert (out / "hub_model" / name).is_file(), name
 

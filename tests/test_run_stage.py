@@ -142,6 +142,56 @@ def test_stage2_from_stage1_reinitialises_queries_evaluates_per_round_and_loads_
     torch.testing.assert_close(torch.load(target), expected, rtol=0, atol=1e-6)
 
 
+def stage0_args(synth: Path, out: Path, model_config_file: str, *extra: str) -> list[str]:
+    return ["--config", "stage0_synthpedes_small", "--data_dir", str(synth / "mals"), "--output_dir", str(out),
+            "--model_config", model_config_file, "--cache_dir", str(synth / "cache"), *COMMON, *extra]
+
+
+def test_stage0_trains_only_the_image_tower_and_stage1_starts_from_its_folder(synth, model_config_file, tmp_path):
+    from transformers import set_seed
+
+    from diana.modeling_diana import DiaNAConfig, DiaNAModel
+
+    stage0 = tmp_path / "stage0"
+    run_stage(stage0_args(synth, stage0, model_config_file, "--max_steps", "3"))
+    files = {p.name for p in stage0.iterdir()}
+    assert {"model.safetensors", "config.json", "modeling_diana.py", "tokenizer.json", "processor_config.json",
+            "vision_pretraining.json", "run_args.json"} <= files
+    vocabulary = json.loads((stage0 / "vision_pretraining.json").read_text())["vocabulary"]
+    assert "striped" in vocabulary and "a" not in vocabulary  # every SynthPedes caption says "a": no target
+    for entry in [e for e in log_history(stage0) if "loss" in e]:
+        assert entry["loss"] == pytest.approx(entry["ngram_loss"] + entry["label_loss"], rel=1e-3)
+
+    # The run starts from the seeded random model: its text side is untouched, its image tower trained.
+    set_seed(42)
+    initial = DiaNAModel(DiaNAConfig(**TINY_MODEL)).state_dict()
+    trained = load_file(stage0 / "model.safetensors")
+    assert trained.keys() == initial.keys()
+    vision = [k for k in trained if k.startswith("vision_model.")]
+    assert any(not torch.equal(trained[k], initial[k]) for k in vision)
+    for key in (k for k in trained if not k.startswith("vision_model.")):
+        torch.testing.assert_close(trained[key], initial[key], rtol=0, atol=0, msg=key)
+
+    # Stage 1 loads the folder; with --freeze_vision_model its image tower stays exactly stage 0's while
+    # the rest trains.
+    stage1 = tmp_path / "stage1"
+    run_stage(stage1_args(synth, stage1, model_config_file, "--model_name_or_path", str(stage0),
+                          "--freeze_vision_model", "true", "--learning_rate", "1e-3", "--warmup_steps", "0"))
+    after = load_file(stage1 / "model.safetensors")
+    for key in vision:
+        torch.testing.assert_close(after[key], trained[key], rtol=0, atol=0, msg=key)
+    assert any(not torch.equal(after[k], trained[k]) for k in after if k.startswith("text_model."))
+
+
+def test_stage0_refuses_what_it_cannot_do(synth, model_config_file, tmp_path):
+    with pytest.raises(ValueError, match="--objective must be 'retrieval' or 'image_attributes', got 'captions'"):
+        run_stage(stage0_args(synth, tmp_path, model_config_file, "--objective", "captions"))
+    with pytest.raises(ValueError, match="--dataset chatpedes"):
+        run_stage(stage0_args(synth, tmp_path, model_config_file, "--dataset", "chatpedes"))
+    with pytest.raises(ValueError, match="no retrieval to evaluate"):
+        run_stage(stage0_args(synth, tmp_path, model_config_file, "--eval_data_dir", str(synth / "chatpedes")))
+
+
 class _KillAt(TrainerCallback):
     """Stands in for a killed job: raises right after `step` finishes (checkpoints already written)."""
 
@@ -175,6 +225,22 @@ def test_resume_from_a_killed_run_ends_with_the_same_weights(synth, stage1_dir, 
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=1e-6, msg=key)
     # No checkpoint the run wrote is lost by resuming.
+    assert (tmp_path / "killed" / "checkpoint-2").is_dir() and (tmp_path / "killed" / "checkpoint-4").is_dir()
+
+
+def test_stage0_resumed_after_a_kill_ends_with_the_same_image_tower(synth, model_config_file, tmp_path):
+    def args(out: Path, *extra: str) -> list[str]:
+        return stage0_args(synth, out, model_config_file, "--max_steps", "4", "--save_strategy", "steps",
+                           "--save_steps", "2", *extra)
+
+    run_stage(args(tmp_path / "straight"))
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(args(tmp_path / "killed"), callbacks=[_KillAt(3)])
+    run_stage(args(tmp_path / "killed", "--resume_from_checkpoint", "last"))
+    straight = load_file(tmp_path / "straight" / "model.safetensors")
+    resumed = load_file(tmp_path / "killed" / "model.safetensors")
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=1e-6, msg=key)
     assert (tmp_path / "killed" / "checkpoint-2").is_dir() and (tmp_path / "killed" / "checkpoint-4").is_dir()
 
 

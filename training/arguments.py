@@ -49,6 +49,11 @@ class ModelArguments:
         metadata={"help": "torch.compile the Swinv2 tower (eager Swinv2 runs at ~6% of an H100's peak; "
                           "compiling nearly doubles its training throughput). GPU runs; not on a CPU."},
     )
+    freeze_vision_model: bool = field(
+        default=False,
+        metadata={"help": "Keep the image tower's weights fixed (e.g. stage 1 after an image-tower pretraining: the "
+                          "random dialogue tower's first gradients would otherwise wear its features down)."},
+    )
     tokenizer_dir: str | None = field(
         default=None,
         metadata={"help": "Tokenizer folder; default: the model folder's own, else the converted Llama-3.2 one."},
@@ -61,6 +66,11 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     dataset: str = field(default="chatpedes", metadata={"help": "chatpedes | mals"})
+    objective: str = field(
+        default="retrieval",
+        metadata={"help": "retrieval (stages 1 and 2) | image_attributes (MALS only: pretrain the image tower on "
+                          "its captions' n-grams and labels before stage 1, for a random tower; vision_pretraining.py)"},
+    )
     data_dir: str | None = field(default=None, metadata={"help": "Dataset root (ChatPedes or MALS layout)."})
     eval_data_dir: str | None = field(
         default=None,
@@ -140,13 +150,17 @@ def load_yaml_preset(name_or_path: str) -> dict[str, Any]:
 
 
 def load_model_config(value: str) -> dict[str, Any]:
-    """`--model_config` as a JSON/YAML file or an inline JSON object."""
+    """`--model_config` as an inline JSON object or a JSON/YAML file (a relative path not found from the
+    working directory is looked up in training/configs/, e.g. `models/synthpedes_small.yaml`)."""
     if value.lstrip().startswith("{"):
         text = value  # inline: a long one is no file name (the OS refuses names over 255 bytes)
     elif Path(value).is_file():
         text = Path(value).read_text()
+    elif not Path(value).is_absolute() and (CONFIG_DIR / value).is_file():
+        text = (CONFIG_DIR / value).read_text()
     else:
-        raise FileNotFoundError(f"--model_config {value!r}: no such file (give a JSON/YAML file or an inline JSON object)")
+        raise FileNotFoundError(f"--model_config {value!r}: no such file, nor under {CONFIG_DIR} (give a JSON/YAML "
+                                "file or an inline JSON object)")
     try:
         data = yaml.safe_load(text)  # YAML is a superset of JSON
     except yaml.YAMLError as err:

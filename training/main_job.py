@@ -1,7 +1,9 @@
 """The README's main job on the built-in SynthPedes data, end to end on a CPU:
 
 1. generate SynthPedes (ChatPedes and MALS layouts) and its attribute oracle;
-2. stage 1: pretrain a small DiaNA on the MALS-layout captions;
+2. stage 0: teach the random image tower to see, from the MALS-layout captions' n-grams and labels
+   (`vision_pretraining`: the stand-in for the paper's ImageNet-22k Swinv2);
+   stage 1: pretrain the small DiaNA on the MALS-layout captions from there;
 3. stage 2: fine-tune it on the ChatPedes-layout dialogues (best checkpoint on validation persons);
 4. evaluate on the held-out test persons, per round, beside the oracle, and probe which attributes
    the model's embeddings carry (`attribute_probe`: why it falls short of the oracle);
@@ -32,6 +34,8 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--mals_images", type=int, default=16000,
                         help="MALS-layout images for stage 1 (each its own identity; more data, fewer epochs)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stage0_config", default="stage0_synthpedes_small",
+                        help="image-tower pretraining preset; 'none' starts stage 1 from a random model")
     parser.add_argument("--stage1_config", default="stage1_synthpedes_small")
     parser.add_argument("--stage2_config", default="stage2_synthpedes_small")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
@@ -58,11 +62,19 @@ def main() -> None:
     oracle = summary["oracle"]
     logger.info("SynthPedes written to %s in %.0f s", out / "synthpedes", time.time() - start)
 
-    # 2-3. The two stages, exactly as `accelerate launch training/run_stage.py` runs them.
+    # 2-3. The stages, exactly as `accelerate launch training/run_stage.py` runs them.
     from diana.training.run_stage import main as run_stage
 
+    start_from = []
+    if args.stage0_config != "none":
+        run_stage(["--config", args.stage0_config, "--data_dir", str(out / "synthpedes" / "mals"),
+                   "--output_dir", str(out / "stage0"), *args.extra])
+        logger.info("stage 0 done at %.0f s", time.time() - start)
+        # Stage 1 keeps the pretrained tower fixed: its random dialogue tower's first gradients would
+        # wear the features down (README, "Image-tower pretraining").
+        start_from = ["--model_name_or_path", str(out / "stage0"), "--freeze_vision_model", "true"]
     run_stage(["--config", args.stage1_config, "--data_dir", str(out / "synthpedes" / "mals"),
-               "--output_dir", str(out / "stage1"), *args.extra])
+               "--output_dir", str(out / "stage1"), *start_from, *args.extra])
     logger.info("stage 1 done at %.0f s", time.time() - start)
     run_stage(["--config", args.stage2_config, "--data_dir", str(out / "synthpedes" / "chatpedes"),
                "--model_name_or_path", str(out / "stage1"), "--output_dir", str(out / "stage2"), *args.extra])

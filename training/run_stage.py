@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
     set_seed(training_args.seed)
+    check_objective(model_args, data_args, training_args)
 
     # 2. Data: one row per dialogue (ChatPedes) or per image (MALS).
     train_dataset, eval_dataset, data_report = load_data(data_args)
@@ -45,6 +46,8 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
     # 3. Model and processor.
     model = build_model(model_args)
     processor = build_run_processor(model_args, data_args, model.config)
+    if model_args.freeze_vision_model:
+        model.vision_model.requires_grad_(False)
     if model_args.compile_vision:
         # Compiles in place: parameter names and the saved state dict stay those of the plain tower.
         model.vision_model.compile()
@@ -54,9 +57,14 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
         # The refiner gets no gradient; DDP must be told (../shared/notes/stack.md).
         training_args.ddp_find_unused_parameters = True
 
-    # 4. Collation (augmentation on for training only) and length-grouped batches.
     # A stable row id keys each row's augmentation to (seed, epoch, row): resumable (collator).
     train_dataset = train_dataset.add_column("row_index", list(range(len(train_dataset))))
+    if data_args.objective == "image_attributes":
+        # 4-7 for a random image tower's pretraining (vision_pretraining.py); stage 1 starts from its folder.
+        return run_vision_pretraining(model, processor, train_dataset, model_args, data_args, training_args,
+                                      data_report, callbacks)
+
+    # 4. Collation (augmentation on for training only) and length-grouped batches.
     train_collator = DiaNACollator(
         processor,
         train=True,
@@ -83,16 +91,8 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
     )
 
     # 6. Train (continuing a killed run from its last checkpoint when asked).
-    resume = training_args.resume_from_checkpoint
-    if resume == "last":
-        resume = get_last_checkpoint(training_args.output_dir)
-        if resume is None:
-            raise FileNotFoundError(f"--resume_from_checkpoint last: no checkpoint in {training_args.output_dir}")
     if training_args.do_train:
-        train_result = trainer.train(resume_from_checkpoint=resume)
-        trainer.log_metrics("train", train_result.metrics)
-        trainer.save_metrics("train", train_result.metrics)
-        trainer.save_state()
+        train(trainer, training_args)
 
     # 7. Save: safetensors + processor + remote-code files (+ a merged plain folder under LoRA).
     trainer.save_model(training_args.output_dir)
@@ -112,6 +112,68 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
     if trainer.is_world_process_zero():
         write_run_record(training_args.output_dir, model_args, data_args, training_args, results, data_report)
     return results
+
+
+def train(trainer, training_args) -> None:
+    """trainer.train(), from the last checkpoint of output_dir under `--resume_from_checkpoint last`."""
+    resume = training_args.resume_from_checkpoint
+    if resume == "last":
+        resume = get_last_checkpoint(training_args.output_dir)
+        if resume is None:
+            raise FileNotFoundError(f"--resume_from_checkpoint last: no checkpoint in {training_args.output_dir}")
+    train_result = trainer.train(resume_from_checkpoint=resume)
+    trainer.log_metrics("train", train_result.metrics)
+    trainer.save_metrics("train", train_result.metrics)
+    trainer.save_state()
+
+
+def check_objective(model_args: ModelArguments, data_args: DataArguments, training_args) -> None:
+    """Fails before any data is read when the objective cannot run as asked."""
+    if data_args.objective not in ("retrieval", "image_attributes"):
+        raise ValueError(f"--objective must be 'retrieval' or 'image_attributes', got {data_args.objective!r}")
+    if data_args.objective != "image_attributes":
+        return
+    problems = []
+    if data_args.dataset != "mals":
+        problems.append(f"--dataset {data_args.dataset} (its targets are MALS captions and labels: --dataset mals)")
+    if data_args.eval_data_dir or training_args.eval_strategy != "no":
+        problems.append("an evaluation (it has no retrieval to evaluate: no --eval_data_dir, --eval_strategy no)")
+    if model_args.lora_rank > 0:
+        problems.append("--lora_rank (LoRA adapts the dialogue tower, which this objective does not train)")
+    if training_args.load_best_model_at_end:
+        problems.append("--load_best_model_at_end (there is no evaluation to choose on)")
+    if problems:
+        raise ValueError("--objective image_attributes cannot run with " + "; ".join(problems))
+
+
+def run_vision_pretraining(model: DiaNAModel, processor, train_dataset, model_args: ModelArguments,
+                           data_args: DataArguments, training_args, data_report: dict, callbacks: list | None) -> dict:
+    """`--objective image_attributes`: trains `model.vision_model` (shared, not copied) to predict its
+    MALS caption's n-grams and its labels, then saves the whole DiaNA folder for stage 1."""
+    from diana.training.vision_pretraining import (
+        VisionPretrainingCollator, VisionPretrainingModel, VisionPretrainingTrainer, build_ngram_vocabulary,
+        caption_ngrams, save_vocabulary,
+    )
+
+    captions = train_dataset["caption"]
+    vocabulary = build_ngram_vocabulary(captions)
+    known = set(vocabulary)
+    ngrams_per_caption = sum(len(caption_ngrams(c) & known) for c in captions) / len(captions)
+    logger.info("image-tower targets: %d caption n-grams (%.1f on per caption, most frequent: %s) + 27 MALS labels",
+                len(vocabulary), ngrams_per_caption, ", ".join(vocabulary[:8]))
+    trainee = VisionPretrainingModel(model.vision_model, len(vocabulary), 27, ngrams_per_caption)
+    collator = VisionPretrainingCollator(processor, vocabulary, image_augmentation=data_args.image_augmentation,
+                                         seed=training_args.seed)
+    trainer = VisionPretrainingTrainer(model=trainee, args=training_args, data_collator=collator,
+                                       train_dataset=train_dataset, processing_class=processor, callbacks=callbacks)
+    train(trainer, training_args)
+    if trainer.is_world_process_zero():
+        # The DiaNA folder (its vision_model is the trained tower) is what stage 1 loads; the head is not kept.
+        model.save_pretrained(training_args.output_dir)
+        processor.save_pretrained(training_args.output_dir)
+        save_vocabulary(training_args.output_dir, vocabulary, ngrams_per_caption)
+        write_run_record(training_args.output_dir, model_args, data_args, training_args, {}, data_report)
+    return {}
 
 
 def load_data(data_args: DataArguments):
