@@ -52,8 +52,8 @@ def build_ngram_vocabulary(
     """The n-grams used as targets, most frequent first.
 
     Kept: those in at least `min_fraction` of the captions (rarer ones are noise to a linear head)
-    and at most `max_fraction` (one in nearly every caption, "a person", says nothing about the
-    image); then the `max_size` most frequent (ties broken alphabetically, so the order is stable).
+    and at most `max_fraction` (one in nearly every caption, "a" or "with", says nothing about
+    the image); then the `max_size` most frequent (ties broken alphabetically, so the order is stable).
 
     Raises:
         ValueError: no caption, or no n-gram survives the filter (names the counts).
