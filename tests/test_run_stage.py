@@ -190,6 +190,8 @@ def test_stage0_refuses_what_it_cannot_do(synth, model_config_file, tmp_path):
         run_stage(stage0_args(synth, tmp_path, model_config_file, "--dataset", "chatpedes"))
     with pytest.raises(ValueError, match="no retrieval to evaluate"):
         run_stage(stage0_args(synth, tmp_path, model_config_file, "--eval_data_dir", str(synth / "chatpedes")))
+    with pytest.raises(ValueError, match="DeepSpeed or FSDP"):
+        run_stage(stage0_args(synth, tmp_path, model_config_file, "--fsdp"))
 
 
 class _KillAt(TrainerCallback):

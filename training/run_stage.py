@@ -142,6 +142,11 @@ def check_objective(model_args: ModelArguments, data_args: DataArguments, traini
         problems.append("--lora_rank (LoRA adapts the dialogue tower, which this objective does not train)")
     if training_args.load_best_model_at_end:
         problems.append("--load_best_model_at_end (there is no evaluation to choose on)")
+    sharded = training_args.deepspeed or training_args.fsdp or any(
+        os.environ.get(f"ACCELERATE_USE_{name}", "false").lower() in ("1", "true") for name in ("DEEPSPEED", "FSDP"))
+    if sharded:
+        # The tower is saved from process zero's own copy, which ZeRO-3 / FSDP would have sharded away.
+        problems.append("DeepSpeed or FSDP (one process or DDP: it saves the tower from process zero)")
     if problems:
         raise ValueError("--objective image_attributes cannot run with " + "; ".join(problems))
 
