@@ -15,11 +15,12 @@ from diana.training import main_job
 pytestmark = pytest.mark.xdist_group("run_stage")  # shares the CPU with the other end-to-end runs
 
 
-def test_main_job_runs_every_step_and_writes_its_verdict(tmp_path: Path, monkeypatch, capsys):
+@pytest.mark.parametrize("stage0", ["stage0_synthpedes_small", "none"])
+def test_main_job_runs_every_step_and_writes_its_verdict(stage0: str, tmp_path: Path, monkeypatch, capsys):
     out = tmp_path / "main_job"
     monkeypatch.setattr(sys, "argv", [
         "main_job", "--output_dir", str(out), "--persons", "12", "--test_persons", "4", "--images_per_person", "2",
-        "--rounds", "3", "--mals_images", "64",
+        "--rounds", "3", "--mals_images", "64", "--stage0_config", stage0,
         "--extra", "--max_steps", "2", "--per_device_train_batch_size", "8", "--validation_persons", "2",
         "--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "false",
         "--report_to", "none", "--disable_tqdm", "true", "--cache_dir", str(tmp_path / "cache"),
@@ -40,10 +41,15 @@ def test_main_job_runs_every_step_and_writes_its_verdict(tmp_path: Path, monkeyp
     assert test_eval["global"]["full"]["R@1"] == summary["model_full_R@1"]
     assert len({row["id"] for row in json.loads(
         (out / "synthpedes" / "chatpedes" / "test_reid.json").read_text())}) == 4
-    # Stage 0 trains the image tower; stage 1 starts from its folder.
-    assert (out / "stage0" / "vision_pretraining.json").is_file()
-    stage1_args = json.loads((out / "stage1" / "run_args.json").read_text())
-    assert stage1_args["model"]["model_name_or_path"] == str(out / "stage0")
+    # Stage 0 trains the image tower and stage 1 starts from its folder with the tower fixed; without
+    # stage 0, stage 1 starts from the random model and trains the tower itself.
+    stage1_args = json.loads((out / "stage1" / "run_args.json").read_text())["model"]
+    if stage0 == "none":
+        assert not (out / "stage0").exists()
+        assert stage1_args["model_name_or_path"] is None and stage1_args["freeze_vision_model"] is False
+    else:
+        assert (out / "stage0" / "vision_pretraining.json").is_file()
+        assert stage1_args["model_name_or_path"] == str(out / "stage0") and stage1_args["freeze_vision_model"] is True
     for name in ("config.json", "model.safetensors", "README.md", "modeling_diana.py"):
         assert (out / "hub_model" / name).is_file(), name
 
