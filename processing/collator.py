@@ -272,6 +272,14 @@ class DiaNACollator:
         counts["rounds_kept"] += len(rounds)
         return rounds  # type: ignore[return-value]
 
+    def pixel_values(self, images: list[Any], generator: torch.Generator | None) -> torch.Tensor:
+        """(B, 3, H, W): the training image pipeline when there is a batch generator (training) and
+        augmentation is on; otherwise the processor's own path, so that training without
+        augmentation and evaluation share resize and normalisation with inference exactly."""
+        if generator is not None and self.image_transform is not None:
+            return self.image_transform(images, generator)
+        return self.processor(images=images, return_tensors="pt")["pixel_values"]
+
     # ----------------------------------------------------------------------------------------
 
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -320,13 +328,9 @@ class DiaNACollator:
             counts["tokens_masked"] = int(result.masked.sum())
             counts["tokens_randomized"] = int(result.randomized.sum())
 
+        pixel_values = self.pixel_values(images, generator)
         if generator is not None and self.image_transform is not None:
-            pixel_values = self.image_transform(images, generator)
             counts["images_augmented"] = len(images)
-        else:
-            # The processor's own path: training without augmentation and evaluation share resize
-            # and normalisation with inference exactly.
-            pixel_values = self.processor(images=images, return_tensors="pt")["pixel_values"]
 
         self.statistics.update(counts)
         batch: dict[str, Any] = {

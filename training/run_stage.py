@@ -156,14 +156,15 @@ def run_vision_pretraining(model: DiaNAModel, processor, train_dataset, model_ar
     """`--objective image_attributes`: trains `model.vision_model` (shared, not copied) to predict its
     MALS caption's n-grams and its labels, then saves the whole DiaNA folder for stage 1."""
     from diana.training.vision_pretraining import (
-        VisionPretrainingCollator, VisionPretrainingModel, VisionPretrainingTrainer, build_ngram_vocabulary,
-        caption_ngrams, save_vocabulary,
+        VisionPretrainingCollator, VisionPretrainingModel, VisionPretrainingTrainer, count_ngrams, save_vocabulary,
+        select_ngrams,
     )
 
-    captions = train_dataset["caption"]
-    vocabulary = build_ngram_vocabulary(captions)
-    known = set(vocabulary)
-    ngrams_per_caption = sum(len(caption_ngrams(c) & known) for c in captions) / len(captions)
+    # One pass over the captions (1.5M in MALS): the counts give the vocabulary and, being counts of
+    # captions, the mean number of its n-grams on per caption.
+    counts, total = count_ngrams(train_dataset["caption"])
+    vocabulary = select_ngrams(counts, total)
+    ngrams_per_caption = sum(counts[g] for g in vocabulary) / total
     logger.info("image-tower targets: %d caption n-grams (%.1f on per caption, most frequent: %s) + 27 MALS labels",
                 len(vocabulary), ngrams_per_caption, ", ".join(vocabulary[:8]))
     trainee = VisionPretrainingModel(model.vision_model, len(vocabulary), 27, ngrams_per_caption)

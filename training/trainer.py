@@ -53,19 +53,20 @@ class DiaNATrainer(Trainer):
             return_loss=True,
         )
         if model.training:
-            terms = {
+            self.record_terms({
                 "itc_loss": outputs.itc_loss,
                 "sdm_loss": outputs.sdm_loss,
                 "refiner_loss": outputs.refiner_loss,
                 "logit_scale": outputs.logit_scale,
-            }
-            for name, value in terms.items():
-                if value is None:
-                    continue
-                value = value.detach().float()
-                self._term_sums[name] = self._term_sums.get(name, 0) + value
-            self._term_count += 1
+            })
         return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def record_terms(self, terms: dict[str, torch.Tensor | None]) -> None:
+        """Adds one training step's loss terms (None = not computed) to the next log line's means."""
+        for name, value in terms.items():
+            if value is not None:
+                self._term_sums[name] = self._term_sums.get(name, 0) + value.detach().float()
+        self._term_count += 1
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # Training log lines carry "loss" (every process calls log() for them): add the mean of every

@@ -46,8 +46,26 @@ def caption_ngrams(caption: str) -> set[str]:
     return set(words) | {f"{a} {b}" for a, b in zip(words, words[1:])}
 
 
+def count_ngrams(captions: Iterable[str]) -> tuple[Counter[str], int]:
+    """(in how many captions each n-gram occurs, the number of captions)."""
+    counts: Counter[str] = Counter()
+    total = 0
+    for caption in captions:
+        counts.update(caption_ngrams(caption))
+        total += 1
+    return counts, total
+
+
 def build_ngram_vocabulary(
     captions: Iterable[str], *, min_fraction: float = 0.002, max_fraction: float = 0.9, max_size: int = 1000
+) -> list[str]:
+    """`select_ngrams(*count_ngrams(captions), ...)`."""
+    return select_ngrams(*count_ngrams(captions), min_fraction=min_fraction, max_fraction=max_fraction,
+                         max_size=max_size)
+
+
+def select_ngrams(
+    counts: Counter[str], total: int, *, min_fraction: float = 0.002, max_fraction: float = 0.9, max_size: int = 1000
 ) -> list[str]:
     """The n-grams used as targets, most frequent first.
 
@@ -62,11 +80,6 @@ def build_ngram_vocabulary(
         raise ValueError(f"need 0 <= min_fraction ({min_fraction}) <= max_fraction ({max_fraction}) <= 1")
     if max_size < 1:
         raise ValueError(f"max_size must be >= 1, got {max_size}")
-    counts: Counter[str] = Counter()
-    total = 0
-    for caption in captions:
-        counts.update(caption_ngrams(caption))
-        total += 1
     if total == 0:
         raise ValueError("build_ngram_vocabulary: no captions")
     kept = [g for g, c in counts.items() if min_fraction * total <= c <= max_fraction * total]
@@ -156,11 +169,7 @@ class VisionPretrainingCollator(DiaNACollator):
                 if values is None or len(values) != self.num_labels:
                     raise ValueError(f"{where}: 'attributes' must hold {self.num_labels} labels, got {values!r}")
                 labels[index] = torch.as_tensor(values, dtype=torch.long)
-        generator = self._batch_generator(rows) if self.train else None
-        if generator is not None and self.image_transform is not None:
-            pixel_values = self.image_transform(images, generator)
-        else:
-            pixel_values = self.processor(images=images, return_tensors="pt")["pixel_values"]
+        pixel_values = self.pixel_values(images, self._batch_generator(rows) if self.train else None)
         return {"pixel_values": pixel_values, "ngram_targets": ngrams, "label_targets": labels}
 
 
@@ -172,10 +181,7 @@ class VisionPretrainingTrainer(DiaNATrainer):
         outputs = model(pixel_values=inputs["pixel_values"], ngram_targets=inputs.get("ngram_targets"),
                         label_targets=inputs.get("label_targets"))
         if model.training:
-            for name in ("ngram_loss", "label_loss"):
-                if name in outputs:
-                    self._term_sums[name] = self._term_sums.get(name, 0) + outputs[name].detach().float()
-            self._term_count += 1
+            self.record_terms({name: outputs.get(name) for name in ("ngram_loss", "label_loss")})
         return (outputs["loss"], outputs) if return_outputs else outputs["loss"]
 
     def evaluate(self, *args, **kwargs):
