@@ -19,7 +19,8 @@ from diana.training.vision_pretraining import (
 
 
 class _Tower(torch.nn.Module):
-    """A stand-in image tower with Swinv2's interface: `pooler_output` = mean pixel per channel, scaled."""
+    """A stand-in image tower with Swinv2's interface: every pixel is a final token (its 3 channels,
+    scaled) and `pooler_output` is their mean."""
 
     num_features = 3
 
@@ -28,7 +29,8 @@ class _Tower(torch.nn.Module):
         self.scale = torch.nn.Parameter(torch.ones(3))
 
     def forward(self, pixel_values):
-        return type("Out", (), {"pooler_output": pixel_values.mean(dim=(2, 3)) * self.scale})()
+        tokens = pixel_values.flatten(2).transpose(1, 2) * self.scale  # (B, H*W, 3)
+        return type("Out", (), {"pooler_output": tokens.mean(dim=1), "last_hidden_state": tokens})()
 
 
 def test_caption_ngrams_are_the_cleaned_words_and_adjacent_pairs():
@@ -71,7 +73,7 @@ def test_loss_leaves_unknown_labels_out_and_scales_the_ngram_term_per_target_on(
     torch.testing.assert_close(out["loss"], expected_ngram + expected_label)
     # Label 2 is unknown in every row: its head row gets no gradient, the known ones do.
     out["loss"].backward()
-    assert torch.all(model.head.weight.grad[6] == 0) and model.head.weight.grad[4].abs().sum() > 0
+    assert torch.all(model.heads["mean"].weight.grad[6] == 0) and model.heads["mean"].weight.grad[4].abs().sum() > 0
     # An unknown label changes nothing whatever its logit: flipping a -1 to 1 would.
     flipped = labels.clone()
     flipped[0, 2] = 1
@@ -86,6 +88,47 @@ def test_a_batch_without_any_known_label_still_trains_the_ngrams():
     assert model.vision_model.scale.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="ngrams_per_caption"):
         VisionPretrainingModel(_Tower(), num_ngrams=2, num_labels=0, ngrams_per_caption=0)
+
+
+def test_readouts_add_their_losses_and_the_tokens_head_sees_where():
+    torch.manual_seed(0)
+    model = VisionPretrainingModel(_Tower(), num_ngrams=3, num_labels=2, ngrams_per_caption=1.5,
+                                   readouts=("mean", "tokens", "token_max"), num_tokens=8)
+    pixels = torch.randn(4, 3, 4, 2)
+    ngrams, labels = torch.randint(0, 2, (4, 3)).float(), torch.tensor([[1, -1], [0, 1], [-1, -1], [1, 0]])
+    out = model(pixels, ngrams, labels)
+    tokens = pixels.flatten(2).transpose(1, 2)
+    per_readout = {
+        "mean": model.heads["mean"](tokens.mean(dim=1)),
+        "tokens": model.heads["tokens"](tokens.flatten(1)),
+        "token_max": model.heads["token_max"](tokens).amax(dim=1),
+    }
+    known = labels >= 0
+    ngram = sum(F.binary_cross_entropy_with_logits(z[:, :3], ngrams, reduction="sum") / 4 / 1.5 for z in per_readout.values())
+    label = sum(F.binary_cross_entropy_with_logits(z[:, 3:][known], labels[known].float()) for z in per_readout.values())
+    torch.testing.assert_close(out["ngram_loss"], ngram)
+    torch.testing.assert_close(out["label_loss"], label)
+    torch.testing.assert_close(out["loss"], ngram + label)
+    torch.testing.assert_close(out["logits"], per_readout["mean"])  # the head of what the global vector is made of
+    out["loss"].backward()
+    assert all(head.weight.grad.abs().sum() > 0 for head in model.heads.values())
+
+    # The same pixels in another place: the mean head cannot tell, the tokens head can.
+    moved = pixels.flip(-1)
+    assert torch.allclose(model.heads["mean"](moved.flatten(2).mean(-1)), per_readout["mean"])
+    assert not torch.allclose(model._logits("tokens", model.vision_model(moved)), per_readout["tokens"])
+
+
+def test_readouts_are_checked():
+    with pytest.raises(ValueError, match="distinct names out of"):
+        VisionPretrainingModel(_Tower(), 2, 0, 1.0, readouts=("mean", "pixels"))
+    with pytest.raises(ValueError, match="distinct names out of"):
+        VisionPretrainingModel(_Tower(), 2, 0, 1.0, readouts=("mean", "mean"))
+    with pytest.raises(ValueError, match="needs num_tokens"):
+        VisionPretrainingModel(_Tower(), 2, 0, 1.0, readouts=("tokens",))
+    model = VisionPretrainingModel(_Tower(), 2, 0, 1.0, readouts=("tokens",), num_tokens=8)
+    with pytest.raises(ValueError, match="built for 8 final tokens, the tower gave 6"):
+        model(torch.randn(1, 3, 3, 2))
 
 
 def _rows(n: int = 3) -> list[dict]:

@@ -71,6 +71,12 @@ class DataArguments:
         metadata={"help": "retrieval (stages 1 and 2) | image_attributes (MALS only: pretrain the image tower on "
                           "its captions' n-grams and labels before stage 1, for a random tower; vision_pretraining.py)"},
     )
+    pretraining_readouts: list[str] = field(
+        default_factory=lambda: ["mean"],
+        metadata={"help": "image_attributes only: heads over the tower's final tokens, out of mean (the pooled "
+                          "vector), tokens (all tokens side by side, position-keeping), token_max (best token "
+                          "per target); their losses add up (vision_pretraining.py)."},
+    )
     data_dir: str | None = field(default=None, metadata={"help": "Dataset root (ChatPedes or MALS layout)."})
     eval_data_dir: str | None = field(
         default=None,

@@ -132,12 +132,21 @@ def check_objective(model_args: ModelArguments, data_args: DataArguments, traini
     if data_args.objective not in ("retrieval", "image_attributes"):
         raise ValueError(f"--objective must be 'retrieval' or 'image_attributes', got {data_args.objective!r}")
     if data_args.objective != "image_attributes":
+        if list(data_args.pretraining_readouts or []) != ["mean"]:
+            raise ValueError("--pretraining_readouts belongs to --objective image_attributes (it names the heads "
+                             f"of the image-tower pretraining), got {data_args.pretraining_readouts} with "
+                             f"--objective {data_args.objective}")
         return
     problems = []
     if data_args.dataset != "mals":
         problems.append(f"--dataset {data_args.dataset} (its targets are MALS captions and labels: --dataset mals)")
     if data_args.eval_data_dir or training_args.eval_strategy != "no":
         problems.append("an evaluation (it has no retrieval to evaluate: no --eval_data_dir, --eval_strategy no)")
+    from diana.training.vision_pretraining import READOUTS
+
+    readouts = list(data_args.pretraining_readouts or [])
+    if not readouts or any(r not in READOUTS for r in readouts) or len(set(readouts)) != len(readouts):
+        problems.append(f"--pretraining_readouts {readouts} (distinct names out of {list(READOUTS)})")
     if model_args.lora_rank > 0:
         problems.append("--lora_rank (LoRA adapts the dialogue tower, which this objective does not train)")
     if training_args.load_best_model_at_end:
@@ -167,7 +176,15 @@ def run_vision_pretraining(model: DiaNAModel, processor, train_dataset, model_ar
     ngrams_per_caption = sum(counts[g] for g in vocabulary) / total
     logger.info("image-tower targets: %d caption n-grams (%.1f on per caption, most frequent: %s) + 27 MALS labels",
                 len(vocabulary), ngrams_per_caption, ", ".join(vocabulary[:8]))
-    trainee = VisionPretrainingModel(model.vision_model, len(vocabulary), 27, ngrams_per_caption)
+    readouts = list(data_args.pretraining_readouts)
+    num_tokens = None
+    if "tokens" in readouts:  # the position-keeping head needs the number of final tokens: one blank image tells
+        height, width = (int(v) for v in model.config.vision_config.image_size)
+        with torch.no_grad():
+            num_tokens = model.vision_model(pixel_values=torch.zeros(1, 3, height, width)).last_hidden_state.shape[1]
+    trainee = VisionPretrainingModel(model.vision_model, len(vocabulary), 27, ngrams_per_caption,
+                                     readouts=readouts, num_tokens=num_tokens)
+    logger.info("image-tower heads: %s", ", ".join(readouts) + (f" ({num_tokens} final tokens)" if num_tokens else ""))
     collator = VisionPretrainingCollator(processor, vocabulary, image_augmentation=data_args.image_augmentation,
                                          seed=training_args.seed)
     trainer = VisionPretrainingTrainer(model=trainee, args=training_args, data_collator=collator,

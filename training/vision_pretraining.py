@@ -89,48 +89,93 @@ def select_ngrams(
     return sorted(kept, key=lambda g: (-counts[g], g))[:max_size]
 
 
-class VisionPretrainingModel(nn.Module):
-    """An image tower plus one linear layer over its pooled features: one logit per n-gram of the
-    vocabulary, then one per MALS label.
+READOUTS = ("mean", "tokens", "token_max")
 
-    `loss` = n-gram term + label term. The n-gram term is the binary cross-entropy summed over the
-    vocabulary and divided by `ngrams_per_caption` (the average number of targets that are on), so
-    its size does not grow with the vocabulary; the label term is the mean binary cross-entropy over
-    the known labels (-1 = unknown is left out).
+
+class VisionPretrainingModel(nn.Module):
+    """An image tower plus one linear head per readout of its final tokens: one logit per n-gram of
+    the vocabulary, then one per MALS label.
+
+    Readouts:
+    - ``"mean"``: the pooled vector (the mean of the final tokens), what DiaNA's global vector is
+      made of; its logits are ``out["logits"]``;
+    - ``"tokens"``: the final tokens side by side (a position-keeping head; needs a fixed image size);
+    - ``"token_max"``: the head applied to every token, the highest logit per target kept.
+    Why more than the mean: through the mean, every token gets the same gradient, so a feature of one
+    body region (stripes on the torso, long hair on the shoulders, a backpack beside the back) is learnt
+    only slowly; a head that knows where (tokens) or picks the one token (token_max) credits the
+    region's tokens, and the mean head beside it keeps what they learn readable from the mean.
+
+    `loss` = n-gram term + label term, each summed over the readouts. The n-gram term is the binary
+    cross-entropy summed over the vocabulary and divided by `ngrams_per_caption` (the average number
+    of targets that are on), so its size does not grow with the vocabulary; the label term is the
+    mean binary cross-entropy over the known labels (-1 = unknown is left out).
     """
 
-    def __init__(self, vision_model: nn.Module, num_ngrams: int, num_labels: int, ngrams_per_caption: float):
+    def __init__(self, vision_model: nn.Module, num_ngrams: int, num_labels: int, ngrams_per_caption: float,
+                 readouts: Sequence[str] = ("mean",), num_tokens: int | None = None):
         super().__init__()
         if num_ngrams < 1 and num_labels < 1:
             raise ValueError("VisionPretrainingModel needs n-gram or label targets")
         if ngrams_per_caption <= 0:
             raise ValueError(f"ngrams_per_caption must be > 0, got {ngrams_per_caption}")
+        readouts = tuple(readouts)
+        unknown = [r for r in readouts if r not in READOUTS]
+        if unknown or not readouts or len(set(readouts)) != len(readouts):
+            raise ValueError(f"readouts must be distinct names out of {READOUTS}, got {list(readouts)}")
+        if "tokens" in readouts and not (num_tokens and num_tokens > 0):
+            raise ValueError("the 'tokens' readout needs num_tokens, the number of final tokens of the tower")
         self.vision_model = vision_model
         width = getattr(vision_model, "num_features", None) or vision_model.config.hidden_size
         self.num_ngrams, self.num_labels = num_ngrams, num_labels
         self.ngrams_per_caption = float(ngrams_per_caption)
-        self.head = nn.Linear(width, num_ngrams + num_labels)
+        self.readouts = readouts
+        self.num_tokens = num_tokens
+        targets = num_ngrams + num_labels
+        self.heads = nn.ModuleDict(
+            {r: nn.Linear(width * num_tokens if r == "tokens" else width, targets) for r in readouts}
+        )
 
-    def forward(self, pixel_values: torch.Tensor, ngram_targets: torch.Tensor | None = None,
-                label_targets: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        logits = self.head(self.vision_model(pixel_values=pixel_values).pooler_output)
-        out: dict[str, torch.Tensor] = {"logits": logits}
-        if ngram_targets is None and label_targets is None:
-            return out
-        loss = logits.new_zeros(())
+    def _logits(self, readout: str, output: Any) -> torch.Tensor:
+        head = self.heads[readout]
+        if readout == "mean":
+            return head(output.pooler_output)
+        tokens = output.last_hidden_state  # (B, N, C)
+        if readout == "token_max":
+            return head(tokens).amax(dim=1)
+        if tokens.shape[1] != self.num_tokens:
+            raise ValueError(f"the 'tokens' readout was built for {self.num_tokens} final tokens, the tower gave "
+                             f"{tokens.shape[1]} (another image size?)")
+        return head(tokens.flatten(1))
+
+    def _terms(self, logits: torch.Tensor, ngram_targets: torch.Tensor | None,
+               label_targets: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        terms: dict[str, torch.Tensor] = {}
         if ngram_targets is not None and self.num_ngrams:
             ngram_logits = logits[:, : self.num_ngrams].float()
             bce = F.binary_cross_entropy_with_logits(ngram_logits, ngram_targets.float(), reduction="none")
-            out["ngram_loss"] = bce.sum(dim=1).mean() / self.ngrams_per_caption
-            loss = loss + out["ngram_loss"]
+            terms["ngram_loss"] = bce.sum(dim=1).mean() / self.ngrams_per_caption
         if label_targets is not None and self.num_labels:
             label_logits = logits[:, self.num_ngrams :].float()
             known = label_targets >= 0
             if known.any():
-                out["label_loss"] = F.binary_cross_entropy_with_logits(label_logits[known], label_targets[known].float())
+                terms["label_loss"] = F.binary_cross_entropy_with_logits(label_logits[known], label_targets[known].float())
             else:  # a batch with no known label: a zero that keeps the head in the graph (DDP)
-                out["label_loss"] = label_logits.sum() * 0.0
-            loss = loss + out["label_loss"]
+                terms["label_loss"] = label_logits.sum() * 0.0
+        return terms
+
+    def forward(self, pixel_values: torch.Tensor, ngram_targets: torch.Tensor | None = None,
+                label_targets: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        output = self.vision_model(pixel_values=pixel_values)
+        logits = {r: self._logits(r, output) for r in self.readouts}
+        out: dict[str, torch.Tensor] = {"logits": logits["mean"] if "mean" in logits else logits[self.readouts[0]]}
+        if ngram_targets is None and label_targets is None:
+            return out
+        loss = out["logits"].new_zeros((), dtype=torch.float32)
+        for readout in self.readouts:
+            for name, value in self._terms(logits[readout], ngram_targets, label_targets).items():
+                out[name] = out[name] + value if name in out else value
+                loss = loss + value
         out["loss"] = loss
         return out
 
