@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from diana.training import main_job
 
@@ -41,15 +43,27 @@ def test_main_job_runs_every_step_and_writes_its_verdict(stage0: str, tmp_path: 
     assert test_eval["global"]["full"]["R@1"] == summary["model_full_R@1"]
     assert len({row["id"] for row in json.loads(
         (out / "synthpedes" / "chatpedes" / "test_reid.json").read_text())}) == 4
-    # Stage 0 trains the image tower and stage 1 starts from its folder with the tower fixed; without
-    # stage 0, stage 1 starts from the random model and trains the tower itself.
+    # Stage 0 trains the image tower, stages 1 and 2 start from it and keep it fixed: the final tower is
+    # stage 0's bit for bit. Without stage 0, stage 1 starts from the random model and both stages train
+    # the tower.
     stage1_args = json.loads((out / "stage1" / "run_args.json").read_text())["model"]
+    stage2_args = json.loads((out / "stage2" / "run_args.json").read_text())["model"]
+    final = load_file(out / "stage2" / "model.safetensors")
+    stage1 = load_file(out / "stage1" / "model.safetensors")
+    vision = [k for k in final if k.startswith("vision_model.")]
     if stage0 == "none":
         assert not (out / "stage0").exists()
         assert stage1_args["model_name_or_path"] is None and stage1_args["freeze_vision_model"] is False
+        assert stage2_args["freeze_vision_model"] is False
+        assert any(not torch.equal(final[k], stage1[k]) for k in vision)
     else:
         assert (out / "stage0" / "vision_pretraining.json").is_file()
         assert stage1_args["model_name_or_path"] == str(out / "stage0") and stage1_args["freeze_vision_model"] is True
+        assert stage2_args["freeze_vision_model"] is True
+        pretrained = load_file(out / "stage0" / "model.safetensors")
+        for key in vision:
+            torch.testing.assert_close(final[key], pretrained[key], rtol=0, atol=0, msg=key)
+        assert any(not torch.equal(final[k], stage1[k]) for k in final if k.startswith("text_model."))
     for name in ("config.json", "model.safetensors", "README.md", "modeling_diana.py"):
         assert (out / "hub_model" / name).is_file(), name
 

@@ -70,14 +70,17 @@ def main() -> None:
         run_stage(["--config", args.stage0_config, "--data_dir", str(out / "synthpedes" / "mals"),
                    "--output_dir", str(out / "stage0"), *args.extra])
         logger.info("stage 0 done at %.0f s", time.time() - start)
-        # Stage 1 keeps the pretrained tower fixed: its random dialogue tower's first gradients would
-        # wear the features down (README, "Image-tower pretraining").
-        start_from = ["--model_name_or_path", str(out / "stage0"), "--freeze_vision_model", "true"]
+        # Stages 1 and 2 keep the pretrained tower fixed: contrastive gradients wear the features they
+        # do not need to tell a batch apart down (README, the main job's known limitation).
+        freeze = ["--freeze_vision_model", "true"]
+        start_from = ["--model_name_or_path", str(out / "stage0"), *freeze]
+    else:
+        freeze = []
     run_stage(["--config", args.stage1_config, "--data_dir", str(out / "synthpedes" / "mals"),
                "--output_dir", str(out / "stage1"), *start_from, *args.extra])
     logger.info("stage 1 done at %.0f s", time.time() - start)
     run_stage(["--config", args.stage2_config, "--data_dir", str(out / "synthpedes" / "chatpedes"),
-               "--model_name_or_path", str(out / "stage1"), "--output_dir", str(out / "stage2"), *args.extra])
+               "--model_name_or_path", str(out / "stage1"), "--output_dir", str(out / "stage2"), *freeze, *args.extra])
     logger.info("stage 2 done at %.0f s", time.time() - start)
 
     # 4. Held-out test persons, every round count, beside the oracle.
