@@ -113,9 +113,8 @@ def test_readouts_add_their_losses_and_the_tokens_head_sees_where():
     out["loss"].backward()
     assert all(head.weight.grad.abs().sum() > 0 for head in model.heads.values())
 
-    # The same pixels in another place: the mean head cannot tell, the tokens head can.
+    # The same pixels in other places (the mean is unchanged): the tokens head tells them apart.
     moved = pixels.flip(-1)
-    assert torch.allclose(model.heads["mean"](moved.flatten(2).mean(-1)), per_readout["mean"])
     assert not torch.allclose(model._logits("tokens", model.vision_model(moved)), per_readout["tokens"])
 
 

@@ -142,11 +142,10 @@ def check_objective(model_args: ModelArguments, data_args: DataArguments, traini
         problems.append(f"--dataset {data_args.dataset} (its targets are MALS captions and labels: --dataset mals)")
     if data_args.eval_data_dir or training_args.eval_strategy != "no":
         problems.append("an evaluation (it has no retrieval to evaluate: no --eval_data_dir, --eval_strategy no)")
-    from diana.training.vision_pretraining import READOUTS
+    from diana.training.vision_pretraining import readouts_problem
 
-    readouts = list(data_args.pretraining_readouts or [])
-    if not readouts or any(r not in READOUTS for r in readouts) or len(set(readouts)) != len(readouts):
-        problems.append(f"--pretraining_readouts {readouts} (distinct names out of {list(READOUTS)})")
+    if problem := readouts_problem(data_args.pretraining_readouts):
+        problems.append(f"--pretraining_readouts: {problem}")
     if model_args.lora_rank > 0:
         problems.append("--lora_rank (LoRA adapts the dialogue tower, which this objective does not train)")
     if training_args.load_best_model_at_end:

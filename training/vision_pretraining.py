@@ -92,6 +92,14 @@ def select_ngrams(
 READOUTS = ("mean", "tokens", "token_max")
 
 
+def readouts_problem(readouts: Sequence[str]) -> str | None:
+    """What is wrong with a list of readout names (None: nothing)."""
+    readouts = list(readouts or [])
+    if not readouts or any(r not in READOUTS for r in readouts) or len(set(readouts)) != len(readouts):
+        return f"readouts must be distinct names out of {list(READOUTS)}, got {readouts}"
+    return None
+
+
 class VisionPretrainingModel(nn.Module):
     """An image tower plus one linear head per readout of its final tokens: one logit per n-gram of
     the vocabulary, then one per MALS label.
@@ -120,9 +128,8 @@ class VisionPretrainingModel(nn.Module):
         if ngrams_per_caption <= 0:
             raise ValueError(f"ngrams_per_caption must be > 0, got {ngrams_per_caption}")
         readouts = tuple(readouts)
-        unknown = [r for r in readouts if r not in READOUTS]
-        if unknown or not readouts or len(set(readouts)) != len(readouts):
-            raise ValueError(f"readouts must be distinct names out of {READOUTS}, got {list(readouts)}")
+        if problem := readouts_problem(readouts):
+            raise ValueError(problem)
         if "tokens" in readouts and not (num_tokens and num_tokens > 0):
             raise ValueError("the 'tokens' readout needs num_tokens, the number of final tokens of the tower")
         self.vision_model = vision_model
