@@ -246,8 +246,12 @@ def _initialisation(
     if source:
         previous = Path(source) / "run_args.json"
         if depth < 4 and previous.is_file():
-            sentence, bases = _initialisation(load_run_args(previous), config, depth + 1)
-            return f"an earlier stage ({Path(source).name}), itself initialised from {sentence}", bases
+            earlier = load_run_args(previous)
+            sentence, bases = _initialisation(earlier, config, depth + 1)
+            # A stage 0 (--objective image_attributes) trained the image tower alone: say so.
+            what = (": image-tower pretraining on its MALS captions' n-grams and labels"
+                    if earlier.get("data", {}).get("objective") == "image_attributes" else "")
+            return f"an earlier stage ({Path(source).name}{what}), itself initialised from {sentence}", bases
         return f"the DiaNA weights in {source} (their own origin is not recorded)", unknown_bases
     if model.get("model_config") is not None:
         return "random initialisation from a config (no pretrained tower weights)", None
@@ -309,6 +313,7 @@ def recipe_rows(run_args: Mapping[str, Any], config: Any = None, num_processes: 
     add("random round retaining (R3)", data.get("round_retaining"))
     add("token masking", data.get("token_masking"))
     add("image augmentation", data.get("image_augmentation"))
+    add("image tower", "fixed in this stage (--freeze_vision_model)" if model.get("freeze_vision_model") else None)
     add("LoRA rank on the dialogue tower", model.get("lora_rank") or "0 (full fine-tuning)")
     add("best checkpoint chosen on", training.get("metric_for_best_model") if training.get("load_best_model_at_end") else None)
     add("seed", training.get("seed"))

@@ -117,6 +117,24 @@ def test_random_initialisation_and_chained_stages_name_their_origin(tmp_path):
     card = render_model_card(parse_eval_results(_eval_report(1)), unrecorded, config=tiny_config())
     assert card.data.base_model is None and "their own origin is not recorded" in card.text
 
+    # The main job's chain: stage 0 pretrains the image tower, stages 1 and 2 keep it fixed.
+    stage0_dir, stage1_dir = tmp_path / "s0", tmp_path / "s1"
+    stage0_dir.mkdir()
+    stage1_dir.mkdir()
+    _run_args(stage0_dir, model_config={"projection_dim": 24})
+    record = json.loads((stage0_dir / "run_args.json").read_text())
+    record["data"]["objective"] = "image_attributes"
+    (stage0_dir / "run_args.json").write_text(json.dumps(record))
+    _run_args(stage1_dir, model_name_or_path=str(stage0_dir), freeze_vision_model=True)
+    stage2 = _run_args(tmp_path, model_name_or_path=str(stage1_dir), freeze_vision_model=True)
+    card = render_model_card(parse_eval_results(_eval_report(1)), stage2, repo_id="a/b")
+    check_model_card(card)
+    assert ("an earlier stage (s1), itself initialised from an earlier stage (s0: image-tower pretraining on its "
+            "MALS captions' n-grams and labels), itself initialised from random initialisation") in card.text
+    assert "| image tower | fixed in this stage (--freeze_vision_model) |" in card.text
+    card = render_model_card(parse_eval_results(_eval_report(1)), _run_args(tmp_path), repo_id="a/b")
+    assert "| image tower |" not in card.text and "image-tower pretraining" not in card.text
+
     synth = _run_args(tmp_path, model_config={"projection_dim": 24})
     synth["data"]["data_dir"] = "/runs/synthpedes/chatpedes"
     card = render_model_card(parse_eval_results(_eval_report(2), dataset="synthpedes"), synth)
