@@ -190,7 +190,7 @@ def run_vision_pretraining(model: DiaNAModel, processor, train_dataset, model_ar
                                        train_dataset=train_dataset, processing_class=processor, callbacks=callbacks)
     train(trainer, training_args)
     if trainer.is_world_process_zero():
-        # The DiaNA folder (its vision_model is the trained tower) is what stage 1 loads; the head is not kept.
+        # The DiaNA folder (its vision_model is the trained tower) is what stage 1 loads; the heads are not kept.
         model.save_pretrained(training_args.output_dir)
         processor.save_pretrained(training_args.output_dir)
         save_vocabulary(training_args.output_dir, vocabulary, ngrams_per_caption)
