@@ -13,6 +13,7 @@ from .loss_diana import (
 )
 from .modeling_diana import (
     DiaNAAttributeRefiner,
+    DiaNAConvStem,
     DiaNAImageEncoding,
     DiaNAModel,
     DiaNAOutput,
@@ -28,6 +29,7 @@ AutoModel.register(DiaNAConfig, DiaNAModel, exist_ok=True)
 __all__ = [
     "DiaNAAttributeRefiner",
     "DiaNAConfig",
+    "DiaNAConvStem",
     "DiaNAImageEncoding",
     "DiaNAModel",
     "DiaNAOutput",

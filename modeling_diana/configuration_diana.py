@@ -59,6 +59,11 @@ DEFAULT_TEXT_CONFIG: dict = {
 
 ATTRIBUTE_REDUCTIONS = ("mean", "max", "min", "logsumexp", "neg_logsumexp")
 SCORE_MODES = ("global", "attribute", "fused")
+# "patch": Swinv2's own patch embedding (one 4x4 stride-4 convolution; the paper's tower).
+# "conv": two 3x3 stride-2 convolutions (GroupNorm, GELU) and a 1x1 one in its place (Xiao et al. 2021,
+# "Early Convolutions Help Transformers See Better"): a from-scratch tower learns fine shape attributes
+# (hair, sleeves, bag) faster with it; the SynthPedes presets use it.
+VISION_STEMS = ("patch", "conv")
 
 
 @strict
@@ -86,6 +91,9 @@ class DiaNAConfig(PreTrainedConfig):
         score_mode: Default retrieval score of `DiaNAModel.similarity`: "global", "attribute" or "fused".
         initializer_factor: Multiplies the width-scaled standard deviations of the projections' and the
             refiner's initialisation (CLIP's convention; 1.0 = the scaled defaults).
+        vision_stem: The image tower's first layer: "patch" (Swinv2's patch embedding, the paper's) or "conv"
+            (a convolutional stem of the same output size, rebuilt by `DiaNAModel` on every load; needs
+            `vision_config.patch_size` 4).
 
     Example:
     ```python
@@ -125,6 +133,7 @@ class DiaNAConfig(PreTrainedConfig):
     sdm_epsilon: float = 1e-6
     score_mode: str = "global"
     initializer_factor: float = 1.0
+    vision_stem: str = "patch"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -167,10 +176,18 @@ class DiaNAConfig(PreTrainedConfig):
             raise ValueError(
                 f"DiaNAConfig.vision_config must be a Swinv2 config, got model_type {self.vision_config.model_type!r}."
             )
+        if self.vision_stem not in VISION_STEMS:
+            raise ValueError(f"DiaNAConfig.vision_stem must be one of {VISION_STEMS}, got {self.vision_stem!r}.")
+        patch = self.vision_config.patch_size
+        if self.vision_stem == "conv" and tuple(patch if isinstance(patch, (list, tuple)) else (patch, patch)) != (4, 4):
+            raise ValueError(
+                f"DiaNAConfig.vision_stem 'conv' downsamples by 4 (two stride-2 convolutions), so it needs "
+                f"vision_config.patch_size 4, got {patch}."
+            )
         if self.text_config.model_type not in ("llama",):
             raise ValueError(
                 f"DiaNAConfig.text_config must be a Llama config, got model_type {self.text_config.model_type!r}."
             )
 
 
-__all__ = ["DiaNAConfig", "ATTRIBUTE_REDUCTIONS", "SCORE_MODES"]
+__all__ = ["DiaNAConfig", "ATTRIBUTE_REDUCTIONS", "SCORE_MODES", "VISION_STEMS"]

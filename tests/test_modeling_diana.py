@@ -19,6 +19,7 @@ from transformers import (
 
 from diana.modeling_diana import (
     DiaNAConfig,
+    DiaNAConvStem,
     DiaNAImageEncoding,
     DiaNAModel,
     DiaNAOutput,
@@ -87,6 +88,7 @@ def test_config_defaults_are_the_paper_model():
     assert (config.projection_dim, config.num_attribute_queries, config.refiner_num_layers, config.refiner_num_heads) == (768, 16, 2, 12)
     assert (config.logit_scale_init_value, config.logit_scale_max, config.attribute_reduction, config.score_mode) == (50.0, 100.0, "mean", "global")
     assert config.use_sdm_loss and config.use_refiner_loss and config.model_type == "diana"
+    assert config.vision_stem == "patch"  # Swinv2's own patch embedding
 
 
 def test_config_round_trip_and_auto_config(tmp_path):
@@ -118,6 +120,8 @@ def test_config_round_trip_and_auto_config(tmp_path):
         ({"logit_scale_init_value": 0.0}, "logit_scale_init_value"),
         ({"sdm_epsilon": 0.0}, "sdm_epsilon"),
         ({"vision_config": {"model_type": "vit"}}, "Swinv2"),
+        ({"vision_stem": "resnet"}, "vision_stem"),
+        ({"vision_stem": "conv", "vision_config": tiny_vision_config(patch_size=2)}, "patch_size 4"),
     ],
 )
 def test_config_rejects_impossible_values(overrides, message):
@@ -171,6 +175,55 @@ def test_erased_patch_keeps_from_scratch_gradients_finite(inputs):
     erased[:, :, 8:40, :] = 0.0  # an erased band covering whole patches and whole windows
     # Same order of magnitude as on the intact images (without the bias: 1e17 against 3e3).
     assert vision_gradient_norm(erased) < 10 * vision_gradient_norm(inputs.pixel_values)
+
+
+def test_conv_stem_replaces_the_patch_embedding_with_the_same_grid(inputs, tmp_path):
+    torch.manual_seed(0)
+    model = DiaNAModel(tiny_config(vision_stem="conv")).eval()
+    patches = model.vision_model.embeddings.patch_embeddings
+    stem = patches.projection
+    assert isinstance(stem, DiaNAConvStem)
+    assert (stem.conv1.weight.shape, stem.conv2.weight.shape, stem.proj.weight.shape) == (
+        (8, 3, 3, 3), (16, 8, 3, 3), (16, 16, 1, 1))
+    # PyTorch's convolution init, uniform(+-1/sqrt(fan_in)) for weights and biases, not the tower's normal.
+    for conv, fan_in in ((stem.conv1, 27), (stem.conv2, 72), (stem.proj, 16)):
+        assert conv.weight.abs().max() <= fan_in**-0.5 and conv.bias.abs().max() > 0
+        assert float(conv.weight.detach().std()) == pytest.approx(fan_in**-0.5 / math.sqrt(3), rel=0.25)
+    # Same token grid as the 4x4 patch embedding, also for a size that Swinv2 pads to a multiple of 4.
+    plain = DiaNAModel(tiny_config()).eval()
+    with torch.no_grad():
+        for size in (TINY_IMAGE_SIZE, (62, 30)):
+            pixels = inputs.pixel_values[:, :, : size[0], : size[1]]
+            got, want = model.vision_model(pixel_values=pixels), plain.vision_model(pixel_values=pixels)
+            assert got.last_hidden_state.shape == want.last_hidden_state.shape
+        # Overlapping windows: a pixel on the last row of patch row 0 moves the stem's token of patch row 1 too,
+        # the patch embedding's (a 4x4 cell seen alone) not at all. (The stem's GroupNorm statistics span the
+        # image, so a far token moves a little: the neighbour must move far more.)
+        moved = inputs.pixel_values.clone()
+        moved[:, :, 3, 5] += 5.0
+        width = TINY_IMAGE_SIZE[1] // 4
+        deltas = {}
+        for name, tower in (("conv", model), ("patch", plain)):
+            embed = tower.vision_model.embeddings.patch_embeddings
+            deltas[name] = (embed(moved)[0] - embed(inputs.pixel_values)[0]).abs().sum(-1)  # (B, tokens)
+            assert deltas[name][:, 1].min() > 0  # patch (0, 1) holds the pixel in both
+        assert (deltas["patch"][:, width + 1] == 0).all() and (deltas["patch"][:, -1] == 0).all()
+        assert (deltas["conv"][:, width + 1] > 10 * deltas["conv"][:, -1]).all()  # patch (1, 1) vs the last
+    # Saved and loaded (the stem is rebuilt from the config, then its weights load): identical outputs.
+    model.save_pretrained(tmp_path)
+    loaded = AutoModel.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded.vision_model.embeddings.patch_embeddings.projection, DiaNAConvStem)
+    torch.testing.assert_close(loaded.vision_model.embeddings.patch_embeddings.projection.conv1.weight, stem.conv1.weight,
+                               rtol=0, atol=0)
+    with torch.no_grad():
+        a = model.encode_images(inputs.pixel_values).image_embeds
+        b = loaded.encode_images(inputs.pixel_values).image_embeds
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # The stem trains with the tower.
+    model.train()
+    model(inputs.pixel_values, inputs.input_ids, inputs.attention_mask, person_ids=torch.tensor([0, 1, 2]),
+          return_loss=True).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in stem.parameters())
 
 
 def test_auto_model_from_config_builds_diana():
