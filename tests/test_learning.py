@@ -1,5 +1,5 @@
 """Learning check at a small scale: the stage 1 SynthPedes preset (its model, losses and augmentation as
-shipped; 250 steps with the warm-up cut to 150) trained for about a minute of this CPU, must leave the
+shipped; 400 steps with the warm-up cut to 150) trained for ~80 s of this CPU, must leave the
 ln(batch) plateau and retrieve held-out images from their captions far more often than chance. It guards
 everything the other tests cannot see learning through: init, losses, collation, augmentation, optimiser
 wiring."""
@@ -20,9 +20,9 @@ from diana.processing.mals import load_mals
 from diana.processing.synthpedes import generate
 from diana.training.run_stage import main as run_stage
 
-pytestmark = pytest.mark.xdist_group("learning")  # about a minute of one worker
+pytestmark = pytest.mark.xdist_group("learning")  # ~80 s of one worker
 
-STEPS, BATCH, HELD_OUT = 250, 64, 400
+STEPS, BATCH, HELD_OUT = 400, 64, 400
 
 
 def held_out_ranks(model: DiaNAModel, rows: list[dict]) -> torch.Tensor:
@@ -66,10 +66,11 @@ def test_stage1_preset_learns_in_about_a_minute(tmp_path: Path):
     r1, r10 = (ranks == 0).float().mean().item(), (ranks < 10).float().mean().item()
     print(f"learning check: itc {history[0]['itc_loss']} -> {sum(late) / len(late):.3f}; held-out R@1 {r1:.2%} R@10 {r10:.2%} "
           f"median rank {ranks.float().median():.0f} of {HELD_OUT}")
-    # Measured on this 2-core CPU (one thread, 78 s): ITC 4.68 -> 3.35, R@1 4.75% and R@10 28.5% against
-    # chance 0.25% and 2.5%, median rank 22 of 400 (chance 200). With transformers' default Swinv2 init
-    # (0.02 instead of the preset's 0.15) the same check gives R@1 1.25%, R@10 12.25%, median 42 and fails
-    # these bounds, which leave room for other CPUs.
-    assert r10 >= 8 * chance_r10, (r1, r10)
-    assert r1 >= 10 / HELD_OUT, (r1, r10)
-    assert ranks.float().median() < 50, ranks.float().median()
+    # Measured on this 2-core CPU (80 s alone): ITC 4.31 -> 2.85, R@1 10.75% and R@10 53% against chance
+    # 0.25% and 2.5%, median rank 9 of 400 (chance 200). With transformers' default Swinv2 init (0.02
+    # instead of the preset's 0.15) the same check gives R@1 1.75%, R@10 18.75%, median 31 and fails every
+    # bound, which leave room for other CPUs. (250 steps were enough before the convolutional stem; with it
+    # R@1 at 250 steps was 1.5% for either init, too close to tell them apart.)
+    assert r10 >= 12 * chance_r10, (r1, r10)
+    assert r1 >= 16 / HELD_OUT, (r1, r10)
+    assert ranks.float().median() < 20, ranks.float().median()
