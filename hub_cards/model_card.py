@@ -221,7 +221,8 @@ def _paper_sized(config: Any) -> bool:
     if vision is None or text is None:
         return config is None  # no config given: describe the paper's model
     return (vision.embed_dim, list(vision.depths)) == (128, [2, 2, 18, 2]) and (
-        text.hidden_size, text.num_hidden_layers, text.vocab_size) == (2048, 16, 128256)
+        text.hidden_size, text.num_hidden_layers, text.vocab_size) == (2048, 16, 128256) and (
+        getattr(config, "vision_stem", "patch") == "patch")
 
 
 def _initialisation(
@@ -448,8 +449,9 @@ def _vision_summary(config: Any) -> str:
     if vision is None:
         return "Swin Transformer V2-B (patch 4, window 12), 384×192 input"
     size = getattr(vision, "image_size", None)
+    stem = ", convolutional stem (`vision_stem: conv`)" if getattr(config, "vision_stem", "patch") == "conv" else ""
     return (f"Swin Transformer V2 (embed {vision.embed_dim}, depths {list(vision.depths)}, window "
-            f"{vision.window_size}), input {size}")
+            f"{vision.window_size}{stem}), input {size}")
 
 
 def _text_summary(config: Any) -> str:

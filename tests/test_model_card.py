@@ -149,6 +149,19 @@ def test_card_without_results_or_recipe_still_checks():
     assert card.data.eval_results is None and "No evaluation results" in card.text
 
 
+def test_architecture_line_names_the_vision_stem():
+    from diana.modeling_diana import DiaNAConfig
+
+    plain = render_model_card(None, None, config=tiny_config(), repo_id="a/b").text
+    assert "Swin Transformer V2 (embed 16, depths [1, 2], window 4), input [64, 32]" in plain
+    conv = render_model_card(None, None, config=tiny_config(vision_stem="conv"), repo_id="a/b").text
+    assert "Swin Transformer V2 (embed 16, depths [1, 2], window 4, convolutional stem (`vision_stem: conv`))" in conv
+    # The paper's shapes name the paper's towers as base models, but not with another stem: that tower
+    # cannot have come from the Swinv2-B checkpoint.
+    assert render_model_card(None, None, config=DiaNAConfig(), repo_id="a/b").data.base_model == list(PAPER_BASE_MODELS)
+    assert render_model_card(None, None, config=DiaNAConfig(vision_stem="conv"), repo_id="a/b").data.base_model is None
+
+
 def test_bad_reports_are_named(tmp_path):
     report = _eval_report(3, modes=("global",))
     del report["global"]["full"]
