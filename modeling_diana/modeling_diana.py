@@ -322,6 +322,11 @@ class DiaNAModel(DiaNAPreTrainedModel):
             # Rebuilt from the config on every construction, so a saved folder loads into the same modules;
             # Swinv2PatchEmbeddings pads the pixels to a multiple of 4 before calling it, as before.
             patches = self.vision_model.embeddings.patch_embeddings
+            if vision_model is not None:
+                logger.warning(
+                    "vision_stem='conv': the given image tower's patch embedding is replaced by a new, randomly "
+                    "initialised convolutional stem; the rest of the tower keeps its weights."
+                )
             patches.projection = DiaNAConvStem(config.vision_config.num_channels, config.vision_config.embed_dim)
         self.text_model = text_model if text_model is not None else AutoModel.from_config(config.text_config)
         # One config object per tower, shared with the composite, so edits (attn implementation, pad ids the
@@ -596,13 +601,15 @@ class DiaNAModel(DiaNAPreTrainedModel):
         Args:
             vision_path: Folder of a Swinv2 checkpoint (any Swinv2 head; the backbone is kept).
             text_path: Folder of a Llama checkpoint.
-            kwargs: `vision_*` go to the vision tower's `from_pretrained` (e.g. `vision_image_size=[384, 192]`
-                is a config override there), `text_*` to the text tower's; `dtype` to both; the rest are
-                `DiaNAConfig` fields (`projection_dim`, `num_attribute_queries`, ...).
+            kwargs: `DiaNAConfig` fields (`projection_dim`, `num_attribute_queries`, `vision_stem`, ...); other
+                `vision_*` go to the vision tower's `from_pretrained` (e.g. `vision_image_size=[384, 192]` is a
+                config override there), `text_*` to the text tower's; `dtype` to both.
         """
-        vision_kwargs = {k[len("vision_"):]: v for k, v in kwargs.items() if k.startswith("vision_")}
-        text_kwargs = {k[len("text_"):]: v for k, v in kwargs.items() if k.startswith("text_")}
-        config_kwargs = {k: v for k, v in kwargs.items() if not k.startswith(("vision_", "text_"))}
+        # DiaNAConfig's own fields first: `vision_stem` is one, not a tower override.
+        fields = set(DiaNAConfig.__dataclass_fields__) - {"vision_config", "text_config"}
+        config_kwargs = {k: v for k, v in kwargs.items() if k in fields or not k.startswith(("vision_", "text_"))}
+        vision_kwargs = {k[len("vision_"):]: v for k, v in kwargs.items() if k.startswith("vision_") and k not in fields}
+        text_kwargs = {k[len("text_"):]: v for k, v in kwargs.items() if k.startswith("text_") and k not in fields}
         dtype = config_kwargs.pop("dtype", None)
         if dtype is not None:
             vision_kwargs.setdefault("dtype", dtype)

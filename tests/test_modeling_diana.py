@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -407,7 +408,7 @@ def test_activation_checkpointing_gives_the_same_gradients(inputs):
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-5, msg=name)
 
 
-def test_from_vision_text_pretrained_loads_both_towers(tmp_path, inputs):
+def test_from_vision_text_pretrained_loads_both_towers(tmp_path, inputs, caplog):
     torch.manual_seed(5)
     classifier = Swinv2ForImageClassification(tiny_vision_config(num_labels=5))  # keys under `swinv2.`, like the 22k release
     causal_lm = LlamaForCausalLM(tiny_text_config())
@@ -429,3 +430,13 @@ def test_from_vision_text_pretrained_loads_both_towers(tmp_path, inputs):
         assert torch.equal(model.text_model.state_dict()[name], value), name
     with torch.no_grad():
         assert torch.isfinite(model(inputs.pixel_values, inputs.input_ids, inputs.attention_mask, return_loss=True).loss)
+
+    # A convolutional stem cannot come from the checkpoint: new stem, the rest of the tower loaded, said in the log.
+    with caplog.at_level(logging.WARNING):
+        conv = DiaNAModel.from_vision_text_pretrained(str(tmp_path / "swinv2"), str(tmp_path / "llama"), vision_stem="conv",
+                                                      projection_dim=20, num_attribute_queries=2, refiner_num_heads=5)
+    assert "randomly initialised convolutional stem" in caplog.text
+    assert isinstance(conv.vision_model.embeddings.patch_embeddings.projection, DiaNAConvStem)
+    for name, value in classifier.swinv2.state_dict().items():
+        if "patch_embeddings.projection" not in name:
+            assert torch.equal(conv.vision_model.state_dict()[name], value), name
