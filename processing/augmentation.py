@@ -28,6 +28,7 @@ import numpy as np
 import PIL.Image
 import PIL.ImageOps
 import torch
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 MASK_TOKEN = "<|reserved_special_token_0|>"
@@ -432,12 +433,23 @@ class PedestrianImageAugmentation:
         size, mean, std, resample = image_processor_geometry(image_processor)
         self.size, self.mean, self.std = size, mean, std
         self.transform = build_train_image_transform(size, mean, std, interpolation=_interpolation(resample), **kwargs)
+        # The pipeline's deterministic head (ToImage, RGB, Resize: no random draw) and its random tail, so that
+        # a resized image can be kept (`DiaNACollator(image_cache=True)`) and only the tail run every epoch;
+        # tail(head(image)) is the whole pipeline, bit for bit.
+        steps = list(self.transform.transforms)
+        if [type(step) for step in steps[:3]] != [v2.ToImage, v2.RGB, v2.Resize]:
+            raise RuntimeError(f"unexpected head of the training image pipeline: {steps[:3]}")
+        self.head, self.tail = v2.Compose(steps[:3]), v2.Compose(steps[3:])
 
-    def __call__(self, images: Sequence[PIL.Image.Image], generator: torch.Generator) -> torch.Tensor:
+    def prepare(self, image: PIL.Image.Image) -> torch.Tensor:
+        """The deterministic head of the pipeline: a (3, H, W) uint8 tensor at the output size."""
+        return self.head(image).as_subclass(torch.Tensor).contiguous()
+
+    def __call__(self, images: Sequence[PIL.Image.Image | torch.Tensor], generator: torch.Generator) -> torch.Tensor:
         """Augments a list of images independently.
 
         Args:
-            images: RGB PIL images (any sizes).
+            images: RGB PIL images (any sizes), or what `prepare` returned for them (the same output).
             generator: The random source.
 
         Returns:
@@ -448,7 +460,11 @@ class PedestrianImageAugmentation:
         # (not torch.manual_seed) leaves CUDA generators alone.
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)
-            outputs = [self.transform(image).as_subclass(torch.Tensor) for image in images]
+            outputs = [
+                self.tail(tv_tensors.Image(image) if isinstance(image, torch.Tensor) else self.head(image))
+                .as_subclass(torch.Tensor)
+                for image in images
+            ]
         return torch.stack(outputs)  # (B, 3, H, W)
 
     def __repr__(self) -> str:

@@ -20,6 +20,7 @@ DataLoader worker it is mixed with the worker's seed so workers never repeat eac
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -140,6 +141,11 @@ class DiaNACollator:
             workers; the training loop must pop it before calling the model.
         image_augmentation_kwargs: Overrides for `build_train_image_transform` (e.g.
             ``{"erasing_probability": 0.0}``).
+        image_cache: Keep every training image after the pipeline's deterministic head (decoded, RGB,
+            resized: 3*H*W uint8 bytes) and run only the random tail on later draws; the batches are
+            bit-identical to uncached ones. Pair it with `with_undecoded_images`, or `datasets` still
+            decodes every row on access. Needs ``train=True`` and ``image_augmentation=True``; one cache
+            per process (each DataLoader worker fills its own). For data that fits in memory.
     """
 
     def __init__(
@@ -156,6 +162,7 @@ class DiaNACollator:
         return_round_ends: bool = False,
         return_statistics: bool = False,
         image_augmentation_kwargs: Mapping[str, Any] | None = None,
+        image_cache: bool = False,
     ) -> None:
         if not 0.0 <= float(token_masking) < 1.0:
             raise ValueError(f"token_masking is a selection probability in [0, 1), got {token_masking}")
@@ -182,6 +189,11 @@ class DiaNACollator:
             if self.image_augmentation
             else None
         )
+        if image_cache and not (self.train and self.image_transform is not None):
+            raise ValueError("image_cache keeps images after the training image pipeline's resize: it needs "
+                             "train=True and image_augmentation=True")
+        self.image_cache = bool(image_cache)
+        self._images: dict[str, torch.Tensor] = {}
         self.statistics = CollatorStatistics()
         self._generator: torch.Generator | None = None
         self._generator_key: Any = None
@@ -272,6 +284,19 @@ class DiaNACollator:
         counts["rounds_kept"] += len(rounds)
         return rounds  # type: ignore[return-value]
 
+    def load_image(self, value: Any, where: str) -> Any:
+        """The row's image for `pixel_values`: a PIL image, or with ``image_cache`` its kept resized tensor
+        (loaded and resized on first sight; errors name the file as `augmentation.load_image` does)."""
+        if not self.image_cache:
+            return load_image(value, where=where)
+        key = _image_key(value)
+        cached = self._images.get(key) if key is not None else None
+        if cached is None:
+            cached = self.image_transform.prepare(load_image(value, where=where))
+            if key is not None:
+                self._images[key] = cached
+        return cached
+
     def pixel_values(self, images: list[Any], generator: torch.Generator | None) -> torch.Tensor:
         """(B, 3, H, W): the training image pipeline when there is a batch generator (training) and
         augmentation is on; otherwise the processor's own path, so that training without
@@ -304,7 +329,7 @@ class DiaNACollator:
             if "image" not in row:
                 raise KeyError(f"{where}: the row has no 'image' column")
             dialogues.append(self._rounds(row, where, generator, counts))
-            images.append(load_image(row["image"], where=where))
+            images.append(self.load_image(row["image"], where))
             person_ids.append(self._person_id(row, where))
 
         text = self.processor(
@@ -358,6 +383,19 @@ class DiaNACollator:
 # --------------------------------------------------------------------------------------------
 # Lengths for group_by_length, undecoded images
 # --------------------------------------------------------------------------------------------
+
+
+def _image_key(value: Any) -> str | None:
+    """What identifies an image cell for the cache: its bytes' digest when it has bytes (paths inside
+    archives repeat across folders), else its path; None for an in-memory image without a file name."""
+    if isinstance(value, Mapping):
+        if value.get("bytes") is not None:
+            return "bytes:" + hashlib.blake2b(value["bytes"], digest_size=16).hexdigest()
+        return None if value.get("path") is None else "path:" + os.fspath(value["path"])
+    if isinstance(value, (str, os.PathLike)):
+        return "path:" + os.fspath(value)
+    filename = getattr(value, "filename", None)  # a PIL image opened from a file
+    return "path:" + filename if filename else None
 
 
 def _length_dialogue(row: Mapping[str, Any]) -> Any:

@@ -206,7 +206,10 @@ def test_run_command_runs_both_suites_tiny_and_writes_json(tmp_path, tokenizer_d
     assert "CPU suite (tiny)" in printed and "GPU suite (tiny)" in printed
 
     cpu_res = on_disk["cpu"]
-    assert {"environment", "per_round_eval", "processor", "metrics", "padding"} <= cpu_res.keys()
+    assert {"environment", "per_round_eval", "processor", "metrics", "padding", "collation"} <= cpu_res.keys()
+    collation = cpu_res["collation"]
+    assert collation["same_pixel_values"] is True and collation["rows"] == 8
+    assert collation["ms_per_batch_cached"] > 0 and collation["ms_per_batch_decoded"] > 0
     ev = cpu_res["per_round_eval"]
     assert set(ev["timings"]) == {"one_pass_with_round_ends", "one_pass_full_dialogue_only",
                                   "reencode_prefixes_dynamic_padding", "reencode_prefixes_padded_400"}

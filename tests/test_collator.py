@@ -268,6 +268,49 @@ def test_corrupt_image_error_names_the_file_and_row(tiny_processor, chatpedes, t
         _all_on(tiny_processor, train=False)(rows)
 
 
+def test_image_cache_gives_the_same_batches_and_decodes_each_image_once(tiny_processor, chatpedes, monkeypatch):
+    import diana.processing.collator as collator_module
+
+    loads = Counter()
+    real_load = collator_module.load_image
+
+    def counting_load(value, *, where=""):
+        loads[str(value["path"] if isinstance(value, dict) else getattr(value, "filename", value))] += 1
+        return real_load(value, where=where)
+
+    monkeypatch.setattr(collator_module, "load_image", counting_load)
+    plain = _all_on(tiny_processor, train=True, seed=5)
+    cached = _all_on(tiny_processor, train=True, seed=5, image_cache=True)
+    undecoded = with_undecoded_images(chatpedes)
+    # Grey and transparent files among them; rows 0-1 and 2-3 repeat in later batches, in other orders;
+    # a row as bytes (an archive's cell) and a decoded PIL image are keyed too.
+    with_bytes = dict(undecoded[4], image={"path": "elsewhere/004.png", "bytes": open(_paths(chatpedes)[4], "rb").read()})
+    batches = [[0, 1, 2], [3, 2, 1, 0], [5, 0, 4], [1, 1, 3]]
+    wants = [plain(_rows(undecoded, indices)) for indices in batches]
+    assert sum(loads.values()) == 13  # without the cache: every draw
+    loads.clear()
+    for indices, want in zip(batches, wants):
+        got = cached(_rows(undecoded, indices))
+        for key in want:
+            assert torch.equal(want[key], got[key]), key
+    assert list(loads.values()) == [1] * 6 and len(cached._images) == 6  # with it: first sight only
+    loads.clear()
+    want, got = plain([with_bytes, chatpedes[2]]), cached([with_bytes, chatpedes[2]])
+    assert torch.equal(want["pixel_values"], got["pixel_values"])
+    cached([with_bytes, chatpedes[2]])
+    # Bytes keyed by content (loaded by plain, then once by cached); the decoded image of row 2 by its file
+    # name, already cached from the undecoded rows (loaded by plain only).
+    assert len(cached._images) == 7 and loads["elsewhere/004.png"] == 2 and loads[_paths(chatpedes)[2]] == 1
+    # A corrupt file still fails on first sight, naming it.
+    with pytest.raises(ImageLoadError, match="broken"):
+        cached([dict(undecoded[0], image={"path": "/nonexistent/broken.png", "bytes": None})])
+    with pytest.raises(ValueError, match="image_augmentation=True"):
+        DiaNACollator(tiny_processor, train=True, round_retaining=False, token_masking=0.0, image_augmentation=False,
+                      image_cache=True)
+    with pytest.raises(ValueError, match="train=True"):
+        _all_on(tiny_processor, train=False, image_cache=True)
+
+
 # --------------------------------------------------------------------------------------------
 # MALS captions, truncation
 # --------------------------------------------------------------------------------------------

@@ -234,6 +234,32 @@ def test_resume_from_a_killed_run_ends_with_the_same_weights(synth, stage1_dir, 
     assert (tmp_path / "killed" / "checkpoint-2").is_dir() and (tmp_path / "killed" / "checkpoint-4").is_dir()
 
 
+def test_image_cache_trains_the_same_weights_and_refuses_what_does_not_fit(synth, stage1_dir, tmp_path, caplog):
+    def args(out: Path, *extra: str) -> list[str]:
+        return stage2_args(synth, out, "--model_name_or_path", str(stage1_dir), "--max_steps", "3",
+                           "--save_strategy", "no", "--eval_strategy", "no", "--load_best_model_at_end", "false",
+                           "--freeze_vision_model", "false", *extra)
+
+    with caplog.at_level(logging.INFO, logger="diana.run_stage"):
+        run_stage(args(tmp_path / "cached", "--image_cache", "true"))
+    assert "image cache: each training image decoded and resized once" in caplog.text
+    run_stage(args(tmp_path / "plain", "--image_cache", "false"))
+    cached, plain = load_file(tmp_path / "cached" / "model.safetensors"), load_file(tmp_path / "plain" / "model.safetensors")
+    for key in plain:  # the image tower trains here, so its pixels reach every weight
+        assert torch.equal(cached[key], plain[key]), key
+
+    with pytest.raises(ValueError, match="--image_cache .* needs --image_augmentation true"):
+        run_stage(args(tmp_path / "x", "--image_cache", "true", "--image_augmentation", "false"))
+    from diana.processing import build_processor
+    from diana.training.arguments import DataArguments
+    from diana.training.run_stage import prepare_image_cache
+
+    rows = [0] * 1000  # 1000 rows at 64x32: 6,144,000 bytes
+    processor = build_processor(preset="finetune", image_size=(64, 32))
+    with pytest.raises(ValueError, match=r"up to 0\.0 GiB \(1000 training rows at 64x32\), over a quarter"):
+        prepare_image_cache(rows, DataArguments(), processor, memory_bytes=4 * 6_144_000 - 4)
+
+
 def test_stage0_resumed_after_a_kill_ends_with_the_same_image_tower(synth, model_config_file, tmp_path):
     def args(out: Path, *extra: str) -> list[str]:
         return stage0_args(synth, out, model_config_file, "--max_steps", "4", "--save_strategy", "steps",

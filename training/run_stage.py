@@ -21,7 +21,8 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from diana.modeling_diana import DiaNAConfig, DiaNAModel
 from diana.processing import build_processor
-from diana.processing.collator import DiaNACollator, add_length_column
+from diana.processing.augmentation import image_processor_geometry
+from diana.processing.collator import DiaNACollator, add_length_column, with_undecoded_images
 from diana.training.arguments import DataArguments, ModelArguments, parse_args
 from diana.training.trainer import DiaNATrainer
 
@@ -57,6 +58,9 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
         # The refiner gets no gradient; DDP must be told (../shared/notes/stack.md).
         training_args.ddp_find_unused_parameters = True
 
+    if data_args.image_cache:
+        train_dataset = prepare_image_cache(train_dataset, data_args, processor)
+
     # A stable row id keys each row's augmentation to (seed, epoch, row): resumable (collator).
     train_dataset = train_dataset.add_column("row_index", list(range(len(train_dataset))))
     if data_args.objective == "image_attributes":
@@ -74,6 +78,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
         mals_captions=data_args.dataset == "mals",
         max_length=data_args.max_length,
         seed=training_args.seed,
+        image_cache=data_args.image_cache,
     )
     if training_args.train_sampling_strategy == "group_by_length":
         train_dataset = add_length_column(train_dataset, processor)
@@ -185,7 +190,7 @@ def run_vision_pretraining(model: DiaNAModel, processor, train_dataset, model_ar
                                      readouts=readouts, num_tokens=num_tokens)
     logger.info("image-tower heads: %s", ", ".join(readouts) + (f" ({num_tokens} final tokens)" if num_tokens else ""))
     collator = VisionPretrainingCollator(processor, vocabulary, image_augmentation=data_args.image_augmentation,
-                                         seed=training_args.seed)
+                                         seed=training_args.seed, image_cache=data_args.image_cache)
     trainer = VisionPretrainingTrainer(model=trainee, args=training_args, data_collator=collator,
                                        train_dataset=train_dataset, processing_class=processor, callbacks=callbacks)
     train(trainer, training_args)
@@ -196,6 +201,24 @@ def run_vision_pretraining(model: DiaNAModel, processor, train_dataset, model_ar
         save_vocabulary(training_args.output_dir, vocabulary, ngrams_per_caption)
         write_run_record(training_args.output_dir, model_args, data_args, training_args, {}, data_report)
     return {}
+
+
+def prepare_image_cache(train_dataset, data_args: DataArguments, processor, memory_bytes: int | None = None):
+    """Checks that `--image_cache` fits (at most a quarter of this machine's memory, counting every row as its
+    own image) and returns the training rows with undecoded images, so only the collator's cache decodes."""
+    if not data_args.image_augmentation:
+        raise ValueError("--image_cache keeps the training image pipeline's resized images: it needs "
+                         "--image_augmentation true")
+    (height, width), *_ = image_processor_geometry(processor.image_processor)
+    need = len(train_dataset) * 3 * height * width
+    if memory_bytes is None:
+        memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > memory_bytes // 4:
+        raise ValueError(f"--image_cache would hold up to {need / 2**30:.1f} GiB ({len(train_dataset)} training rows "
+                         f"at {height}x{width}), over a quarter of this machine's "
+                         f"{memory_bytes / 2**30:.1f} GiB: leave it off for this data set")
+    logger.info("image cache: each training image decoded and resized once, up to %.0f MiB", need / 2**20)
+    return with_undecoded_images(train_dataset)
 
 
 def load_data(data_args: DataArguments):

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diana.processing.augmentation import clean_caption, load_image
+from diana.processing.augmentation import clean_caption
 from diana.processing.collator import DiaNACollator
 
 from .trainer import DiaNATrainer
@@ -192,9 +192,9 @@ class VisionPretrainingCollator(DiaNACollator):
     resumable draws), ``ngram_targets`` (B, V) in {0, 1} and ``label_targets`` (B, 27) in {1, 0, -1}."""
 
     def __init__(self, processor: Any, vocabulary: Sequence[str], *, num_labels: int = 27, train: bool = True,
-                 image_augmentation: bool = True, seed: int | None = None):
+                 image_augmentation: bool = True, seed: int | None = None, image_cache: bool = False):
         super().__init__(processor, train=train, round_retaining=False, token_masking=0.0,
-                         image_augmentation=image_augmentation, mals_captions=True, seed=seed)
+                         image_augmentation=image_augmentation, mals_captions=True, seed=seed, image_cache=image_cache)
         self.vocabulary = list(vocabulary)
         self.index = {g: i for i, g in enumerate(self.vocabulary)}
         self.num_labels = num_labels
@@ -212,7 +212,7 @@ class VisionPretrainingCollator(DiaNACollator):
                     raise KeyError(f"{where}: the row has no {key!r} column (a MALS row is needed)")
             if not isinstance(row["caption"], str):
                 raise TypeError(f"{where}: 'caption' must be a str, got {type(row['caption']).__name__}")
-            images.append(load_image(row["image"], where=where))
+            images.append(self.load_image(row["image"], where))
             for gram in caption_ngrams(row["caption"]):
                 if gram in self.index:
                     ngrams[index, self.index[gram]] = 1.0

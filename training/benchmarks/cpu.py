@@ -11,6 +11,10 @@
 3. Metric computation at ChatPedes size: ~6k dialogues x 10 rounds against 3,074 images with
    `training.metrics.retrieval_metrics` (and the scoring matmuls).
 4. Padding efficiency of the three batching policies on ChatPedes-length dialogues.
+5. Training collation as the Trainer runs it, for the SynthPedes CPU presets (128x64 PNG files read
+   through a `datasets` table, resized to 64x32): decoded rows through the whole image pipeline,
+   against undecoded rows with `DiaNACollator(image_cache=True)` once every image is kept; the two
+   give the same batches (checked).
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ class CpuSettings:
     metric_dim: int = 768
     padding_dialogues: int = 2048
     padding_batch: int = 32
+    collate_rows: int = 512
+    collate_batch: int = 64
     max_seconds: float = 100.0
 
     @classmethod
@@ -55,7 +61,8 @@ class CpuSettings:
         return cls(
             eval_dialogues=4, eval_batch=2, rounds=3, text_hidden=32, text_layers=2, eval_repeats=1,
             processor_images=4, processor_dialogues=8, processor_repeats=1, metric_queries=40, metric_gallery=20,
-            metric_persons=10, metric_rounds=2, metric_dim=16, padding_dialogues=16, padding_batch=4, max_seconds=5.0,
+            metric_persons=10, metric_rounds=2, metric_dim=16, padding_dialogues=16, padding_batch=4, collate_rows=8,
+            collate_batch=4, max_seconds=5.0,
         )
 
 
@@ -207,6 +214,67 @@ def bench_processor(processor, settings: CpuSettings) -> dict[str, Any]:
     }
 
 
+# ---------------------------------------------------------------------------------- 5. collation
+def bench_collation(settings: CpuSettings, tokenizer_dir: str | None = None) -> dict[str, Any]:
+    """ms per training batch (row fetch + collation, both threads): decoded rows vs undecoded + image cache."""
+    import tempfile
+
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    from diana.processing import build_processor
+    from diana.processing.collator import DiaNACollator, with_undecoded_images
+
+    processor = build_processor(tokenizer_dir=tokenizer_dir, preset="finetune", image_size=(64, 32))
+    dialogues = workloads.make_dialogues(settings.collate_rows, rounds=5, seed=4)
+    rng = np.random.default_rng(4)
+    with tempfile.TemporaryDirectory() as folder:
+        paths = []
+        for i in range(settings.collate_rows):  # SynthPedes-like: flat colour regions compress like its drawings
+            array = np.repeat(rng.integers(0, 256, (16, 8, 3), dtype=np.uint8), 8, axis=0).repeat(8, axis=1)
+            paths.append(os.path.join(folder, f"{i:05d}.png"))
+            Image.fromarray(array).save(paths[-1])
+        table = datasets.Dataset.from_dict(
+            # row_index keys each batch's draws to (seed, epoch, rows), as in run_stage: comparable across collators.
+            {"image": paths, "dialogue": dialogues, "person_id": list(range(len(paths))),
+             "row_index": list(range(len(paths)))},
+            features=datasets.Features({
+                "image": datasets.Image(), "person_id": datasets.Value("int64"), "row_index": datasets.Value("int64"),
+                "dialogue": datasets.List({"question": datasets.Value("string"), "answer": datasets.Value("string")}),
+            }),
+        )
+        undecoded = with_undecoded_images(table)
+        options = dict(train=True, round_retaining=True, token_masking=0.0, image_augmentation=True, max_length=400,
+                       seed=0)
+        plain, cached = DiaNACollator(processor, **options), DiaNACollator(processor, image_cache=True, **options)
+        plain.set_epoch(0), cached.set_epoch(0)
+        batches = [list(range(start, min(start + settings.collate_batch, len(paths))))
+                   for start in range(0, len(paths), settings.collate_batch)]
+        first_epoch = time.perf_counter()
+        for rows in batches:
+            cached([undecoded[i] for i in rows])
+        first_epoch = time.perf_counter() - first_epoch
+        same = all(torch.equal(plain([table[i] for i in rows])["pixel_values"],
+                               cached([undecoded[i] for i in rows])["pixel_values"]) for rows in batches[:2])
+
+        def epoch(collator, source) -> Any:
+            return lambda: [collator([source[i] for i in rows]) for rows in batches]
+
+        timings = harness.time_interleaved({"decoded_rows_full_pipeline": epoch(plain, table),
+                                            "undecoded_rows_image_cache": epoch(cached, undecoded)},
+                                           warmup=0, repeats=3, max_seconds=settings.max_seconds)
+    per_batch = {name: 1000 * t.min_s / len(batches) for name, t in timings.items()}
+    return {
+        "rows": len(paths), "batch": settings.collate_batch, "image_size": [64, 32], "source_size": [128, 64],
+        "timings": {k: v.as_dict() for k, v in timings.items()},
+        "ms_per_batch_decoded": per_batch["decoded_rows_full_pipeline"],
+        "ms_per_batch_cached": per_batch["undecoded_rows_image_cache"],
+        "ms_per_batch_cache_filling": 1000 * first_epoch / len(batches),
+        "same_pixel_values": bool(same),
+    }
+
+
 # -------------------------------------------------------------------------------------- 3. metrics
 @torch.no_grad()
 def bench_metrics(settings: CpuSettings) -> dict[str, Any]:
@@ -288,6 +356,7 @@ def run_cpu_suite(*, tiny: bool = False, settings: CpuSettings | None = None, to
     results["processor"] = bench_processor(processor, settings)
     results["metrics"] = bench_metrics(settings)
     results["padding"] = bench_padding(processor, settings)
+    results["collation"] = bench_collation(settings, tokenizer_dir)
     results["suite_wall_s"] = time.perf_counter() - start
     return results
 
@@ -321,6 +390,10 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
     rows.append(("padding efficiency under R3", fmt(100 * pad["r3_efficiency_grouped_by_full_length"], "%"),
                  f"grouped by full length; by drawn length {fmt(100 * pad['r3_efficiency_grouped_by_drawn_length'], '%')}, "
                  f"dynamic {fmt(100 * pad['r3_efficiency_dynamic'], '%')}, pad-400 {fmt(100 * pad['r3_efficiency_pad_to_400'], '%')}"))
+    c = results["collation"]
+    rows.append((f"training collation, batch {c['batch']} (SynthPedes PNGs)", fmt(c["ms_per_batch_cached"], "ms"),
+                 f"image cache (filling: {fmt(c['ms_per_batch_cache_filling'], 'ms')}); decoded rows "
+                 f"{fmt(c['ms_per_batch_decoded'], 'ms')}; same pixels: {c['same_pixel_values']}"))
     rows.append(("suite wall time", fmt(results["suite_wall_s"], "s"), ""))
     return rows
 
