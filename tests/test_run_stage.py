@@ -248,8 +248,12 @@ def test_image_cache_trains_the_same_weights_and_refuses_what_does_not_fit(synth
     for key in plain:  # the image tower trains here, so its pixels reach every weight
         assert torch.equal(cached[key], plain[key]), key
 
-    with pytest.raises(ValueError, match="--image_cache .* needs --image_augmentation true"):
-        run_stage(args(tmp_path / "x", "--image_cache", "true", "--image_augmentation", "false"))
+    # Without augmentation there is nothing to keep: the preset's cache is switched off, said and recorded.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="diana.run_stage"):
+        run_stage(args(tmp_path / "no_augmentation", "--image_cache", "true", "--image_augmentation", "false"))
+    assert "--image_cache keeps the training image pipeline's resized images: off" in caplog.text
+    assert json.loads((tmp_path / "no_augmentation" / "run_args.json").read_text())["data"]["image_cache"] is False
     from diana.processing import build_processor
     from diana.training.arguments import DataArguments
     from diana.training.run_stage import prepare_image_cache

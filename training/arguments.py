@@ -99,8 +99,9 @@ class DataArguments:
     image_augmentation: bool = field(default=True, metadata={"help": "Flip / pad-crop / random erasing, training only."})
     image_cache: bool = field(
         default=False,
-        metadata={"help": "Decode and resize each training image once and keep it in memory (3*H*W bytes each; needs "
-                          "image_augmentation; same batches, less time per step). For data that fits in memory."},
+        metadata={"help": "Decode and resize each training image once and keep it in memory (3*H*W bytes each; "
+                          "off without image_augmentation; same batches, less time per step). For data that fits "
+                          "in memory."},
     )
     eval_split: str = field(default="validation", metadata={"help": "validation | test (test only when asked)."})
     eval_score_modes: list[str] = field(

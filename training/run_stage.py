@@ -58,6 +58,11 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
         # The refiner gets no gradient; DDP must be told (../shared/notes/stack.md).
         training_args.ddp_find_unused_parameters = True
 
+    if data_args.image_cache and not data_args.image_augmentation:
+        # A preset's cache must not make `--image_augmentation false` fail: there is nothing to keep then.
+        logger.warning("--image_cache keeps the training image pipeline's resized images: off, as "
+                       "--image_augmentation is false")
+        data_args.image_cache = False
     if data_args.image_cache:
         train_dataset = prepare_image_cache(train_dataset, data_args, processor)
 
@@ -206,9 +211,6 @@ def run_vision_pretraining(model: DiaNAModel, processor, train_dataset, model_ar
 def prepare_image_cache(train_dataset, data_args: DataArguments, processor, memory_bytes: int | None = None):
     """Checks that `--image_cache` fits (at most a quarter of this machine's memory, counting every row as its
     own image) and returns the training rows with undecoded images, so only the collator's cache decodes."""
-    if not data_args.image_augmentation:
-        raise ValueError("--image_cache keeps the training image pipeline's resized images: it needs "
-                         "--image_augmentation true")
     (height, width), *_ = image_processor_geometry(processor.image_processor)
     need = len(train_dataset) * 3 * height * width
     if memory_bytes is None:
