@@ -145,7 +145,8 @@ class DiaNACollator:
             resized: 3*H*W uint8 bytes) and run only the random tail on later draws; the batches are
             bit-identical to uncached ones. Pair it with `with_undecoded_images`, or `datasets` still
             decodes every row on access. Needs ``train=True`` and ``image_augmentation=True``; one cache
-            per process (each DataLoader worker fills its own). For data that fits in memory.
+            per process: each DataLoader worker fills its own, and only persistent workers
+            (``dataloader_persistent_workers``) keep theirs past an epoch. For data that fits in memory.
     """
 
     def __init__(
