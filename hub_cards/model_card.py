@@ -458,8 +458,9 @@ def _text_summary(config: Any) -> str:
     text = getattr(config, "text_config", None)
     if text is None:
         return "Llama-3.2-1B (last-token pooling)"
+    pooling = "mean pooling (`text_pooling: mean`)" if getattr(config, "text_pooling", "last") == "mean" else "last-token pooling"
     return (f"Llama (hidden {text.hidden_size}, {text.num_hidden_layers} layers, vocabulary "
-            f"{text.vocab_size}), last-token pooling")
+            f"{text.vocab_size}), {pooling}")
 
 
 def check_model_card(card: ModelCard) -> None:

@@ -64,6 +64,11 @@ SCORE_MODES = ("global", "attribute", "fused")
 # "Early Convolutions Help Transformers See Better"): a from-scratch tower learns fine shape attributes
 # (hair, sleeves, bag) faster with it; the SynthPedes presets use it.
 VISION_STEMS = ("patch", "conv")
+# "last": the dialogue vector is the last token's hidden state (the paper's; a round's vector is the state at
+# its last token). "mean": the mean of the attended tokens' states up to there; a small from-scratch tower
+# binds each answer to its question locally but gathers five rounds into one token poorly, and the mean
+# reads every answer directly (SynthPedes main job, README).
+TEXT_POOLINGS = ("last", "mean")
 
 
 @strict
@@ -94,6 +99,9 @@ class DiaNAConfig(PreTrainedConfig):
         vision_stem: The image tower's first layer: "patch" (Swinv2's patch embedding, the paper's) or "conv"
             (a convolutional stem of the same output size, rebuilt by `DiaNAModel` on every load; needs
             `vision_config.patch_size` 4).
+        text_pooling: How the dialogue tower's token states become the dialogue vector: "last" (the last
+            attended token, the paper's) or "mean" (the mean of the attended tokens). Both are causal, so a
+            round's vector only sees rounds up to it and all rounds come from one tower pass.
 
     Example:
     ```python
@@ -134,6 +142,7 @@ class DiaNAConfig(PreTrainedConfig):
     score_mode: str = "global"
     initializer_factor: float = 1.0
     vision_stem: str = "patch"
+    text_pooling: str = "last"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -178,6 +187,8 @@ class DiaNAConfig(PreTrainedConfig):
             )
         if self.vision_stem not in VISION_STEMS:
             raise ValueError(f"DiaNAConfig.vision_stem must be one of {VISION_STEMS}, got {self.vision_stem!r}.")
+        if self.text_pooling not in TEXT_POOLINGS:
+            raise ValueError(f"DiaNAConfig.text_pooling must be one of {TEXT_POOLINGS}, got {self.text_pooling!r}.")
         patch = self.vision_config.patch_size
         if self.vision_stem == "conv" and tuple(patch if isinstance(patch, (list, tuple)) else (patch, patch)) != (4, 4):
             raise ValueError(
@@ -190,4 +201,4 @@ class DiaNAConfig(PreTrainedConfig):
             )
 
 
-__all__ = ["DiaNAConfig", "ATTRIBUTE_REDUCTIONS", "SCORE_MODES", "VISION_STEMS"]
+__all__ = ["DiaNAConfig", "ATTRIBUTE_REDUCTIONS", "SCORE_MODES", "TEXT_POOLINGS", "VISION_STEMS"]

@@ -409,6 +409,17 @@ class DiaNAModel(DiaNAPreTrainedModel):
     def _pool_text(
         self, hidden: torch.Tensor, attention_mask: torch.Tensor, round_end_positions: torch.Tensor | None
     ) -> torch.Tensor:
+        if self.config.text_pooling == "mean":
+            # Summed in float32 (a bf16 running sum over hundreds of tokens loses the late rounds).
+            mask = attention_mask.float()[..., None]  # (B, L, 1); pads (either side) weigh 0
+            masked = hidden.float() * mask
+            if round_end_positions is None:
+                return (masked.sum(1) / mask.sum(1).clamp(min=1)).to(hidden.dtype)
+            self._check_round_ends(round_end_positions, attention_mask)
+            # Running sums: the mean of round r's prefix is sum[end_r] / count[end_r], for all rounds at once.
+            index = round_end_positions.long()[..., None]  # (B, R, 1)
+            sums = masked.cumsum(1).gather(1, index.expand(-1, -1, hidden.shape[-1]))
+            return (sums / mask.cumsum(1).gather(1, index).clamp(min=1)).to(hidden.dtype)
         if round_end_positions is None:
             index = _last_token_index(attention_mask)  # (B,)
             return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]  # (B, H)
@@ -444,7 +455,8 @@ class DiaNAModel(DiaNAPreTrainedModel):
             round_end_positions: optional (B, R) index of the last token of every round prefix.
 
         Returns:
-            (B, D) from the last attended token, or (B, R, D) one per round prefix from one tower pass.
+            (B, D) pooled as `config.text_pooling` says (the last attended token, or the mean of the attended
+            tokens), or (B, R, D) one per round prefix from one tower pass.
         """
         hidden, attention_mask = self._text_hidden(input_ids, attention_mask)
         return self.text_projection(self._pool_text(hidden, attention_mask, round_end_positions))

@@ -149,11 +149,14 @@ def test_card_without_results_or_recipe_still_checks():
     assert card.data.eval_results is None and "No evaluation results" in card.text
 
 
-def test_architecture_line_names_the_vision_stem():
+def test_architecture_line_names_the_vision_stem_and_the_text_pooling():
     from diana.modeling_diana import DiaNAConfig
 
     plain = render_model_card(None, None, config=tiny_config(), repo_id="a/b").text
     assert "Swin Transformer V2 (embed 16, depths [1, 2], window 4), input [64, 32]" in plain
+    assert "last-token pooling" in plain and "mean pooling" not in plain
+    mean = render_model_card(None, None, config=tiny_config(text_pooling="mean"), repo_id="a/b").text
+    assert "mean pooling (`text_pooling: mean`)" in mean and "last-token pooling" not in mean
     conv = render_model_card(None, None, config=tiny_config(vision_stem="conv"), repo_id="a/b").text
     assert "Swin Transformer V2 (embed 16, depths [1, 2], window 4, convolutional stem (`vision_stem: conv`))" in conv
     # The paper's shapes name the paper's towers as base models, but not with another stem: that tower

@@ -68,6 +68,13 @@ def model():
     return DiaNAModel(tiny_config()).eval()
 
 
+@pytest.fixture(scope="module", params=["last", "mean"])
+def pooled_model(request):
+    """The tiny model with each dialogue pooling (`DiaNAConfig.text_pooling`)."""
+    torch.manual_seed(0)
+    return DiaNAModel(tiny_config(text_pooling=request.param)).eval()
+
+
 @pytest.fixture(scope="module")
 def inputs():
     return DiaNAModelTester()
@@ -122,6 +129,7 @@ def test_config_round_trip_and_auto_config(tmp_path):
         ({"sdm_epsilon": 0.0}, "sdm_epsilon"),
         ({"vision_config": {"model_type": "vit"}}, "Swinv2"),
         ({"vision_stem": "resnet"}, "vision_stem"),
+        ({"text_pooling": "max"}, "text_pooling"),
         ({"vision_stem": "conv", "vision_config": tiny_vision_config(patch_size=2)}, "patch_size 4"),
     ],
 )
@@ -259,7 +267,24 @@ def test_text_features_pool_the_last_real_token(model, inputs):
         torch.testing.assert_close(features[row], model.text_projection(hidden[row, length - 1]), rtol=1e-5, atol=1e-6)
 
 
-def test_padding_side_does_not_change_anything(model, inputs):
+def test_mean_text_pooling_averages_the_real_tokens(inputs):
+    torch.manual_seed(0)
+    mean_model = DiaNAModel(tiny_config(text_pooling="mean")).eval()
+    with torch.no_grad():
+        hidden = mean_model.text_model(input_ids=inputs.input_ids, attention_mask=inputs.attention_mask).last_hidden_state
+        features = mean_model.get_text_features(inputs.input_ids, inputs.attention_mask)
+        for row, length in enumerate(inputs.lengths):
+            expected = mean_model.text_projection(hidden[row, :length].mean(0))
+            torch.testing.assert_close(features[row], expected, rtol=1e-5, atol=1e-6)
+        # The pads of the short rows have hidden states too: averaging the whole row would differ.
+        assert not torch.allclose(features[2], mean_model.text_projection(hidden[2].mean(0)), atol=1e-3)
+        bf16 = mean_model.to(torch.bfloat16).get_text_features(inputs.input_ids, inputs.attention_mask)
+    assert bf16.dtype == torch.bfloat16 and torch.isfinite(bf16).all()
+    torch.testing.assert_close(bf16.float(), features, rtol=0.05, atol=0.05)
+
+
+def test_padding_side_does_not_change_anything(pooled_model, inputs):
+    model = pooled_model
     left_ids, left_mask = inputs.left_padded()
     with torch.no_grad():
         right = model.encode_dialogues(inputs.input_ids, inputs.attention_mask)
@@ -271,7 +296,8 @@ def test_padding_side_does_not_change_anything(model, inputs):
     torch.testing.assert_close(left_loss.loss, right_loss.loss, rtol=1e-5, atol=1e-5)
 
 
-def test_all_rounds_in_one_pass_equal_separate_prefixes(model, inputs):
+def test_all_rounds_in_one_pass_equal_separate_prefixes(pooled_model, inputs):
+    model = pooled_model
     ends = torch.tensor([[2, 5, 8], [1, 5, 5], [0, 3, 3]])  # repeated ends = dialogues with fewer rounds
     with torch.no_grad():
         one_pass = model.encode_dialogues(inputs.input_ids, inputs.attention_mask, round_end_positions=ends)

@@ -60,11 +60,12 @@ CHILD = textwrap.dedent(
 )
 
 
-# "conv": the SynthPedes presets' stem, a module the remote file must define and rebuild itself.
-@pytest.mark.parametrize("vision_stem", ["patch", "conv"])
-def test_remote_code_round_trip_without_the_project(tmp_path, vision_stem):
+# "conv" + "mean": the SynthPedes presets' stem (a module the remote file must define and rebuild itself)
+# and dialogue pooling; "patch" + "last": the paper's.
+@pytest.mark.parametrize("vision_stem,text_pooling", [("patch", "last"), ("conv", "mean")])
+def test_remote_code_round_trip_without_the_project(tmp_path, vision_stem, text_pooling):
     torch.manual_seed(0)
-    model = DiaNAModel(tiny_config(attribute_reduction="min", vision_stem=vision_stem)).eval()
+    model = DiaNAModel(tiny_config(attribute_reduction="min", vision_stem=vision_stem, text_pooling=text_pooling)).eval()
     folder = tmp_path / "diana-tiny"
     model.save_pretrained(folder)
 
