@@ -382,6 +382,8 @@ def build_train_image_transform(
         float32 `tv_tensors.Image`.
     """
     height, width = int(size[0]), int(size[1])
+    if not 0.0 <= float(erasing_probability) <= 1.0:
+        raise ValueError(f"the random erasing probability must be in [0, 1], got {erasing_probability}")
     if padding is None:
         padding = max(1, round(10 * width / 192))
     steps: list[v2.Transform] = [

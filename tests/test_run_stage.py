@@ -264,6 +264,22 @@ def test_image_cache_trains_the_same_weights_and_refuses_what_does_not_fit(synth
         prepare_image_cache(rows, DataArguments(), processor, memory_bytes=4 * 6_144_000 - 4)
 
 
+def test_random_erasing_flag_reaches_the_training_images(synth, stage1_dir, tmp_path):
+    def run(name: str, erasing: str) -> dict[str, torch.Tensor]:
+        run_stage(stage2_args(synth, tmp_path / name, "--model_name_or_path", str(stage1_dir), "--max_steps", "2",
+                              "--save_strategy", "no", "--eval_strategy", "no", "--load_best_model_at_end", "false",
+                              "--freeze_vision_model", "false", "--random_erasing", erasing))
+        assert json.loads((tmp_path / name / "run_args.json").read_text())["data"]["random_erasing"] == float(erasing)
+        return load_file(tmp_path / name / "model.safetensors")
+
+    off, always = run("off", "0"), run("always", "1")
+    # Same seed and batches: only the erased rectangles differ, and the training image tower sees them.
+    assert not torch.equal(off["vision_model.encoder.layers.0.blocks.0.attention.output.dense.weight"],
+                           always["vision_model.encoder.layers.0.blocks.0.attention.output.dense.weight"])
+    with pytest.raises(ValueError, match=r"random erasing probability must be in \[0, 1\], got -0.1"):
+        run("bad", "-0.1")
+
+
 def test_stage0_resumed_after_a_kill_ends_with_the_same_image_tower(synth, model_config_file, tmp_path):
     def args(out: Path, *extra: str) -> list[str]:
         return stage0_args(synth, out, model_config_file, "--max_steps", "4", "--save_strategy", "steps",

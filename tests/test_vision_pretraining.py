@@ -155,6 +155,23 @@ def test_collator_builds_multi_hot_ngrams_labels_and_the_augmented_images():
                                                                             return_tensors="pt")["pixel_values"])
 
 
+def test_collator_passes_the_erasing_probability_to_the_augmentation():
+    processor = build_processor(image_size=(64, 32), preset="pretrain")
+    rows = _rows(4)
+
+    def mean_filled(erasing: float) -> list[int]:
+        collator = VisionPretrainingCollator(processor, ["red"], seed=3,
+                                             image_augmentation_kwargs={"erasing_probability": erasing})
+        pixels = collator(rows)["pixel_values"]
+        return (pixels == 0).all(dim=1).sum(dim=(1, 2)).tolist()  # pixels set to the mean, per image
+
+    # Erasing fills a rectangle of at least 2% of the image with the mean; noise images have none of their own.
+    assert all(n >= 0.02 * 64 * 32 - 1 for n in mean_filled(1.0))
+    assert mean_filled(0.0) == [0, 0, 0, 0]
+    with pytest.raises(ValueError, match=r"random erasing probability must be in \[0, 1\], got 1.5"):
+        VisionPretrainingCollator(processor, ["red"], image_augmentation_kwargs={"erasing_probability": 1.5})
+
+
 def test_collator_errors_name_the_row():
     processor = build_processor(image_size=(64, 32), preset="pretrain")
     collator = VisionPretrainingCollator(processor, ["red"])

@@ -97,6 +97,12 @@ class DataArguments:
     round_retaining: bool = field(default=True, metadata={"help": "Random round retaining (R3), training only."})
     token_masking: float = field(default=0.15, metadata={"help": "Fraction of tokens masked (80/10/10), training only."})
     image_augmentation: bool = field(default=True, metadata={"help": "Flip / pad-crop / random erasing, training only."})
+    random_erasing: float = field(
+        default=0.5,
+        metadata={"help": "Probability of the augmentation's random erasing (IRRA's and the paper's 0.5; 0 = off). "
+                          "The SynthPedes presets turn it off: on a 64x32 drawing a rectangle of up to 40% hides "
+                          "the very attribute (a bag, the top's stripes) the dialogue or label names."},
+    )
     image_cache: bool = field(
         default=False,
         metadata={"help": "Decode and resize each training image once and keep it in memory (3*H*W bytes each; "

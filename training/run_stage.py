@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
         round_retaining=data_args.round_retaining and data_args.dataset == "chatpedes",
         token_masking=data_args.token_masking,
         image_augmentation=data_args.image_augmentation,
+        image_augmentation_kwargs={"erasing_probability": data_args.random_erasing},
         mals_captions=data_args.dataset == "mals",
         max_length=data_args.max_length,
         seed=training_args.seed,
@@ -195,7 +196,8 @@ def run_vision_pretraining(model: DiaNAModel, processor, train_dataset, model_ar
                                      readouts=readouts, num_tokens=num_tokens)
     logger.info("image-tower heads: %s", ", ".join(readouts) + (f" ({num_tokens} final tokens)" if num_tokens else ""))
     collator = VisionPretrainingCollator(processor, vocabulary, image_augmentation=data_args.image_augmentation,
-                                         seed=training_args.seed, image_cache=data_args.image_cache)
+                                         seed=training_args.seed, image_cache=data_args.image_cache,
+                                         image_augmentation_kwargs={"erasing_probability": data_args.random_erasing})
     trainer = VisionPretrainingTrainer(model=trainee, args=training_args, data_collator=collator,
                                        train_dataset=train_dataset, processing_class=processor, callbacks=callbacks)
     train(trainer, training_args)

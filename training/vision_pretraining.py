@@ -192,9 +192,11 @@ class VisionPretrainingCollator(DiaNACollator):
     resumable draws), ``ngram_targets`` (B, V) in {0, 1} and ``label_targets`` (B, 27) in {1, 0, -1}."""
 
     def __init__(self, processor: Any, vocabulary: Sequence[str], *, num_labels: int = 27, train: bool = True,
-                 image_augmentation: bool = True, seed: int | None = None, image_cache: bool = False):
+                 image_augmentation: bool = True, seed: int | None = None, image_cache: bool = False,
+                 image_augmentation_kwargs: Mapping[str, Any] | None = None):
         super().__init__(processor, train=train, round_retaining=False, token_masking=0.0,
-                         image_augmentation=image_augmentation, mals_captions=True, seed=seed, image_cache=image_cache)
+                         image_augmentation=image_augmentation, mals_captions=True, seed=seed, image_cache=image_cache,
+                         image_augmentation_kwargs=image_augmentation_kwargs)
         self.vocabulary = list(vocabulary)
         self.index = {g: i for i, g in enumerate(self.vocabulary)}
         self.num_labels = num_labels
