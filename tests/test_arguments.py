@@ -15,7 +15,7 @@ def test_preset_gives_defaults_and_flags_override_them(tmp_path):
     model, data, train = parse_args(["--config", "stage2_synthpedes_small", "--output_dir", str(tmp_path),
                                      "--learning_rate", "3e-4"])
     assert data.dataset == "chatpedes" and data.round_retaining
-    assert train.learning_rate == pytest.approx(3e-4) and train.num_train_epochs == 16
+    assert train.learning_rate == pytest.approx(3e-4) and train.num_train_epochs == 11
     assert model.num_attribute_queries == 6
 
 

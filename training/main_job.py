@@ -26,8 +26,9 @@ logger = logging.getLogger("diana.main_job")
 def parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="outputs/main_job")
-    parser.add_argument("--persons", type=int, default=1500,
-                        help="SynthPedes persons (train + test); with 400, stage 2 overfits its 280 train persons")
+    parser.add_argument("--persons", type=int, default=3000,
+                        help="SynthPedes persons (train + test); more persons for the same stage-2 steps generalise "
+                             "better (1,400 -> 2,900 train persons: test R@1 +3.6)")
     parser.add_argument("--test_persons", type=int, default=100, help="held-out persons of the test split")
     parser.add_argument("--images_per_person", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=5)
