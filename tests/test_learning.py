@@ -68,10 +68,10 @@ def test_stage1_preset_learns_in_about_a_minute(tmp_path: Path):
           f"median rank {ranks.float().median():.0f} of {HELD_OUT}")
     # Measured on this 2-core CPU (80 s alone): ITC 4.24 -> 2.63, R@1 17% and R@10 71.5% against chance
     # 0.25% and 2.5%, median rank 4 of 400 (chance 200); with last-token pooling instead of the preset's
-    # mean: ITC 2.85 at the end, R@1 10.75%, R@10 53%, median 9. With last-token pooling and transformers' default Swinv2 init (0.02
-    # instead of the preset's 0.15) the same check gives R@1 1.75%, R@10 18.75%, median 31 and fails every
-    # bound, which leave room for other CPUs. (250 steps were enough before the convolutional stem; with it
-    # R@1 at 250 steps was 1.5% for either init, too close to tell them apart.)
+    # mean: ITC 2.85 at the end, R@1 10.75%, R@10 53%, median 9. With last-token pooling and transformers'
+    # default Swinv2 init (0.02 instead of the preset's 0.15) the same check gives R@1 1.75%, R@10 18.75%,
+    # median 31 and fails every bound, which leave room for other CPUs. (250 steps were enough before the
+    # convolutional stem; with it R@1 at 250 steps was 1.5% for either init, too close to tell them apart.)
     assert r10 >= 12 * chance_r10, (r1, r10)
     assert r1 >= 16 / HELD_OUT, (r1, r10)
     assert ranks.float().median() < 20, ranks.float().median()

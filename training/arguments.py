@@ -100,8 +100,8 @@ class DataArguments:
     random_erasing: float = field(
         default=0.5,
         metadata={"help": "Probability of the augmentation's random erasing (IRRA's and the paper's 0.5; 0 = off). "
-                          "The SynthPedes presets turn it off: on a 64x32 drawing a rectangle of up to 40% hides "
-                          "the very attribute (a bag, the top's stripes) the dialogue or label names."},
+                          "The SynthPedes stage-0 preset turns it off: on a 64x32 drawing a rectangle of up to 40% "
+                          "hides the very attribute (a bag, the top's stripes) a label names."},
     )
     image_cache: bool = field(
         default=False,
