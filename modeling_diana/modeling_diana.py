@@ -409,13 +409,14 @@ class DiaNAModel(DiaNAPreTrainedModel):
     def _pool_text(
         self, hidden: torch.Tensor, attention_mask: torch.Tensor, round_end_positions: torch.Tensor | None
     ) -> torch.Tensor:
+        if round_end_positions is not None:
+            self._check_round_ends(round_end_positions, attention_mask)
         if self.config.text_pooling == "mean":
             # Summed in float32 (a bf16 running sum over hundreds of tokens loses the late rounds).
             mask = attention_mask.float()[..., None]  # (B, L, 1); pads (either side) weigh 0
             masked = hidden.float() * mask
             if round_end_positions is None:
                 return (masked.sum(1) / mask.sum(1).clamp(min=1)).to(hidden.dtype)
-            self._check_round_ends(round_end_positions, attention_mask)
             # Running sums: the mean of round r's prefix is sum[end_r] / count[end_r], for all rounds at once.
             index = round_end_positions.long()[..., None]  # (B, R, 1)
             sums = masked.cumsum(1).gather(1, index.expand(-1, -1, hidden.shape[-1]))
@@ -423,7 +424,6 @@ class DiaNAModel(DiaNAPreTrainedModel):
         if round_end_positions is None:
             index = _last_token_index(attention_mask)  # (B,)
             return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]  # (B, H)
-        self._check_round_ends(round_end_positions, attention_mask)
         # The tower is causal: the hidden state at the end of round r only saw rounds 1..r, so it IS the
         # vector of that prefix. (B, R) -> (B, R, H)
         index = round_end_positions.long()[..., None].expand(-1, -1, hidden.shape[-1])
