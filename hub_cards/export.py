@@ -6,7 +6,7 @@
     ... [--eval-results FILE] [--run-args FILE] [--repo-id NAME] [--push-to-hub REPO [--dry-run]]
 
 The folder holds ``config.json`` (with ``auto_map``), the remote-code files (``modeling_diana.py``,
-``configuration_diana.py``, ``loss_diana.py``, ``processing_diana.py``), the processor files
+``configuration_diana.py``, ``loss_diana.py``, ``processing_diana.py``, ``image_loading.py``), the processor files
 (``processor_config.json``, ``tokenizer.json``, ``tokenizer_config.json``, ``chat_template.jinja``),
 ``model.safetensors``, ``README.md`` (the model card), ``eval_results.json``, ``run_args.json``
 and the per-round curve picture. Before it is declared ready, a fresh Python process in which
@@ -39,7 +39,7 @@ from diana.hub_cards.model_card import (
 CURVE_NAMES = ("per_round_curves.png",)
 REQUIRED_FILES = (
     "config.json", "model.safetensors", "configuration_diana.py", "modeling_diana.py", "processing_diana.py",
-    "processor_config.json", "tokenizer.json", "tokenizer_config.json", "README.md",
+    "image_loading.py", "processor_config.json", "tokenizer.json", "tokenizer_config.json", "README.md",
 )
 PROBE_DIALOGUES = [
     [("Please describe the person you saw.", "A man in a grey hoodie and blue jeans."),
@@ -436,8 +436,9 @@ def prepare_space(
     overwrite: bool = False,
 ) -> Path:
     """Write a Hub Space folder for the demo: ``app.py``, ``README.md`` (its ``models:`` entry set
-    to ``model_repo``, which the app loads), ``requirements.txt``, ``search.py`` (copied from
-    ``diana.processing.search``: the Space does not install this project) and ``examples/``.
+    to ``model_repo``, which the app loads), ``requirements.txt``, ``search.py`` and
+    ``image_loading.py`` (copied from ``diana.processing``: the Space does not install this
+    project) and ``examples/``.
 
     Args:
         output_dir: the folder to create.
@@ -449,6 +450,7 @@ def prepare_space(
     """
     import yaml
 
+    from diana.processing import image_loading as image_loading_module
     from diana.processing import search as search_module
     from diana.processing.search import list_images
 
@@ -461,6 +463,7 @@ def prepare_space(
     shutil.copyfile(SPACE_DIR / "app.py", output / "app.py")
     shutil.copyfile(SPACE_DIR / "requirements.txt", output / "requirements.txt")
     shutil.copyfile(search_module.__file__, output / "search.py")
+    shutil.copyfile(image_loading_module.__file__, output / "image_loading.py")
     _, header, body = (SPACE_DIR / "README.md").read_text(encoding="utf-8").split("---", 2)
     metadata = yaml.safe_load(header)
     metadata["models"] = [model_repo]

@@ -17,16 +17,12 @@ The collator (`collator.py`) switches them on only for training; evaluation neve
 
 from __future__ import annotations
 
-import io
-import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import PIL.Image
-import PIL.ImageOps
 import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
@@ -262,75 +258,6 @@ class TokenMasker:
 # --------------------------------------------------------------------------------------------
 
 
-class ImageLoadError(ValueError):
-    """An image of a dataset row could not be read; the message names the file."""
-
-
-def load_image(value: Any, *, where: str = "") -> PIL.Image.Image:
-    """Loads one dataset image as an RGB PIL image, with an error that names the file.
-
-    Accepts what a `datasets.Image()` column yields: a PIL image (decoded), a ``{"path", "bytes"}``
-    dict (``Image(decode=False)``) or a path string. EXIF orientation is applied as `datasets`
-    does, so decoded and undecoded columns give the same pixels.
-
-    Args:
-        value: The image cell.
-        where: Context for error messages (e.g. the row's identity).
-
-    Raises:
-        ImageLoadError: If the image is missing or cannot be decoded.
-    """
-    suffix = f" ({where})" if where else ""
-    path: str | None = None
-    try:
-        if isinstance(value, PIL.Image.Image):
-            path = getattr(value, "filename", None) or None
-            image = value
-        elif isinstance(value, (str, os.PathLike)):
-            path = os.fspath(value)
-            image = PIL.Image.open(path)
-        elif isinstance(value, Mapping):
-            path, data = value.get("path"), value.get("bytes")
-            if data is not None:
-                image = PIL.Image.open(io.BytesIO(data))
-            elif path is not None:
-                image = PIL.Image.open(path)
-            else:
-                raise ImageLoadError(f"image cell has neither 'path' nor 'bytes'{suffix}: {value!r}")
-        elif value is None:
-            raise ImageLoadError(f"image is missing (None){suffix}")
-        else:
-            raise ImageLoadError(f"unsupported image value of type {type(value).__name__}{suffix}")
-        image.load()  # truncated / corrupt files fail here, not later inside a transform
-        if image.getexif().get(PIL.Image.ExifTags.Base.Orientation) is not None:
-            image = PIL.ImageOps.exif_transpose(image)
-        return _to_rgb(image)
-    except ImageLoadError:
-        raise
-    except (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as error:
-        raise ImageLoadError(f"could not load image {path or '<in-memory bytes>'!s}{suffix}: {error}") from error
-
-
-def _to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
-    """RGB conversion with the processor's conventions (transformers' `convert_to_rgb`), so the
-    augmented and the processor's image paths start from the same pixels: transparency is
-    composited onto white (PIL's convert would drop alpha, i.e. onto black) and 16-bit grey is
-    scaled by 1/257 (PIL's convert would clip it)."""
-    if image.mode == "RGB":
-        return image
-    if image.mode.startswith("I") or image.mode == "F":
-        array = np.asarray(image).astype(np.float64)
-        if image.mode.startswith("I;16") or array.max(initial=0) > 255:
-            array = array / 257.0
-        grey = np.clip(np.round(array), 0, 255).astype(np.uint8)
-        return PIL.Image.fromarray(np.repeat(grey[..., None], 3, axis=-1))
-    if "A" in image.getbands() or "a" in image.getbands() or "transparency" in image.info:
-        rgba = np.asarray(image.convert("RGBA")).astype(np.float32)
-        alpha = rgba[..., 3:4] / 255.0
-        return PIL.Image.fromarray(np.round(rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8))
-    return image.convert("RGB")
-
-
 def _interpolation(resample: Any) -> v2.InterpolationMode:
     """Maps an image processor's `resample` (PIL enum / int / InterpolationMode) to torchvision's."""
     if isinstance(resample, v2.InterpolationMode):
@@ -483,8 +410,6 @@ __all__ = [
     "retain_random_rounds",
     "MaskingResult",
     "TokenMasker",
-    "ImageLoadError",
-    "load_image",
     "build_train_image_transform",
     "image_processor_geometry",
     "PedestrianImageAugmentation",

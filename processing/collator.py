@@ -20,6 +20,7 @@ DataLoader worker it is mixed with the worker's seed so workers never repeat eac
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -33,9 +34,12 @@ from .augmentation import (
     TokenMasker,
     caption_to_dialogue,
     clean_caption,
-    load_image,
     sample_retained_rounds,
 )
+from .image_loading import ImageInputError, load_rgb_pil
+
+logger = logging.getLogger(__name__)
+BAD_IMAGE_POLICIES = ("error", "skip")
 
 # Row fields that identify a row in error messages, in the order they are most useful.
 _ROW_KEYS = ("file_path", "person_index", "person_id", "entry_index", "dialogue_index", "image_id")
@@ -63,6 +67,8 @@ class CollatorStatistics:
         tokens_masked: Selected positions set to the mask token.
         tokens_randomized: Selected positions set to a random id.
         images_augmented: Images that went through the training image pipeline.
+        images_skipped: Rows left out of their batch because their image could not be loaded
+            (``on_bad_image="skip"``; each one is also logged with its file).
     """
 
     batches: int = 0
@@ -78,6 +84,7 @@ class CollatorStatistics:
     tokens_masked: int = 0
     tokens_randomized: int = 0
     images_augmented: int = 0
+    images_skipped: int = 0
 
     def update(self, other: Mapping[str, int]) -> None:
         """Adds per-batch counts."""
@@ -109,8 +116,9 @@ class DiaNACollator:
       ``person_id``.
 
     ``image`` may be a decoded PIL image, a ``{"path", "bytes"}`` dict (``Image(decode=False)``,
-    see `with_undecoded_images`) or a path; a file that cannot be read raises `ImageLoadError`
-    naming it. ``person_ids`` is ``person_index`` when the row has one (contiguous over the
+    see `with_undecoded_images`) or a path, turned into RGB by `image_loading.load_rgb_image` (the
+    processor's loader); a file that cannot be read raises `ImageInputError` naming it, or with
+    ``on_bad_image="skip"`` its row is left out of the batch, counted and logged. ``person_ids`` is ``person_index`` when the row has one (contiguous over the
     dataset) and ``person_id`` otherwise.
 
     Every augmentation is behind its own argument and applies only when ``train=True``; with
@@ -147,6 +155,10 @@ class DiaNACollator:
             decodes every row on access. Needs ``train=True`` and ``image_augmentation=True``; one cache
             per process: each DataLoader worker fills its own, and only persistent workers
             (``dataloader_persistent_workers``) keep theirs past an epoch. For data that fits in memory.
+        on_bad_image: "error" (default) raises on an image that cannot be loaded (e.g. a file that
+            became corrupt after the dataset builder checked it); "skip" leaves its row out of the
+            batch, counts it (``images_skipped``, `skipped_images`) and logs the file. A batch
+            whose every image fails still raises.
     """
 
     def __init__(
@@ -164,7 +176,10 @@ class DiaNACollator:
         return_statistics: bool = False,
         image_augmentation_kwargs: Mapping[str, Any] | None = None,
         image_cache: bool = False,
+        on_bad_image: str = "error",
     ) -> None:
+        if on_bad_image not in BAD_IMAGE_POLICIES:
+            raise ValueError(f"on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {on_bad_image!r}")
         if not 0.0 <= float(token_masking) < 1.0:
             raise ValueError(f"token_masking is a selection probability in [0, 1), got {token_masking}")
         if max_length is not None and max_length < 2:
@@ -194,6 +209,8 @@ class DiaNACollator:
             raise ValueError("image_cache keeps images after the training image pipeline's resize: it needs "
                              "train=True and image_augmentation=True")
         self.image_cache = bool(image_cache)
+        self.on_bad_image = on_bad_image
+        self.skipped_images: list[str] = []  # what on_bad_image="skip" left out, in this process
         self._images: dict[str, torch.Tensor] = {}
         self.statistics = CollatorStatistics()
         self._generator: torch.Generator | None = None
@@ -286,14 +303,18 @@ class DiaNACollator:
         return rounds  # type: ignore[return-value]
 
     def load_image(self, value: Any, where: str) -> Any:
-        """The row's image for `pixel_values`: a PIL image, or with ``image_cache`` its kept resized tensor
-        (loaded and resized on first sight; errors name the file as `augmentation.load_image` does)."""
+        """The row's image for `pixel_values`: an RGB PIL image (`image_loading.load_rgb_pil`), or with
+        ``image_cache`` its kept resized tensor (loaded and resized on first sight).
+
+        Raises:
+            ImageInputError: The image cannot be loaded; the message names the file and the row.
+        """
         if not self.image_cache:
-            return load_image(value, where=where)
+            return load_rgb_pil(value, where=where)
         key = _image_key(value)
         cached = self._images.get(key) if key is not None else None
         if cached is None:
-            cached = self.image_transform.prepare(load_image(value, where=where))
+            cached = self.image_transform.prepare(load_rgb_pil(value, where=where))
             if key is not None:
                 self._images[key] = cached
         return cached
@@ -329,9 +350,24 @@ class DiaNACollator:
             where = self._describe(row, index)
             if "image" not in row:
                 raise KeyError(f"{where}: the row has no 'image' column")
-            dialogues.append(self._rounds(row, where, generator, counts))
-            images.append(self.load_image(row["image"], where))
-            person_ids.append(self._person_id(row, where))
+            rounds = self._rounds(row, where, generator, counts)
+            person_id = self._person_id(row, where)
+            try:
+                image = self.load_image(row["image"], where)
+            except ImageInputError as error:
+                if self.on_bad_image == "error":
+                    raise
+                if counts["images_skipped"] == len(rows) - 1:
+                    raise ImageInputError(f"no image of the batch could be loaded (on_bad_image='skip' cannot "
+                                          f"return an empty batch); the last one: {error}") from error
+                counts["images_skipped"] += 1
+                self.skipped_images.append(str(error))
+                logger.warning("skipped a row whose image cannot be loaded (on_bad_image='skip'): %s", error)
+                continue
+            dialogues.append(rounds)
+            images.append(image)
+            person_ids.append(person_id)
+        counts["samples"] = len(images)
 
         text = self.processor(
             dialogues=dialogues, return_round_ends=True, padding="longest", max_length=self.max_length,
@@ -469,7 +505,7 @@ def add_length_column(
 def with_undecoded_images(dataset: Any, column: str = "image") -> Any:
     """Casts the image column to ``Image(decode=False)`` so rows carry ``{"path", "bytes"}``.
 
-    Decoding then happens in the collator (`augmentation.load_image`), whose error names the file;
+    Decoding then happens in the collator (`image_loading.load_rgb_image`), whose error names the file;
     `datasets` decodes on row access, where a truncated file fails without saying which one.
     """
     import datasets

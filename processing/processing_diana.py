@@ -1,7 +1,8 @@
 """DiaNA processor: raw dialogues and pedestrian photos to DiaNA model inputs.
 
 Shipped next to the weights (trust_remote_code), so this file imports only torch, transformers,
-PIL, numpy and the standard library.
+PIL, numpy, the standard library and its sibling `image_loading` (copied along by
+`save_pretrained`: it turns every image input into the RGB picture the model sees).
 
 The dialogue text must match what DiaNA was trained on (DESIGN.md §1):
 
@@ -23,7 +24,6 @@ exactly.
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -33,6 +33,8 @@ import PIL.Image
 import torch
 from transformers import BatchFeature
 from transformers.processing_utils import ProcessorMixin
+
+from .image_loading import ImageInputError, load_rgb_image
 
 SYSTEM_PROMPT = (
     "You are an intelligent system designed to retrieve pedestrian images from dialogues. Extract key "
@@ -88,10 +90,6 @@ DIALOGUE_CHAT_TEMPLATE = (
 
 class DialogueError(ValueError):
     """A dialogue that cannot be rendered; the message names the dialogue index and round."""
-
-
-class ImageInputError(ValueError):
-    """An image that cannot be used; the message names its index in the batch."""
 
 
 def _where(index: int | None, round_index: int | None = None) -> str:
@@ -289,136 +287,11 @@ def _as_dialogue_batch(dialogues: Any) -> list[Any]:
     raise DialogueError(f"dialogues must be a dialogue or a list of dialogues, got {type(dialogues).__name__}")
 
 
-def _to_uint8(array: np.ndarray, what: str) -> np.ndarray:
-    """Scale an integer / float / bool image array to uint8 without guessing silently."""
-    if array.dtype == np.uint8:
-        return array
-    if array.dtype == np.bool_:
-        return array.astype(np.uint8) * 255
-    if array.size == 0:
-        return array.astype(np.uint8)
-    low, high = float(array.min()), float(array.max())
-    if np.issubdtype(array.dtype, np.floating):
-        if not np.isfinite(array).all():
-            raise ImageInputError(f"{what} contains NaN or infinite values")
-        if low >= 0.0 and high <= 1.0:  # float images in [0, 1] (torchvision / matplotlib convention)
-            return np.round(array * 255.0).astype(np.uint8)
-        if low >= 0.0 and high <= 255.0:
-            return np.round(array).astype(np.uint8)
-        raise ImageInputError(f"{what}: float values must lie in [0, 1] or [0, 255], got [{low}, {high}]")
-    if np.issubdtype(array.dtype, np.integer):
-        if low < 0:
-            raise ImageInputError(f"{what}: negative pixel values ({low})")
-        # 16-bit data (uint16 arrays, PIL "I;16"/"I" from 16-bit PNGs) uses the full 0..65535 range:
-        # 65535 / 257 = 255 maps it onto 8 bits exactly.
-        if array.dtype == np.uint16 or high > 255:
-            if high > 65535:
-                raise ImageInputError(f"{what}: integer values above 16 bits ({high})")
-            return np.round(array.astype(np.float64) / 257.0).astype(np.uint8)
-        return array.astype(np.uint8)
-    raise ImageInputError(f"{what}: unsupported array dtype {array.dtype}")
-
-
-def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
-    """(H, W, 4) uint8 -> (H, W, 3) uint8, alpha-blended onto white as transformers' convert_to_rgb does."""
-    rgb = rgba[..., :3].astype(np.float32)
-    alpha = rgba[..., 3:4].astype(np.float32) / 255.0
-    return np.round(rgb * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
-
-
-def _array_to_rgb(array: np.ndarray, what: str, channels_first: bool) -> np.ndarray:
-    channel_counts = (1, 2, 3, 4)
-    if array.ndim == 3:
-        leading, trailing = array.shape[0] in channel_counts, array.shape[-1] in channel_counts
-        # Tensors default to (C, H, W), arrays to (H, W, C); the other layout only when unambiguous.
-        if leading and (channels_first or not trailing):
-            array = np.moveaxis(array, 0, -1)  # (C, H, W) -> (H, W, C)
-    if array.ndim == 2:
-        array = array[..., None]
-    if array.ndim != 3 or array.shape[-1] not in (1, 2, 3, 4):
-        raise ImageInputError(
-            f"{what}: expected an (H, W), (H, W, C) or (C, H, W) array with C in 1..4, got shape {tuple(array.shape)}"
-        )
-    if array.shape[0] == 0 or array.shape[1] == 0:
-        raise ImageInputError(f"{what} has zero size ({array.shape[1]}x{array.shape[0]})")
-    array = _to_uint8(array, what)
-    channels = array.shape[-1]
-    if channels == 1:
-        return np.repeat(array, 3, axis=-1)
-    if channels == 2:  # grey + alpha
-        return _composite_on_white(np.concatenate([np.repeat(array[..., :1], 3, axis=-1), array[..., 1:]], axis=-1))
-    if channels == 4:
-        return _composite_on_white(array)
-    return np.ascontiguousarray(array)
-
-
-def _pil_to_rgb(image: PIL.Image.Image, what: str) -> np.ndarray:
-    if image.width == 0 or image.height == 0:
-        raise ImageInputError(f"{what} has zero size ({image.width}x{image.height})")
-    try:
-        image.load()  # lazily opened files fail here when truncated or corrupt
-    except Exception as err:  # PIL raises OSError, SyntaxError, struct.error... for broken files
-        raise ImageInputError(f"{what} could not be decoded: {err}") from err
-    mode = image.mode
-    if mode.startswith("I") or mode == "F":
-        # 16/32-bit grey: PIL's convert("RGB") clips instead of scaling, turning most photos white.
-        array = np.asarray(image)
-        if mode.startswith("I;16"):
-            array = array.astype(np.uint16)
-        return _array_to_rgb(array, what, channels_first=False)
-    if "A" in image.getbands() or "a" in image.getbands() or "transparency" in image.info:
-        return _composite_on_white(np.asarray(image.convert("RGBA")))
-    try:
-        return np.asarray(image.convert("RGB"))
-    except ValueError as err:
-        raise ImageInputError(f"{what}: cannot convert PIL mode {mode!r} to RGB: {err}") from err
-
-
-def load_rgb_image(image: Any, index: int | None = None) -> np.ndarray:
-    """Any supported image input to an (H, W, 3) uint8 RGB array.
-
-    Accepts PIL images of any mode ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr",
-    "I;16", "I", "F"...), numpy arrays ((H, W), (H, W, C), (C, H, W); uint8, uint16, bool, float in
-    [0, 1] or [0, 255]), torch tensors ((C, H, W) or (H, W, C)), file paths and undecoded
-    `datasets.Image()` dicts ({"bytes", "path"}). Transparency is
-    composited onto white; 16-bit data is scaled by 1/257.
-
-    Raises:
-        ImageInputError: Corrupt, unreadable or zero-size images; the message names the index.
-    """
-    what = f"image {index}" if index is not None else "image"
-    if isinstance(image, Mapping) and ("bytes" in image or "path" in image):
-        # An undecoded `datasets.Image()` cell: {"bytes": ... or None, "path": ... or None}.
-        if image.get("bytes"):
-            what, image = f"{what} (bytes of {image.get('path') or 'an unnamed file'})", io.BytesIO(image["bytes"])
-        elif image.get("path"):
-            image = image["path"]
-        else:
-            raise ImageInputError(f"{what}: image dict without bytes or path")
-    if isinstance(image, (str, os.PathLike, io.BytesIO)):
-        if not isinstance(image, io.BytesIO):
-            what = f"{what} ({os.fspath(image)})"
-        try:
-            with PIL.Image.open(image) as opened:
-                return _pil_to_rgb(opened, what)
-        except ImageInputError:
-            raise
-        except Exception as err:
-            raise ImageInputError(f"{what} could not be opened as an image: {err}") from err
-    if isinstance(image, PIL.Image.Image):
-        return _pil_to_rgb(image, what)
-    if isinstance(image, torch.Tensor):
-        return _array_to_rgb(image.detach().cpu().numpy(), what, channels_first=True)
-    if isinstance(image, np.ndarray):
-        return _array_to_rgb(image, what, channels_first=False)
-    raise ImageInputError(f"{what}: unsupported type {type(image).__name__} (PIL image, numpy array, tensor, path "
-                          "or {'bytes', 'path'} dict; "
-                          "dialogues go in `dialogues=`)")
-
-
 def _as_image_batch(images: Any) -> list[Any]:
     if isinstance(images, (PIL.Image.Image, str, os.PathLike, Mapping)):
         return [images]
+    if isinstance(images, np.ndarray) and images.dtype == object and images.ndim == 1:
+        return list(images)  # a ragged batch stored as an object array: one image per element
     if isinstance(images, (np.ndarray, torch.Tensor)):
         return list(images) if images.ndim == 4 else [images]
     if isinstance(images, Sequence):

@@ -13,8 +13,9 @@ Search is exact by default (chunked matrix products, ties broken by gallery inde
 evaluation protocol); FAISS (``faiss-cpu``) is an optional back end for very large galleries and
 returns the same ranking on its exact ``Flat`` index.
 
-This file imports only torch, numpy, PIL, safetensors, tqdm and the standard library (faiss and
-matplotlib lazily) so that it can be copied flat next to the Space app (``hub_cards/space``).
+This file imports only torch, numpy, PIL, safetensors, tqdm, the standard library (faiss and
+matplotlib lazily) and its sibling ``image_loading`` (the loader every image path shares), so
+that the two can be copied flat next to the Space app (``hub_cards/space``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
+
+try:  # inside the project ...
+    from .image_loading import ImageInputError, load_rgb_image, load_rgb_pil
+except ImportError:  # ... or copied flat next to the Space app
+    from image_loading import ImageInputError, load_rgb_image, load_rgb_pil
 
 INDEX_FORMAT = "diana-gallery-index"
 INDEX_FORMAT_VERSION = "1"
@@ -396,8 +402,9 @@ class GalleryIndex:
             model: the DiaNA model; must be the one that made the index.
             processor: its processor; must be the one that made the index.
             batch_size: images per forward pass.
-            on_bad_image: ``"error"`` raises naming the file; ``"skip"`` leaves it out and counts
-                it in the returned report.
+            on_bad_image: what to do with an image `load_rgb_image` refuses (missing, corrupt,
+                truncated, a decompression bomb): ``"error"`` raises `ImageInputError` naming the
+                file; ``"skip"`` leaves it out and lists it in the returned report.
             ids: optional person id per path (default -1, unknown).
             progress: show a tqdm bar.
 
@@ -435,11 +442,10 @@ class GalleryIndex:
             images, batch_paths, batch_ids = [], [], []
             for path, person in todo[start:start + batch_size]:
                 try:
-                    with Image.open(path) as handle:
-                        images.append(handle.convert("RGB"))
-                except (OSError, ValueError) as error:
+                    images.append(load_rgb_image(path))
+                except ImageInputError as error:
                     if on_bad_image == "error":
-                        raise ValueError(f"cannot read gallery image {path!r}: {error}") from error
+                        raise
                     unreadable.append(path)
                     continue
                 batch_paths.append(path)
@@ -793,8 +799,7 @@ def save_contact_sheet(
             if column >= len(result.paths):
                 axis.axis("off")
                 continue
-            with Image.open(result.paths[column]) as handle:
-                axis.imshow(handle.convert("RGB"))
+            axis.imshow(load_rgb_pil(result.paths[column]))
             label = f"#{column + 1}  {result.scores[column]:.3f}"
             if result.ids[column] >= 0:
                 label += f"\nid {result.ids[column]}"

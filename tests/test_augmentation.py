@@ -3,7 +3,6 @@ the torchvision.transforms.v2 image pipeline and robust image loading."""
 
 from __future__ import annotations
 
-import io
 from collections import Counter
 
 import numpy as np
@@ -16,13 +15,11 @@ from transformers import ViTImageProcessor
 from diana.processing.augmentation import (
     MALS_QUESTIONS,
     MASK_TOKEN,
-    ImageLoadError,
     PedestrianImageAugmentation,
     TokenMasker,
     build_train_image_transform,
     caption_to_dialogue,
     clean_caption,
-    load_image,
     retain_random_rounds,
     sample_retained_rounds,
 )
@@ -288,32 +285,6 @@ def test_random_erasing_fills_a_rectangle_with_the_mean(image_processor):
         assert int(changed.sum()) == int(box), "the erased region must be one rectangle"
         assert 0.02 * height * width - 1 <= int(box) <= 0.4 * height * width + 1
         assert torch.equal(out[:, ~changed], base[:, ~changed])
-
-
-def test_load_image_variants_and_errors(tmp_path):
-    good = tmp_path / "good.jpg"
-    PIL.Image.fromarray(np.full((20, 10, 3), 200, np.uint8)).save(good)
-    gray = PIL.Image.new("L", (5, 5), 7)
-    assert load_image(gray).mode == "RGB"
-    assert load_image({"path": str(good), "bytes": None}).size == (10, 20)
-    assert load_image({"path": None, "bytes": good.read_bytes()}).size == (10, 20)
-    assert load_image(str(good)).mode == "RGB"
-
-    garbage = tmp_path / "cam_a" / "garbage.jpg"
-    garbage.parent.mkdir()
-    garbage.write_bytes(b"not an image at all")
-    with pytest.raises(ImageLoadError, match="garbage.jpg.*person_id=3"):
-        load_image({"path": str(garbage), "bytes": None}, where="person_id=3")
-    truncated = tmp_path / "truncated.jpg"
-    buffer = io.BytesIO()
-    PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 32, 3), dtype=np.uint8)).save(buffer, "JPEG")
-    truncated.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
-    with pytest.raises(ImageLoadError, match="truncated.jpg"):
-        load_image(str(truncated))
-    with pytest.raises(ImageLoadError, match="missing.jpg"):
-        load_image({"path": str(tmp_path / "missing.jpg"), "bytes": None})
-    with pytest.raises(ImageLoadError, match="missing"):
-        load_image(None)
 
 
 def test_default_padding_is_the_papers_10_pixels_scaled_to_the_image_width():

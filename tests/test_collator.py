@@ -12,7 +12,8 @@ import PIL.Image
 import pytest
 import torch
 
-from diana.processing.augmentation import MALS_QUESTIONS, ImageLoadError, build_train_image_transform
+from diana.processing.augmentation import MALS_QUESTIONS, build_train_image_transform
+from diana.processing.image_loading import ImageInputError
 from diana.processing.collator import DiaNACollator, add_length_column, dialogue_length, with_undecoded_images
 from tests.helpers import BOS_ID, PAD_ID, TINY_IMAGE_SIZE
 
@@ -244,13 +245,14 @@ def test_image_augmentation_switch(tiny_processor, chatpedes):
 
 def test_augmentation_pipeline_off_matches_the_real_processor(tiny_processor, chatpedes):
     """Grey and transparent images included: both paths must start from the same RGB pixels."""
-    from diana.processing.augmentation import image_processor_geometry, load_image
+    from diana.processing.augmentation import image_processor_geometry
+    from diana.processing.image_loading import load_rgb_pil
 
     size, mean, std, _ = image_processor_geometry(tiny_processor.image_processor)
     assert size == TINY_IMAGE_SIZE
     off = build_train_image_transform(size, mean, std, flip_probability=0, padding=0, erasing_probability=0)
     paths = chatpedes["image"]  # decoded PIL images of modes RGB, L, RGBA
-    ours = torch.stack([off(load_image(image)).as_subclass(torch.Tensor) for image in paths])
+    ours = torch.stack([off(load_rgb_pil(image)).as_subclass(torch.Tensor) for image in paths])
     reference = tiny_processor(images=list(paths))["pixel_values"]
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=0)
 
@@ -261,10 +263,10 @@ def test_corrupt_image_error_names_the_file_and_row(tiny_processor, chatpedes, t
     broken.write_bytes(b"\xff\xd8\xff this is not a jpeg")
     rows = _rows(with_undecoded_images(chatpedes), [0, 1])
     rows[1] = dict(rows[1], image={"path": str(broken), "bytes": None})
-    with pytest.raises(ImageLoadError, match=r"broken\.jpg.*batch row 1.*person_index=0"):
+    with pytest.raises(ImageInputError, match=r"broken\.jpg.*batch row 1.*person_index=0"):
         _all_on(tiny_processor, train=True, seed=0)(rows)
     rows[1] = dict(rows[1], image=None)
-    with pytest.raises(ImageLoadError, match="missing"):
+    with pytest.raises(ImageInputError, match="missing"):
         _all_on(tiny_processor, train=False)(rows)
 
 
@@ -272,13 +274,13 @@ def test_image_cache_gives_the_same_batches_and_decodes_each_image_once(tiny_pro
     import diana.processing.collator as collator_module
 
     loads = Counter()
-    real_load = collator_module.load_image
+    real_load = collator_module.load_rgb_pil
 
-    def counting_load(value, *, where=""):
+    def counting_load(value, *, where=None):
         loads[str(value["path"] if isinstance(value, dict) else getattr(value, "filename", value))] += 1
         return real_load(value, where=where)
 
-    monkeypatch.setattr(collator_module, "load_image", counting_load)
+    monkeypatch.setattr(collator_module, "load_rgb_pil", counting_load)
     plain = _all_on(tiny_processor, train=True, seed=5)
     cached = _all_on(tiny_processor, train=True, seed=5, image_cache=True)
     undecoded = with_undecoded_images(chatpedes)
@@ -302,7 +304,7 @@ def test_image_cache_gives_the_same_batches_and_decodes_each_image_once(tiny_pro
     # name, already cached from the undecoded rows (loaded by plain only).
     assert len(cached._images) == 7 and loads["elsewhere/004.png"] == 2 and loads[_paths(chatpedes)[2]] == 1
     # A corrupt file still fails on first sight, naming it.
-    with pytest.raises(ImageLoadError, match="broken"):
+    with pytest.raises(ImageInputError, match="broken"):
         cached([dict(undecoded[0], image={"path": "/nonexistent/broken.png", "bytes": None})])
     with pytest.raises(ValueError, match="image_augmentation=True"):
         DiaNACollator(tiny_processor, train=True, round_retaining=False, token_masking=0.0, image_augmentation=False,

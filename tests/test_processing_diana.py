@@ -442,6 +442,7 @@ def test_remote_code_round_trip_without_the_project(tiny_processor, tmp_path):
         "AutoProcessor": "processing_diana.DiaNAProcessor"
     }
     assert (folder / "processing_diana.py").is_file() and (folder / "chat_template.jinja").is_file()
+    assert (folder / "image_loading.py").is_file()  # its relative import, copied along by save_pretrained
     for name in ("a.png", "b.png"):
         Image.new("RGBA", (30, 70), (10, 200, 30, 120)).save(tmp_path / name)
     args = {

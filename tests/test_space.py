@@ -149,14 +149,14 @@ def test_prepared_space_folder_is_self_contained(tmp_path):
     import yaml
 
     from diana.hub_cards.export import prepare_space
-    from diana.processing import search
+    from diana.processing import image_loading, search
 
     examples = tmp_path / "imgs"
     examples.mkdir()
     for i in range(5):
         Image.fromarray(np.full((40, 20, 3), 50 * i, np.uint8)).save(examples / f"{i}.png")
     space_dir = prepare_space(tmp_path / "space", "someone/diana-small", examples=examples, max_images=3)
-    assert sorted(p.name for p in space_dir.iterdir()) == ["README.md", "app.py", "examples", "requirements.txt", "search.py"]
+    assert sorted(p.name for p in space_dir.iterdir()) == ["README.md", "app.py", "examples", "image_loading.py", "requirements.txt", "search.py"]
     header = yaml.safe_load((space_dir / "README.md").read_text().split("---", 2)[1])
     assert header["models"] == ["someone/diana-small"] and header["sdk"] == "gradio"
     assert default_model_id(space_dir / "README.md") == "someone/diana-small"
@@ -171,10 +171,13 @@ def test_prepared_space_folder_is_self_contained(tmp_path):
     # faiss and datasets are imported lazily, only by the FAISS back end and add_dataset.
     allowed = set(sys.stdlib_module_names) | {"numpy", "torch", "PIL", "safetensors", "tqdm", "matplotlib",
                                               "transformers", "faiss", "datasets"}
+    assert (space_dir / "image_loading.py").read_bytes() == Path(image_loading.__file__).read_bytes()
+    allowed.add("image_loading")  # the sibling copied next to search.py
     imported = set()
-    for node in ast.walk(ast.parse((space_dir / "search.py").read_text())):
-        if isinstance(node, ast.Import):
-            imported |= {alias.name.split(".")[0] for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0:
-            imported.add(node.module.split(".")[0])
+    for name in ("search.py", "image_loading.py"):
+        for node in ast.walk(ast.parse((space_dir / name).read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                imported.add(node.module.split(".")[0])
     assert imported <= allowed, imported - allowed

@@ -27,9 +27,12 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+
+from diana.processing.image_loading import ImageInputError, load_rgb_image
 
 from .metrics import cumulative_hits_at_k, retrieval_metrics_and_first_hit_ranks
 
@@ -149,14 +152,25 @@ def build_gallery(file_paths: Sequence[str], person_ids: Sequence[int]) -> tuple
 
 
 class _GalleryRows(torch.utils.data.Dataset):
+    """(position, undecoded image cell, dataset row) of each gallery image.
+
+    The image column is read undecoded: `datasets` would decode on access, where a truncated file
+    fails without naming itself; `load_rgb_image` names it (and converts as every other path does).
+    """
+
     def __init__(self, dataset, rows: list[int]):
-        self.images = dataset.select_columns(["image"]).select(rows)
+        import datasets
+
+        images = dataset.select_columns(["image"]).select(rows)
+        if isinstance(images.features["image"], datasets.Image):
+            images = images.cast_column("image", datasets.Image(decode=False))
+        self.images, self.rows = images, rows
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int):
-        return i, self.images[i]["image"]
+        return i, self.images[i]["image"], self.rows[i]
 
 
 class _DialogueOrder(torch.utils.data.Dataset):
@@ -226,18 +240,41 @@ def encode_gallery(
     accelerator: Any = None,
     num_workers: int = 0,
     desc: str = "gallery",
+    on_bad_image: str = "error",
 ) -> dict[str, torch.Tensor]:
-    """Encodes the images at `rows` of `dataset` once: {"embeds": (G, D), "attributes": (G, K, D)}."""
+    """Encodes the images at `rows` of `dataset` once.
+
+    Returns:
+        {"embeds": (G, D), "attributes": (G, K, D) when kept, "loaded": (G,) bool}; an image that
+        could not be loaded under ``on_bad_image="skip"`` has ``loaded`` False (and a placeholder
+        embedding), and is logged with its file.
+
+    Raises:
+        ImageInputError: an image cannot be loaded and ``on_bad_image`` is "error"; the message
+            names the file and the dataset row.
+    """
     device, dtype = _model_device_dtype(model)
 
+    def load(cell: Any, row: int) -> np.ndarray | None:
+        try:
+            return load_rgb_image(cell, where=f"evaluation row {row}")
+        except ImageInputError as error:
+            if on_bad_image == "error":
+                raise
+            logger.warning("gallery image skipped (on_bad_image='skip'): %s", error)
+            return None
+
     def collate(items):
-        index, images = zip(*items)
-        pixel_values = processor(images=[im.convert("RGB") for im in images])["pixel_values"]
-        return {"pixel_values": pixel_values, "index": torch.tensor(index, dtype=torch.long)}
+        index, cells, dataset_rows = zip(*items)
+        images = [load(cell, row) for cell, row in zip(cells, dataset_rows)]
+        loaded = torch.tensor([image is not None for image in images])
+        placeholder = np.zeros((1, 1, 3), np.uint8)  # encoded and then dropped: keeps the batch shape
+        pixel_values = processor(images=[placeholder if im is None else im for im in images])["pixel_values"]
+        return {"pixel_values": pixel_values, "index": torch.tensor(index, dtype=torch.long), "loaded": loaded}
 
     def encode(batch):
         enc = model.encode_images(pixel_values=batch["pixel_values"].to(dtype))
-        out = {"embeds": enc.image_embeds}
+        out = {"embeds": enc.image_embeds, "loaded": batch["loaded"]}
         if keep_attributes:
             out["attributes"] = enc.image_attribute_embeds
         return out
@@ -349,6 +386,7 @@ def evaluate_retrieval(
     reference_label: str = "oracle",
     num_workers: int = 0,
     desc: str = "eval",
+    on_bad_image: str = "error",
 ) -> dict[str, Any]:
     """Text -> image retrieval on one split, per round, for every score mode (DESIGN.md §3).
 
@@ -370,6 +408,10 @@ def evaluate_retrieval(
         reference_label: its name in the picture.
         num_workers: DataLoader workers decoding gallery images.
         desc: prefix of the progress bars.
+        on_bad_image: "error" raises on a gallery image that cannot be loaded (naming the file);
+            "skip" leaves it out of the gallery, and the queries of a person left without any
+            gallery image out of the queries; both are counted in ``meta`` (`skipped_gallery_images`,
+            the files; `skipped_queries`) and logged.
 
     Returns:
         {"global": {"round_1": {"R@1", "R@5", "R@10", "mAP", "mINP", "mFR"}, ..., "full": {...},
@@ -389,6 +431,8 @@ def evaluate_retrieval(
         raise ValueError(f"the evaluation split lacks column(s) {missing}; it has {dataset.column_names}")
     if len(dataset) == 0:
         raise ValueError("the evaluation split is empty")
+    if on_bad_image not in ("error", "skip"):
+        raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
     if accelerator is not None:
         model = accelerator.unwrap_model(model)
     is_main = accelerator is None or accelerator.is_main_process
@@ -407,7 +451,7 @@ def evaluate_retrieval(
         start = time.perf_counter()
         images = encode_gallery(model, processor, dataset, gallery_rows, batch_size=batch_size,
                                 keep_attributes=keep_attributes, accelerator=accelerator, num_workers=num_workers,
-                                desc=f"{desc}: gallery")
+                                desc=f"{desc}: gallery", on_bad_image=on_bad_image)
         timings["encode_gallery_s"] = time.perf_counter() - start
 
         # 2. Queries: every dialogue, tokenised once and encoded once for all its rounds.
@@ -419,6 +463,28 @@ def evaluate_retrieval(
         timings["encode_dialogues_s"] = time.perf_counter() - start
     finally:
         model.train(was_training)
+
+    # Images that could not be loaded (on_bad_image="skip") leave the gallery, and queries left
+    # without a positive leave the queries: counted in meta, never dropped silently.
+    loaded = images.pop("loaded").bool()
+    skipped_files = [file_paths[gallery_rows[g]] for g in (~loaded).nonzero().flatten().tolist()]
+    images = {name: value[loaded] for name, value in images.items()}
+    gallery_ids = gallery_ids[loaded]
+    answerable = torch.isin(query_ids, gallery_ids)
+    if not answerable.any():
+        raise ImageInputError(f"no gallery image of the evaluation split could be loaded ({len(skipped_files)} skipped)")
+    if not answerable.all():
+        query_ids = query_ids[answerable]
+        text = {name: value[answerable] for name, value in text.items()}
+        tokens = TokenizedDialogues(
+            input_ids=[ids for ids, keep in zip(tokens.input_ids, answerable.tolist()) if keep],
+            round_end_positions=tokens.round_end_positions[answerable],
+            round_truncated=tokens.round_truncated[answerable],
+            num_rounds=tokens.num_rounds[answerable],
+        )
+    if skipped_files:
+        logger.warning("evaluation: %d gallery image(s) skipped, %d dialogue(s) left without a gallery image "
+                       "skipped", len(skipped_files), int((~answerable).sum()))
 
     # 3. Metrics per mode and round: the same numbers on every process (same gathered inputs).
     total_rounds = tokens.round_end_positions.shape[1]
@@ -460,6 +526,8 @@ def evaluate_retrieval(
         "truncated_per_round": [int(tokens.round_truncated[:, k - 1].sum()) for k in range(1, total_rounds + 1)],
         "score_modes": list(score_modes),
         "num_processes": 1 if accelerator is None else accelerator.num_processes,
+        "skipped_gallery_images": skipped_files,
+        "skipped_queries": int((~answerable).sum()),
         **{name: round(value, 3) for name, value in timings.items()},
     }
     results["flat"] = flatten_results(results)

@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
         max_length=data_args.max_length,
         seed=training_args.seed,
         image_cache=data_args.image_cache,
+        on_bad_image=data_args.on_missing_image,
     )
     if training_args.train_sampling_strategy == "group_by_length":
         train_dataset = add_length_column(train_dataset, processor)
@@ -98,6 +99,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
         eval_dataset=eval_dataset,
         processing_class=processor,
         eval_score_modes=tuple(data_args.eval_score_modes),
+        eval_on_bad_image=data_args.on_missing_image,
         callbacks=callbacks,
     )
 

@@ -26,6 +26,8 @@ class DiaNATrainer(Trainer):
         eval_score_modes: score modes to evaluate (`global`, `attribute`, `fused`).
         eval_reference: optional per-round reference curve (e.g. the SynthPedes attribute oracle)
             drawn beside the model's in the picture.
+        eval_on_bad_image: "error" or "skip": what evaluation does with a gallery image that cannot
+            be loaded (see `evaluate_retrieval`).
     """
 
     # The contrastive loss is a per-batch mean, not a sum over items: the Trainer must divide it
@@ -33,10 +35,11 @@ class DiaNATrainer(Trainer):
     loss_is_scaled_for_ga = False
 
     def __init__(self, *args, eval_score_modes: tuple[str, ...] = ("global", "attribute", "fused"),
-                 eval_reference: dict[str, Any] | None = None, **kwargs):
+                 eval_reference: dict[str, Any] | None = None, eval_on_bad_image: str = "error", **kwargs):
         super().__init__(*args, **kwargs)
         self.eval_score_modes = tuple(eval_score_modes)
         self.eval_reference = eval_reference
+        self.eval_on_bad_image = eval_on_bad_image
         # Running sums of detached tensors: converting to Python floats only at log time keeps the
         # training step free of host synchronisation.
         self._term_sums: dict[str, torch.Tensor] = {}
@@ -98,6 +101,7 @@ class DiaNATrainer(Trainer):
             output_dir=output_dir if self.args.should_save else None,
             reference=self.eval_reference,
             desc=f"{metric_key_prefix} (step {self.state.global_step})",
+            on_bad_image=self.eval_on_bad_image,
         )
         model.train(was_training)
         metrics = {f"{metric_key_prefix}_{key}": value for key, value in results["flat"].items()}

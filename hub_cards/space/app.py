@@ -21,10 +21,10 @@ import torch
 from PIL import Image
 
 try:  # the project installed (local runs, tests) ...
-    from diana.processing.search import ChatSearchSession, GalleryIndex, list_images
-except ImportError:  # ... or search.py copied next to this file (the Space)
+    from diana.processing.search import ChatSearchSession, GalleryIndex, list_images, load_rgb_pil
+except ImportError:  # ... or search.py and image_loading.py copied next to this file (the Space)
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from search import ChatSearchSession, GalleryIndex, list_images
+    from search import ChatSearchSession, GalleryIndex, list_images, load_rgb_pil
 
 HERE = Path(__file__).resolve().parent
 FIRST_QUESTION = "Please describe the person you saw."
@@ -69,8 +69,8 @@ class DemoBackend:
 def _gallery_items(result) -> list[tuple[Image.Image, str]]:
     items = []
     for rank, (path, score) in enumerate(zip(result.paths, result.scores), start=1):
-        with Image.open(path) as handle:
-            items.append((handle.convert("RGB"), f"#{rank} · {score:.3f}"))
+        # Shown as the model saw it: upright (EXIF), transparency on white.
+        items.append((load_rgb_pil(path), f"#{rank} · {score:.3f}"))
     return items
 
 
