@@ -1,11 +1,13 @@
 """ChatPedes (Bai et al., CVPR 2025) as a `datasets` builder: CUHK-PEDES images + dialogues.
 
-On disk (DESIGN.md §2)::
+On disk (the layout of the official release)::
 
     data_dir/
       train_reid.json   [{"id": 1, "file_path": "CUHK01/0363004.png", "chats": ...}, ...]
       test_reid.json
-      imgs/             (or images_dir=...)
+      imgs00/           cam_a/, cam_b/, CUHK01/, CUHK03/, Market/, ... (the `file_path`s are
+                        relative to it; `imgs/`, CUHK-PEDES' own name, is found as well, or pass
+                        images_dir=...)
 
 `chats` is one dialogue or a list of dialogues; a dialogue is a list of rounds; a round is
 `[{"from": "gpt", "value": question}, {"from": "user", "value": answer}]`. Other entry and turn
@@ -44,6 +46,9 @@ from ._annotations import (
 )
 
 ANNOTATION_FILES = {"train": "train_reid.json", "test": "test_reid.json"}
+# Image folders looked for in data_dir, in order: CUHK-PEDES' own name, then the official ChatPedes
+# release's.
+IMAGE_FOLDERS = ("imgs", "imgs00")
 QUESTIONER, WITNESS = "gpt", "user"
 
 _DESCRIPTION = (
@@ -77,19 +82,22 @@ class ChatPedesConfig(datasets.BuilderConfig):
     """Options of the ChatPedes builder.
 
     Attributes:
-        images_dir: the image root the `file_path`s are relative to (default `data_dir/imgs`).
+        images_dir: the image root the `file_path`s are relative to (default: the first of
+            `IMAGE_FOLDERS` found in data_dir).
         validation_persons: train persons held out as the validation split (0: no validation split).
         validation_seed: seed of the held-out person draw.
         on_missing_image: "error" (default) or "skip" (skipped rows are listed in `builder.report`).
-        image_check: "exists", "header" (default; PIL reads each header, ~4 s for 37k images) or
-            "full" (decodes every image).
+        image_check: "full" (default: decodes every image with the loader training and
+            evaluation use, so every accepted image loads; ~1 min for 37k images, once per build),
+            "header" (headers and end markers: ~8 s, misses corruption inside a file) or "exists"
+            (missing and zero-byte files only). See `_annotations.check_image`.
     """
 
     images_dir: str | None = None
     validation_persons: int = 200
     validation_seed: int = 0
     on_missing_image: str = "error"
-    image_check: str = "header"
+    image_check: str = "full"
 
 
 def _parse_round(rnd: Any, where: str) -> dict[str, str]:
@@ -170,6 +178,30 @@ def validation_person_ids(train_person_ids: list[int], n: int, seed: int) -> set
     return set(int(p) for p in rng.permutation(unique)[:n])
 
 
+def find_images_dir(data_dir: str, images_dir: str | None = None) -> str:
+    """The folder the `file_path`s are relative to: `images_dir` when given, else the first of
+    `IMAGE_FOLDERS` inside `data_dir`.
+
+    Raises:
+        FileNotFoundError: naming the folders looked for, what `data_dir` holds, and `images_dir=`.
+    """
+    if images_dir is not None:
+        folder = os.path.abspath(os.path.expanduser(images_dir))
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"ChatPedes images_dir={images_dir!r}: {folder} is not a folder")
+        return folder
+    for name in IMAGE_FOLDERS:
+        folder = os.path.join(data_dir, name)
+        if os.path.isdir(folder):
+            return folder
+    present = sorted(n for n in os.listdir(data_dir) if os.path.isdir(os.path.join(data_dir, n)))
+    raise FileNotFoundError(
+        f"ChatPedes image folder not found: looked for {' and '.join(repr(n) for n in IMAGE_FOLDERS)} in {data_dir}, "
+        f"which holds the folders {present or 'none'}; pass images_dir= (the folder the annotations' file_path "
+        "entries such as 'cam_a/...' are relative to)"
+    )
+
+
 class ChatPedes(ReportingBuilder):
     """ChatPedes builder; see the module docstring. The cache key includes a hash of the two
     annotation files' contents, so edited annotations are re-read."""
@@ -179,7 +211,7 @@ class ChatPedes(ReportingBuilder):
 
     def __init__(self, *args: Any, data_dir: str | None = None, hash: str | None = None, **kwargs: Any):
         if data_dir is None:
-            raise ValueError("ChatPedes needs data_dir= (the folder holding train_reid.json, test_reid.json, imgs/)")
+            raise ValueError("ChatPedes needs data_dir= (the folder holding train_reid.json, test_reid.json, imgs00/)")
         data_dir = os.path.abspath(os.path.expanduser(data_dir))
         if hash is None:
             files = [os.path.join(data_dir, f) for f in ANNOTATION_FILES.values()]
@@ -195,9 +227,7 @@ class ChatPedes(ReportingBuilder):
     def _split_generators(self, dl_manager: Any) -> list[datasets.SplitGenerator]:
         cfg = self.config
         data_dir = cfg.data_dir
-        images_dir = os.path.abspath(cfg.images_dir or os.path.join(data_dir, "imgs"))
-        if not os.path.isdir(images_dir):
-            raise FileNotFoundError(f"ChatPedes image folder not found: {images_dir}")
+        images_dir = find_images_dir(data_dir, cfg.images_dir)
         parsed = {split: parse_entries(os.path.join(data_dir, f)) for split, f in ANNOTATION_FILES.items()}
         report = SkipReport(cfg.on_missing_image, cfg.image_check)
 
@@ -265,7 +295,7 @@ def load_chatpedes(
     """Builds (or reads from the cache) ChatPedes and returns its splits.
 
     Args:
-        data_dir: folder with train_reid.json, test_reid.json and imgs/.
+        data_dir: folder with train_reid.json, test_reid.json and imgs00/ (or imgs/).
         cache_dir: datasets cache folder (default: the HF datasets cache).
         return_report: also return the skip report.
         **kwargs: ChatPedesConfig options (validation_persons, validation_seed, on_missing_image,
@@ -280,4 +310,4 @@ def load_chatpedes(
     return (ds, builder.report) if return_report else ds
 
 
-__all__ = ["ChatPedes", "ChatPedesConfig", "FEATURES", "load_chatpedes", "parse_chats", "parse_dialogue", "parse_entries"]
+__all__ = ["ChatPedes", "ChatPedesConfig", "FEATURES", "IMAGE_FOLDERS", "find_images_dir", "load_chatpedes", "parse_chats", "parse_dialogue", "parse_entries"]

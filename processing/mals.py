@@ -73,8 +73,10 @@ class MALSConfig(datasets.BuilderConfig):
             (default: every `*.json`). Order of rows = sorted file names, then file order.
         images_dir: the root image paths are relative to (default: data_dir).
         on_missing_image: "error" (default) or "skip" (skipped rows listed in `builder.report`).
-        image_check: "exists" (default: one stat per image, the 1.5M headers would take minutes),
-            "header" or "full".
+        image_check: "exists" (default: one stat per image, refusing missing and zero-byte files;
+            decoding 1.5M images would take ~45 min), "header" (headers and end markers, ~5 min)
+            or "full". An image that passes and still fails to load is named by the training
+            collator, and skipped and counted there under on_missing_image="skip".
     """
 
     files: list[str] | None = None

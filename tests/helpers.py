@@ -134,3 +134,17 @@ def launch_two_cpu_processes(args: list[str], *, env: dict[str, str] | None = No
         if proc.returncode == 0 or not any(text in proc.stderr for text in _PORT_TAKEN):
             return proc
     return proc
+
+
+def write_png_bomb(path, width: int = 100_000, height: int = 100_000) -> None:
+    """A ~100-byte PNG whose header claims width x height grey pixels (10^10 by default: decoding
+    it would need 10 GB), the shape of a decompression bomb."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))

@@ -13,6 +13,7 @@ import pytest
 from diana.processing._annotations import AnnotationError, MissingImageError
 from diana.processing.chatpedes import ChatPedes, load_chatpedes, parse_chats
 from diana.processing.synthpedes import generate
+from tests.helpers import write_png_bomb
 
 
 @pytest.fixture(scope="module")
@@ -183,9 +184,64 @@ def test_missing_or_unreadable_image_errors_naming_it(data, tmp_path):
     (data / "imgs" / entries[2]["file_path"]).write_bytes(b"not a png at all")
     with pytest.raises(MissingImageError, match=f"entry 2: image '{entries[2]['file_path']}'.* is unreadable"):
         load_chatpedes(str(data), cache_dir=str(tmp_path / "c2"), validation_persons=2)
-    # "exists" trades that check for speed: the garbage file passes it.
+    # "exists" trades that check for speed: the garbage file passes it (a zero-byte file does not).
     ds = load_chatpedes(str(data), cache_dir=str(tmp_path / "c3"), validation_persons=2, image_check="exists")
     assert entries[2]["file_path"] in ds["test"]["file_path"]
+    (data / "imgs" / entries[2]["file_path"]).write_bytes(b"")
+    with pytest.raises(MissingImageError, match=f"entry 2: image '{entries[2]['file_path']}'.* empty file"):
+        load_chatpedes(str(data), cache_dir=str(tmp_path / "c4"), validation_persons=2, image_check="exists")
+
+
+def _corrupt_inside(path: Path) -> None:
+    """Garbles the compressed pixel data but keeps the file's length and its end marker."""
+    data = bytearray(path.read_bytes())
+    start = data.index(b"IDAT") + 8
+    data[start : start + 40] = bytes(40)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("mode, refused", [
+    ("exists", {"empty"}),
+    ("header", {"empty", "truncated", "bomb"}),
+    ("full", {"empty", "truncated", "bomb", "corrupt inside"}),
+])
+def test_each_check_refuses_what_it_promises_and_the_default_decodes_every_image(data, tmp_path, mode, refused):
+    from diana.processing._annotations import check_image
+    from diana.processing.image_loading import ImageInputError, load_rgb_image
+
+    entries = _entries(data, "test")
+    files = {name: data / "imgs" / entries[i]["file_path"] for i, name in
+             enumerate(["empty", "truncated", "bomb", "corrupt inside"])}
+    files["empty"].write_bytes(b"")
+    files["truncated"].write_bytes(files["truncated"].read_bytes()[:-40])
+    write_png_bomb(files["bomb"])
+    _corrupt_inside(files["corrupt inside"])
+    for name, path in files.items():  # every one of them fails where images are loaded
+        with pytest.raises(ImageInputError, match=str(path)):
+            load_rgb_image(path)
+    assert {name for name, path in files.items() if check_image(str(path), mode) is not None} == refused
+    if mode == ChatPedes.BUILDER_CONFIG_CLASS.image_check:  # the default accepts only images that load
+        ds, report = load_chatpedes(str(data), cache_dir=str(tmp_path / "c"), validation_persons=0,
+                                    on_missing_image="skip", return_report=True)
+        assert {s["file_path"] for s in report.skipped["test"]} == {entries[i]["file_path"] for i in range(4)}
+        for cell in ds["test"].cast_column("image", datasets.Image(decode=False))["image"]:
+            load_rgb_image(cell)
+
+
+def test_the_official_layout_with_imgs00_is_found(data, tmp_path):
+    entries = _entries(data, "train")
+    (data / "imgs").rename(data / "imgs00")  # the official release: imgs00/cam_a/..., file_path "cam_a/..."
+    ds = load_chatpedes(str(data), cache_dir=str(tmp_path / "c1"), validation_persons=0)
+    assert _paths(ds["train"])[0] == str(data / "imgs00" / entries[0]["file_path"])
+
+    (data / "imgs00").rename(data / "pictures")
+    with pytest.raises(FileNotFoundError) as error:
+        load_chatpedes(str(data), cache_dir=str(tmp_path / "c2"), validation_persons=0)
+    message = str(error.value)
+    assert "'imgs' and 'imgs00'" in message and "['pictures']" in message and "images_dir=" in message
+    ds = load_chatpedes(str(data), cache_dir=str(tmp_path / "c3"), validation_persons=0,
+                        images_dir=str(data / "pictures"))
+    assert _paths(ds["train"])[0] == str(data / "pictures" / entries[0]["file_path"])
 
 
 def test_skipped_images_are_counted_in_a_persistent_report(data, tmp_path):

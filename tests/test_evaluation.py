@@ -270,6 +270,34 @@ def test_bad_splits_are_errors(split, tmp_path):
         evaluate_retrieval(model, processor, broken)
 
 
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:60])  # cut inside the pixel data: the header still opens
+
+
+def test_a_gallery_image_broken_after_the_build_is_named_or_skipped_and_counted(tmp_path):
+    from diana.processing.image_loading import ImageInputError
+
+    split = make_split(tmp_path / "imgs", persons=3)
+    model, processor = FakeModel(), FakeProcessor()
+    _truncate(tmp_path / "imgs" / "p0" / "img1.png")
+    with pytest.raises(ImageInputError, match=r"p0/img1\.png, evaluation row \d+\) could not be decoded"):
+        evaluate_retrieval(model, processor, split, score_modes=("global",))
+
+    results = evaluate_retrieval(model, processor, split, score_modes=("global",), on_bad_image="skip")
+    meta = results["meta"]
+    assert meta["skipped_gallery_images"] == ["p0/img1.png"] and meta["skipped_queries"] == 0
+    assert (meta["num_gallery"], meta["num_queries"]) == (5, len(split))
+
+    # With both of its images gone, person 100's dialogues have no positive left: they leave the
+    # queries, counted, and the rest is scored exactly as the split without that person.
+    _truncate(tmp_path / "imgs" / "p0" / "img0.png")
+    results = evaluate_retrieval(model, processor, split, score_modes=("global",), on_bad_image="skip")
+    without = split.filter(lambda person: person != 100, input_columns=["person_id"])
+    assert sorted(results["meta"]["skipped_gallery_images"]) == ["p0/img0.png", "p0/img1.png"]
+    assert results["meta"]["skipped_queries"] == len(split) - len(without)
+    assert results["flat"] == evaluate_retrieval(model, processor, without, score_modes=("global",))["flat"]
+
+
 class LeftPaddingProcessor(FakeProcessor):
     def __call__(self, *args, **kwargs):
         out = super().__call__(*args, **kwargs)

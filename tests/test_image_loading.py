@@ -7,9 +7,7 @@ decompression bomb, corrupt and truncated files) are refused naming the file by 
 from __future__ import annotations
 
 import io
-import struct
 import types
-import zlib
 
 import numpy as np
 import PIL.Image
@@ -21,7 +19,7 @@ from transformers import PretrainedConfig
 from diana.processing.collator import DiaNACollator
 from diana.processing.image_loading import BACKGROUND, ImageInputError, load_rgb_image, load_rgb_pil
 from diana.processing.search import GalleryIndex
-from tests.helpers import TINY_IMAGE_SIZE
+from tests.helpers import TINY_IMAGE_SIZE, write_png_bomb
 
 RED, BLUE = (220, 30, 40), (20, 40, 210)
 GREY16 = (1000, 30000, 65535)  # 16-bit values; the loader must map v -> round(v / 257)
@@ -70,20 +68,10 @@ def files(tmp_path_factory):
     return [str(folder / name) for name in names]
 
 
-def _png_bomb(path, width=100_000, height=100_000):
-    """A 200-byte PNG whose header claims 10^10 pixels: decoding it would need 10 GB."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-                     + chunk(b"IEND", b""))
-
-
 @pytest.fixture(scope="module")
 def broken(tmp_path_factory):
     folder = tmp_path_factory.mktemp("broken")
-    _png_bomb(folder / "bomb.png")
+    write_png_bomb(folder / "bomb.png")
     (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff this is not a jpeg")
     buffer = io.BytesIO()
     rng = np.random.default_rng(0)

@@ -123,6 +123,16 @@ def test_missing_image_error_or_counted_skip(data, tmp_path):
     assert cached.report.total_skipped == 1
 
 
+def test_the_default_check_refuses_a_zero_byte_image(data, tmp_path):
+    records = _records(data, "synth_part1.json")
+    (data / records[2]["image"]).write_bytes(b"")
+    with pytest.raises(MissingImageError, match=f"synth_part1.json: entry 2: image '{records[2]['image']}'.* empty file"):
+        load_mals(str(data), cache_dir=str(tmp_path / "c1"))
+    ds, report = load_mals(str(data), cache_dir=str(tmp_path / "c2"), on_missing_image="skip", return_report=True)
+    assert records[2]["image_id"] not in ds["train"]["image_id"]
+    assert report.skipped["train"][0]["reason"] == "unreadable: empty file (0 bytes)"
+
+
 def test_cache_notices_changed_annotation_files(data, tmp_path):
     cache = str(tmp_path / "cache")
     assert load_mals(str(data), cache_dir=cache)["train"].num_rows == 15

@@ -89,13 +89,15 @@ def load_synthpedes_split(data_dir: str | os.PathLike, split: str, max_entries: 
 @torch.inference_mode()
 def embed(model, processor, data_dir, entries, *, batch_size: int = 128, desc: str = "") -> tuple[torch.Tensor, torch.Tensor]:
     """(image embeddings (E, D) one per entry, full-dialogue embeddings (N, D) in entry/dialogue order)."""
+    from diana.processing.chatpedes import find_images_dir
     from diana.processing.image_loading import load_rgb_image
     from diana.training.evaluation import encode_queries, tokenize_dialogues
 
     param = next(model.parameters())
+    images_dir = find_images_dir(os.fspath(data_dir))
     images = []
     for start in tqdm(range(0, len(entries), batch_size), desc=f"{desc} images", leave=False):
-        batch = [load_rgb_image(os.path.join(data_dir, "imgs", e["file_path"]), where=f"entry {e['entry_index']}")
+        batch = [load_rgb_image(os.path.join(images_dir, e["file_path"]), where=f"entry {e['entry_index']}")
                  for e in entries[start : start + batch_size]]
         pixel_values = processor(images=batch)["pixel_values"].to(param.device, param.dtype)
         images.append(model.encode_images(pixel_values).image_embeds.float().cpu())

@@ -27,12 +27,12 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
+import PIL.Image
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from diana.processing.image_loading import ImageInputError, load_rgb_image
+from diana.processing.image_loading import ImageInputError, load_rgb_pil
 
 from .metrics import cumulative_hits_at_k, retrieval_metrics_and_first_hit_ranks
 
@@ -255,9 +255,9 @@ def encode_gallery(
     """
     device, dtype = _model_device_dtype(model)
 
-    def load(cell: Any, row: int) -> np.ndarray | None:
+    def load(cell: Any, row: int) -> PIL.Image.Image | None:
         try:
-            return load_rgb_image(cell, where=f"evaluation row {row}")
+            return load_rgb_pil(cell, where=f"evaluation row {row}")
         except ImageInputError as error:
             if on_bad_image == "error":
                 raise
@@ -268,7 +268,7 @@ def encode_gallery(
         index, cells, dataset_rows = zip(*items)
         images = [load(cell, row) for cell, row in zip(cells, dataset_rows)]
         loaded = torch.tensor([image is not None for image in images])
-        placeholder = np.zeros((1, 1, 3), np.uint8)  # encoded and then dropped: keeps the batch shape
+        placeholder = PIL.Image.new("RGB", (1, 1))  # encoded and then dropped: keeps the batch shape
         pixel_values = processor(images=[placeholder if im is None else im for im in images])["pixel_values"]
         return {"pixel_values": pixel_values, "index": torch.tensor(index, dtype=torch.long), "loaded": loaded}
 
