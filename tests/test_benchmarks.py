@@ -206,7 +206,10 @@ def test_run_command_runs_both_suites_tiny_and_writes_json(tmp_path, tokenizer_d
     assert "CPU suite (tiny)" in printed and "GPU suite (tiny)" in printed
 
     cpu_res = on_disk["cpu"]
-    assert {"environment", "per_round_eval", "processor", "metrics", "padding", "collation"} <= cpu_res.keys()
+    assert {"environment", "per_round_eval", "processor", "metrics", "padding", "collation", "image_check"} <= cpu_res.keys()
+    check = cpu_res["image_check"]
+    assert check["images"] == 8 and set(check["ms_per_image"]) == {"exists", "header", "full"}
+    assert all(ms > 0 for ms in check["ms_per_image"].values())
     collation = cpu_res["collation"]
     assert collation["same_pixel_values"] is True and collation["rows"] == 8
     assert collation["ms_per_batch_cached"] > 0 and collation["ms_per_batch_decoded"] > 0

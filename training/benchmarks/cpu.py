@@ -15,6 +15,9 @@
    through a `datasets` table, resized to 64x32): decoded rows through the whole image pipeline,
    against undecoded rows with `DiaNACollator(image_cache=True)` once every image is kept; the two
    give the same batches (checked).
+6. The dataset builders' image checks on ChatPedes-like files (photo-like 384x128 JPEGs): "exists"
+   (a stat) and "header" (header + end marker) against "full" (a decode with the shared loader, the
+   ChatPedes default), per image and extrapolated to ChatPedes' 37,128 images.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ class CpuSettings:
     padding_batch: int = 32
     collate_rows: int = 512
     collate_batch: int = 64
+    check_images: int = 2000
     max_seconds: float = 100.0
 
     @classmethod
@@ -62,7 +66,7 @@ class CpuSettings:
             eval_dialogues=4, eval_batch=2, rounds=3, text_hidden=32, text_layers=2, eval_repeats=1,
             processor_images=4, processor_dialogues=8, processor_repeats=1, metric_queries=40, metric_gallery=20,
             metric_persons=10, metric_rounds=2, metric_dim=16, padding_dialogues=16, padding_batch=4, collate_rows=8,
-            collate_batch=4, max_seconds=5.0,
+            collate_batch=4, check_images=8, max_seconds=5.0,
         )
 
 
@@ -275,6 +279,41 @@ def bench_collation(settings: CpuSettings, tokenizer_dir: str | None = None) -> 
     }
 
 
+# ------------------------------------------------------------------------------ 6. builder image checks
+def bench_image_check(settings: CpuSettings) -> dict[str, Any]:
+    """ms per image of each `check_image` mode on photo-like 384x128 JPEGs (warm page cache)."""
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    from diana.processing._annotations import IMAGE_CHECKS, check_image
+
+    rng = np.random.default_rng(6)
+    rows, cols = np.mgrid[0:384, 0:128]
+    with tempfile.TemporaryDirectory() as folder:
+        paths = []
+        for i in range(settings.check_images):  # smooth gradients plus sensor-like noise: ~18 KB at quality 90
+            base = np.stack([rows * 0.5, cols * 1.5, (rows + cols) * 0.3], axis=-1) + rng.uniform(0, 80, 3)
+            pixels = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+            paths.append(os.path.join(folder, f"{i:05d}.jpg"))
+            Image.fromarray(pixels).save(paths[-1], quality=90)
+        mean_kb = sum(os.path.getsize(p) for p in paths) / len(paths) / 1024
+
+        def check_all(mode: str) -> Any:
+            return lambda: [check_image(p, mode) for p in paths]
+
+        timings = harness.time_interleaved({mode: check_all(mode) for mode in IMAGE_CHECKS}, warmup=1, repeats=2,
+                                           max_seconds=settings.max_seconds)
+    per_image = {mode: 1000 * t.min_s / len(paths) for mode, t in timings.items()}
+    return {
+        "images": len(paths), "image_size": [384, 128], "mean_file_kb": mean_kb,
+        "timings": {k: v.as_dict() for k, v in timings.items()},
+        "ms_per_image": per_image,
+        "chatpedes_s": {mode: ms * workloads.CHATPEDES_IMAGES / 1000 for mode, ms in per_image.items()},
+    }
+
+
 # -------------------------------------------------------------------------------------- 3. metrics
 @torch.no_grad()
 def bench_metrics(settings: CpuSettings) -> dict[str, Any]:
@@ -357,6 +396,7 @@ def run_cpu_suite(*, tiny: bool = False, settings: CpuSettings | None = None, to
     results["metrics"] = bench_metrics(settings)
     results["padding"] = bench_padding(processor, settings)
     results["collation"] = bench_collation(settings, tokenizer_dir)
+    results["image_check"] = bench_image_check(settings)
     results["suite_wall_s"] = time.perf_counter() - start
     return results
 
@@ -394,6 +434,11 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
     rows.append((f"training collation, batch {c['batch']} (SynthPedes PNGs)", fmt(c["ms_per_batch_cached"], "ms"),
                  f"image cache (filling: {fmt(c['ms_per_batch_cache_filling'], 'ms')}); decoded rows "
                  f"{fmt(c['ms_per_batch_decoded'], 'ms')}; same pixels: {c['same_pixel_values']}"))
+    check = results["image_check"]
+    per, total = check["ms_per_image"], check["chatpedes_s"]
+    rows.append(("ChatPedes image check 'full' (default)", fmt(per["full"], "ms/img"),
+                 f"{fmt(total['full'], 's')} for ChatPedes; 'header' {fmt(per['header'], 'ms/img')} "
+                 f"({fmt(total['header'], 's')}), 'exists' {fmt(per['exists'], 'ms/img')}"))
     rows.append(("suite wall time", fmt(results["suite_wall_s"], "s"), ""))
     return rows
 
