@@ -413,7 +413,9 @@ class DiaNAProcessor(ProcessorMixin):
         """Prepare images and/or dialogues.
 
         Args:
-            images: One image or a list (PIL of any mode, numpy, tensor, path).
+            images: One image or a list (PIL of any mode, numpy, tensor, path), turned into RGB by
+                `image_loading.load_rgb_image` (EXIF orientation applied, transparency on white,
+                16-bit scaled; broken files refused naming them).
             dialogues: One dialogue or a list of dialogues (see `normalize_dialogue` for the forms;
                 a single dialogue in nested ChatPedes round form must be wrapped in a list).
             max_rounds: Keep only the first k rounds of every dialogue.

@@ -181,3 +181,13 @@ def test_prepared_space_folder_is_self_contained(tmp_path):
             elif isinstance(node, ast.ImportFrom) and node.level == 0:
                 imported.add(node.module.split(".")[0])
     assert imported <= allowed, imported - allowed
+    # The flat copies import each other as they are, outside any package.
+    import subprocess
+
+    script = ("import search, image_loading; assert search.load_rgb_image is image_loading.load_rgb_image; "
+              "print(search.load_rgb_image(search.list_images('examples')[0]).shape)")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=space_dir, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "(40, 20, 3)"
