@@ -156,13 +156,17 @@ def test_loader_semantics_on_real_world_files(files):
     assert np.array_equal(load_rgb_image(torch.from_numpy(rgba).permute(2, 0, 1)), rgba)
 
 
-def test_bad_inputs_are_refused_naming_the_file_or_index(broken, files, monkeypatch):
+def test_bad_inputs_are_refused_naming_the_file_or_index(tiny_processor, broken, files, monkeypatch):
     bomb, corrupt, truncated = broken
     for path, message in [(bomb, "decompression bomb"), (corrupt, "could not be opened"), (truncated, "truncated")]:
         with pytest.raises(ImageInputError, match=rf"image 3 \({path}, row x\).*{message}"):
             load_rgb_image(path, 3, where="row x")
     with pytest.raises(ImageInputError, match=r"image 2: unsupported array dtype object"):
         load_rgb_image(np.array([[1, None]], dtype=object), 2)
+    ragged = np.empty(2, dtype=object)  # a batch of differently sized images held in one object array
+    ragged[0], ragged[1] = np.zeros((4, 2, 3), np.uint8), np.array([[1, None]], dtype=object)
+    with pytest.raises(ImageInputError, match=r"image 1: unsupported array dtype object"):
+        tiny_processor(images=ragged)
     with pytest.raises(ImageInputError, match=r"image 0.*missing \(None\)"):
         load_rgb_image(None, 0)
     # PIL only warns between MAX_IMAGE_PIXELS and twice that; the loader refuses at the limit.

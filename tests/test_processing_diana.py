@@ -378,6 +378,7 @@ def test_bad_images_name_their_index(tiny_processor, tmp_path):
         (np.full((5, 5), np.nan, np.float32), r"image 1 contains NaN"),
         (np.full((5, 5), 300.0, np.float32), r"image 1: float values must lie in"),
         (12, r"image 1: unsupported type int"),
+        (np.array([[1, None]], dtype=object), r"image 1: unsupported array dtype object"),
         ({"bytes": b"junk", "path": "x.jpg"}, r"image 1 \(bytes of x\.jpg\) could not be opened"),
         ({"bytes": None, "path": None}, r"image 1: image dict without bytes or path"),
     ]
