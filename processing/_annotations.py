@@ -89,19 +89,25 @@ def require(entry: Any, key: str, types: type | tuple[type, ...], where: str) ->
     return value
 
 
-def _truncation(path: str, image_format: str | None) -> str | None:
-    """Whether a JPEG / PNG file lacks its end marker (EOI / IEND), i.e. was cut short: two small
-    reads instead of a decode. Other formats are not checked here ("full" decodes everything)."""
+def _lacks_end_marker(path: str, image_format: str | None) -> bool:
+    """Whether a JPEG / PNG file does not end with its end marker (EOI / IEND), the sign of a file
+    cut short: one small read instead of a decode. Other formats are not checked here."""
     if image_format not in ("JPEG", "PNG"):
-        return None
+        return False
     with open(path, "rb") as f:
         f.seek(0, os.SEEK_END)
         f.seek(max(0, f.tell() - 1024))
         tail = f.read().rstrip(b"\0")  # some writers pad the file with zeros after the end marker
-    if image_format == "JPEG" and not tail.endswith(b"\xff\xd9"):
-        return "unreadable: truncated JPEG (no end-of-image marker)"
-    if image_format == "PNG" and b"IEND" not in tail[-12:]:
-        return "unreadable: truncated PNG (no IEND chunk)"
+    if image_format == "JPEG":
+        return not tail.endswith(b"\xff\xd9")
+    return b"IEND" not in tail[-12:]
+
+
+def _decode_reason(path: str) -> str | None:
+    try:
+        load_rgb_image(path)
+    except ImageInputError as e:
+        return f"unreadable: {e}"
     return None
 
 
@@ -113,8 +119,9 @@ def check_image(path: str, mode: str) -> str | None:
     37,128; `training/benchmarks/cpu.py` measures it):
       - "exists": one stat; refuses missing and zero-byte files;
       - "header": PIL reads the header and the end of the file: also refuses non-image files,
-        decompression bombs and JPEG / PNG files cut short (no end marker); a file corrupted in
-        its middle still passes;
+        decompression bombs and JPEG / PNG files cut short (a file without its end marker is
+        decoded to tell a cut file from one with trailing data); a file corrupted in its middle
+        still passes;
       - "full": decodes every pixel with `image_loading.load_rgb_image`, the loader training,
         evaluation and the processor use: whatever passes, they can load.
 
@@ -136,11 +143,7 @@ def check_image(path: str, mode: str) -> str | None:
     if mode == "exists":
         return None
     if mode == "full":
-        try:
-            load_rgb_image(path)
-        except ImageInputError as e:
-            return f"unreadable: {e}"
-        return None
+        return _decode_reason(path)
     try:
         with Image.open(path) as im:
             if im.width <= 0 or im.height <= 0:
@@ -151,7 +154,8 @@ def check_image(path: str, mode: str) -> str | None:
             image_format = im.format
     except Exception as e:  # UnidentifiedImageError, DecompressionBombError, OSError, SyntaxError...
         return f"unreadable: {type(e).__name__}: {e}"
-    return _truncation(path, image_format)
+    # A file without its end marker is decoded to be sure: some cameras append data after it.
+    return _decode_reason(path) if _lacks_end_marker(path, image_format) else None
 
 
 @dataclass

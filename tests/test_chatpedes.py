@@ -310,3 +310,20 @@ def test_dataset_card_lists_the_builder_fields():
     for name in FEATURES:
         assert f"| `{name}` |" in body
     assert "Bai" in body and "Li, Shuang" in body
+
+
+def test_header_check_tells_a_cut_jpeg_from_one_with_trailing_data(tmp_path):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from diana.processing._annotations import check_image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 48, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    jpeg = buffer.getvalue()
+    (tmp_path / "trailer.jpg").write_bytes(jpeg + b"maker notes after the end marker " * 64)
+    (tmp_path / "cut.jpg").write_bytes(jpeg[:-100])
+    assert check_image(str(tmp_path / "trailer.jpg"), "header") is None
+    assert "truncated" in check_image(str(tmp_path / "cut.jpg"), "header")

@@ -65,6 +65,10 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
         data_args.image_cache = False
     if data_args.image_cache:
         train_dataset = prepare_image_cache(train_dataset, data_args, processor)
+    else:
+        # The collator decodes, naming a file that fails (and skipping it under --on_missing_image skip);
+        # `datasets` would decode on row access, where a truncated file fails without its name.
+        train_dataset = with_undecoded_images(train_dataset)
 
     # A stable row id keys each row's augmentation to (seed, epoch, row): resumable (collator).
     train_dataset = train_dataset.add_column("row_index", list(range(len(train_dataset))))
