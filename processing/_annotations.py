@@ -114,9 +114,9 @@ def _decode_reason(path: str) -> str | None:
 def check_image(path: str, mode: str) -> str | None:
     """Checks that an image can be used, as thoroughly as the mode asks.
 
-    Modes, by cost (2,000 photo-like 384x128 JPEGs of ~18 KB, one shared CPU core, warm page
-    cache: ~0.005 / 0.2 / 1.7-2.2 ms per image, i.e. 0.2 s / 8 s / 1-1.5 min for ChatPedes'
-    37,128; `training/benchmarks/cpu.py` measures it):
+    Modes, by cost (2,000 photo-like 384x128 JPEGs of ~18 KB, one core of a busy 2-core machine,
+    warm page cache: ~0.007 / 0.2 / 1.7-2.9 ms per image, i.e. 0.3 s / 8 s / 1-2 min for
+    ChatPedes' 37,128; `training/benchmarks/cpu.py` measures it):
       - "exists": one stat; refuses missing and zero-byte files;
       - "header": PIL reads the header and the end of the file: also refuses non-image files,
         decompression bombs and JPEG / PNG files cut short (a file without its end marker is

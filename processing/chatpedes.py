@@ -88,7 +88,7 @@ class ChatPedesConfig(datasets.BuilderConfig):
         validation_seed: seed of the held-out person draw.
         on_missing_image: "error" (default) or "skip" (skipped rows are listed in `builder.report`).
         image_check: "full" (default: decodes every image with the loader training and
-            evaluation use, so every accepted image loads; 1-1.5 min for 37k images on one core, once
+            evaluation use, so every accepted image loads; 1-2 min for 37k images on one core, once
             per build),
             "header" (headers and end markers: ~8 s, misses corruption inside a file) or "exists"
             (missing and zero-byte files only). See `_annotations.check_image`.
