@@ -118,8 +118,8 @@ class DiaNACollator:
     ``image`` may be a decoded PIL image, a ``{"path", "bytes"}`` dict (``Image(decode=False)``,
     see `with_undecoded_images`) or a path, turned into RGB by `image_loading.load_rgb_image` (the
     processor's loader); a file that cannot be read raises `ImageInputError` naming it, or with
-    ``on_bad_image="skip"`` its row is left out of the batch, counted and logged. ``person_ids`` is ``person_index`` when the row has one (contiguous over the
-    dataset) and ``person_id`` otherwise.
+    ``on_bad_image="skip"`` its row is left out of the batch, counted and logged. ``person_ids`` is
+    ``person_index`` when the row has one (contiguous over the dataset) and ``person_id`` otherwise.
 
     Every augmentation is behind its own argument and applies only when ``train=True``; with
     ``train=False`` the output is deterministic: the processor's own image path, full dialogues,
