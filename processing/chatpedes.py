@@ -311,4 +311,5 @@ def load_chatpedes(
     return (ds, builder.report) if return_report else ds
 
 
-__all__ = ["ChatPedes", "ChatPedesConfig", "FEATURES", "IMAGE_FOLDERS", "find_images_dir", "load_chatpedes", "parse_chats", "parse_dialogue", "parse_entries"]
+__all__ = ["ChatPedes", "ChatPedesConfig", "FEATURES", "IMAGE_FOLDERS", "find_images_dir", "load_chatpedes",
+           "parse_chats", "parse_dialogue", "parse_entries"]

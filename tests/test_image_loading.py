@@ -7,6 +7,7 @@ decompression bomb, corrupt and truncated files) are refused naming the file by 
 from __future__ import annotations
 
 import io
+import os
 import types
 
 import numpy as np
@@ -258,11 +259,11 @@ def test_index_command_skips_a_bomb_in_the_gallery_folder(tiny_processor, files,
     for path in [*files[:3], *broken]:
         shutil.copy(path, gallery)
     out = io.StringIO()
-    search_cli.main(["index", "--model", str(folder), "--images", str(gallery), "--output", str(tmp_path / "i.safetensors"),
-                     "--on-bad-image", "skip"], out=out)
+    search_cli.main(["index", "--model", str(folder), "--images", str(gallery),
+                     "--output", str(tmp_path / "i.safetensors"), "--on-bad-image", "skip"], out=out)
     text = out.getvalue()
     assert "added 3 image(s)" in text and "skipped 3 unreadable" in text
-    assert all(str((gallery / PIL.Image.os.path.basename(b)).resolve()) in text for b in broken)
+    assert all(str((gallery / os.path.basename(b)).resolve()) in text for b in broken)
 
 
 def test_load_rgb_pil_is_the_same_picture(files):

@@ -86,7 +86,9 @@ class DataArguments:
     cache_dir: str | None = field(default=None, metadata={"help": "datasets cache folder."})
     validation_persons: int = field(default=1000, metadata={"help": "Persons held out of train for validation."})
     validation_seed: int = field(default=0, metadata={"help": "Seed of the validation carve-out."})
-    on_missing_image: str = field(default="error", metadata={"help": "error | skip: images missing or unreadable when the dataset is built, or failing to load later in training or evaluation, are skipped, counted and logged."})
+    on_missing_image: str = field(default="error", metadata={"help": (
+        "error | skip: images missing or unreadable when the dataset is built, or failing to load later in "
+        "training or evaluation, are skipped, counted and logged.")})
     mals_files: list[str] | None = field(default=None, metadata={"help": "Subset of MALS gene_attrs/*.json files."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set (debugging)."})
     preset: str = field(default="finetune", metadata={"help": "Processor preset: finetune (CUHK-PEDES) | pretrain (MALS)."})
