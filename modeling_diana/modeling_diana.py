@@ -75,7 +75,8 @@ class DiaNATextEncoding(ModelOutput):
 
     Args:
         text_embeds: (B, D), or (B, R, D) per round prefix, L2-normalised.
-        text_attribute_embeds: (B, K, D), or (B, R, K, D) per round prefix, L2-normalised per slot.
+        text_attribute_embeds: (B, K, D), or (B, R, K, D) per round prefix, L2-normalised per slot (None when
+            `encode_text_tokens` was asked for no attributes).
     """
 
     text_embeds: torch.FloatTensor | None = None
@@ -441,6 +442,7 @@ class DiaNAModel(DiaNAPreTrainedModel):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if round_token_mask is not None:
+            self._check_round_token_mask(round_token_mask, attention_mask)
             allowed = round_attention_mask(round_token_mask, attention_mask)  # (B, L, L)
             # Position of a token = how many tokens it sees, itself included, minus one.
             position_ids = allowed.sum(-1) - 1
@@ -499,9 +501,9 @@ class DiaNAModel(DiaNAPreTrainedModel):
         round_end_positions: torch.Tensor | None,
         round_token_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The tokens each pooled dialogue is made of: (B, L), or (B, R, L) one view per round prefix."""
+        """The tokens each pooled dialogue is made of: (B, L), or (B, R, L) one view per round prefix.
+        A `round_token_mask` was checked by `_text_hidden`."""
         if round_token_mask is not None:
-            self._check_round_token_mask(round_token_mask, attention_mask)
             return round_token_mask.bool()
         if round_end_positions is None:
             return attention_mask.bool()

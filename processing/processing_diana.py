@@ -10,9 +10,9 @@ The dialogue text must match what DiaNA was trained on (DESIGN.md §1):
 encoded as BOS + tokens, no EOS, right-padded with `<|finetune_right_pad_id|>`.
 
 Prefix-consistent tokenisation. The model reads the vector of "the first k rounds" at the end of
-round k inside ONE pass over the full dialogue (the text tower is causal and pools the last
-token). That is only exact if the ids of the first k rounds are a prefix of the full dialogue's
-ids. Plain tokenisation of the whole string breaks this: the Llama-3 pre-tokenizer glues
+round k inside ONE pass over the full dialogue (the text tower is causal; it pools the last
+token or the mean of the tokens up to there). That is only exact if the ids of the first k
+rounds are a prefix of the full dialogue's ids. Plain tokenisation of the whole string breaks this: the Llama-3 pre-tokenizer glues
 punctuation to the newlines after it (` ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*`), so "...coat.\\nASSISTANT"
 yields the token ".\\n" while the 1-round prefix ends in ".". The processor therefore tokenises
 the text in round segments (segment 1 = system prompt + "\\n\\nASSISTANT: q1\\nUSER: a1",

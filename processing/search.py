@@ -4,10 +4,11 @@ The gallery is encoded once into a safetensors file (:class:`GalleryIndex`) that
 model and which processor made it, so an index is never silently searched with embeddings from
 another model. A :class:`ChatSearchSession` then takes a witness's description and follow-up
 question/answer rounds and returns the top-k after every round. Each round runs the dialogue
-tower on that round's tokens only: the Llama tower is causal, so the key/value cache of the
-earlier rounds is exactly what a from-scratch pass would recompute, and the processor's
-tokenisation is prefix-consistent (a k-round dialogue's ids are a prefix of the (k+1)-round
-dialogue's ids), so "the new tokens" are well defined.
+tower on that round's tokens only: the Llama tower is causal, so the key/value cache of the ids
+the new dialogue shares with the previous one is exactly what a from-scratch pass would
+recompute. With the processor's round-by-round tokenisation that is all of the previous ids;
+with its official tokenisation the cache is cut back to where the ids part (a round's final
+punctuation merges with the next round's newline) and those few tokens run again.
 
 Search is exact by default (chunked matrix products, ties broken by gallery index as in the
 evaluation protocol); FAISS (``faiss-cpu``) is an optional back end for very large galleries and

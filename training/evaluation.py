@@ -8,7 +8,10 @@ cumulative Hits@10, for each score mode (global / attribute / fused).
 Cost model (DESIGN.md §6, ChatIR `eval.py`): the gallery is encoded once; every dialogue is
 tokenised once and encoded once: the dialogue tower is causal and pools one position, so the
 vector of "the first k rounds" is read at the end of round k of the full dialogue
-(`round_end_positions`). Dialogue batches are grouped by length so padding stays small.
+(`round_end_positions`). With the processor's official tokenisation a prefix's ids are not a
+prefix of the dialogue's, so each row packs the dialogue with the few last tokens where each
+prefix's ids differ, and `round_token_mask` tells the model which tokens make each prefix (still
+one tower pass). Dialogue batches are grouped by length so padding stays small.
 
 Several processes (an `accelerate.Accelerator`): the gallery and the queries are sharded by a
 prepared `DataLoader`, every batch's encodings are gathered with `gather_for_metrics` together with
