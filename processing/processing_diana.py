@@ -12,7 +12,8 @@ encoded as BOS + tokens, no EOS, right-padded with `<|finetune_right_pad_id|>`.
 Prefix-consistent tokenisation. The model reads the vector of "the first k rounds" at the end of
 round k inside ONE pass over the full dialogue (the text tower is causal; it pools the last
 token or the mean of the tokens up to there). That is only exact if the ids of the first k
-rounds are a prefix of the full dialogue's ids. Plain tokenisation of the whole string breaks this: the Llama-3 pre-tokenizer glues
+rounds are a prefix of the full dialogue's ids. Plain tokenisation of the whole string breaks
+this: the Llama-3 pre-tokenizer glues
 punctuation to the newlines after it (` ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*`), so "...coat.\\nASSISTANT"
 yields the token ".\\n" while the 1-round prefix ends in ".". The processor therefore tokenises
 the text in round segments (segment 1 = system prompt + "\\n\\nASSISTANT: q1\\nUSER: a1",
@@ -705,13 +706,17 @@ class DiaNAProcessor(ProcessorMixin):
             out["round_truncated"] = [_repeat_last(e.round_truncated, rounds) for e in encoded]
             out["num_rounds"] = [len(e.round_ends) for e in encoded]
             if self.tokenization == "official":
-                out["round_token_mask"] = [
-                    round_token_mask(_repeat_last(e.round_views, rounds), len(row)).tolist()
-                    for e, row in zip(encoded, input_ids)
+                masks = [
+                    round_token_mask(_repeat_last(e.round_views, rounds), len(row)) for e, row in zip(encoded, input_ids)
                 ]
-        if return_tensors == "pt" and target is not None:
-            dtypes = {"round_truncated": torch.bool, "round_token_mask": torch.bool}
-            out = {key: torch.tensor(value, dtype=dtypes.get(key, torch.long)) for key, value in out.items()}
+                out["round_token_mask"] = masks
+        as_tensors = return_tensors == "pt" and target is not None
+        if "round_token_mask" in out:  # (B, R, L): stacked as is, not through Python lists
+            out["round_token_mask"] = torch.stack(masks) if as_tensors else [m.tolist() for m in masks]
+        if as_tensors:
+            out = {key: value if torch.is_tensor(value)
+                   else torch.tensor(value, dtype=torch.bool if key == "round_truncated" else torch.long)
+                   for key, value in out.items()}
         return out
 
     def apply_chat_template(self, conversation: Any, chat_template: str | None = None, **kwargs) -> Any:
@@ -724,6 +729,9 @@ class DiaNAProcessor(ProcessorMixin):
         """
         if not kwargs.pop("tokenize", False):
             return super().apply_chat_template(conversation, chat_template=chat_template, tokenize=False, **kwargs)
+        if chat_template is not None and chat_template != self.chat_template:
+            raise ValueError("apply_chat_template(tokenize=True) gives DiaNA's own ids; another chat_template can only "
+                             "render text (tokenize=False)")
         return_dict = kwargs.pop("return_dict", False)
         return_tensors = kwargs.pop("return_tensors", None)
         is_batch = isinstance(conversation, Sequence) and bool(conversation) and not isinstance(

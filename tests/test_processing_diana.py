@@ -262,6 +262,8 @@ def test_chat_template_tokenized_gives_the_processor_ids(processor, tokenization
     assert torch.equal(batch["attention_mask"], expected["attention_mask"])
     with pytest.raises(Exception, match="alternate"):
         proc.apply_chat_template(msgs[:1] + msgs[:1], tokenize=True)
+    with pytest.raises(ValueError, match="another chat_template"):  # its text would not be these ids
+        proc.apply_chat_template(msgs, chat_template="{{ messages[0]['content'] }}", tokenize=True)
 
 
 # ---------------------------------------------------------------- truncation
