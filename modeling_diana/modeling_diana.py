@@ -443,6 +443,11 @@ class DiaNAModel(DiaNAPreTrainedModel):
             attention_mask = torch.ones_like(input_ids)
         if round_token_mask is not None:
             self._check_round_token_mask(round_token_mask, attention_mask)
+            if "flash" in str(self.text_model.config._attn_implementation):
+                raise ValueError(
+                    "round_token_mask needs a 4-d attention mask, which FlashAttention does not take: load the text "
+                    "tower with attn_implementation 'sdpa' or 'eager'."
+                )
             allowed = round_attention_mask(round_token_mask, attention_mask)  # (B, L, L)
             # Position of a token = how many tokens it sees, itself included, minus one.
             position_ids = allowed.sum(-1) - 1

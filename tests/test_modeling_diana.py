@@ -342,6 +342,13 @@ def test_packed_rows_with_a_round_token_mask_equal_each_view_alone(pooled_model)
             torch.testing.assert_close(packed.text_attribute_embeds[0, k], reference.text_attribute_embeds[0], rtol=0, atol=1e-5)
         with pytest.raises(ValueError, match=r"round_token_mask\[0, 1\] is empty or marks padding"):
             model.encode_dialogues(row, mask, round_token_mask=torch.stack([views[0, 0], positions >= 14])[None])
+        attention = model.text_model.config._attn_implementation
+        model.text_model.config._attn_implementation = "flash_attention_2"  # only read, never run: no GPU needed
+        try:
+            with pytest.raises(ValueError, match="FlashAttention"):
+                model.encode_dialogues(row, mask, round_token_mask=views)
+        finally:
+            model.text_model.config._attn_implementation = attention
 
 
 def test_round_end_outside_the_dialogue_is_an_error(model, inputs):
