@@ -70,7 +70,9 @@ with torch.no_grad():
     pixels = processor(images=images, return_tensors="pt")["pixel_values"]
     text = processor(dialogues=probe["dialogues"], return_round_ends=True, return_tensors="pt")
     image_enc = model.encode_images(pixels.to(model.dtype))
-    text_enc = model.encode_dialogues(text["input_ids"], text["attention_mask"], text["round_end_positions"])
+    text_enc = model.encode_dialogues(
+        text["input_ids"], text["attention_mask"], text["round_end_positions"], text.get("round_token_mask")
+    )
 save_file({
     "pixel_values": pixels.float().contiguous(), "input_ids": text["input_ids"].contiguous(),
     "image_embeds": image_enc.image_embeds.float().contiguous(),
@@ -315,7 +317,9 @@ def compare_features(
         "pixel_values": pixels.float(),
         "image_embeds": model.encode_images(pixels.to(device, model.dtype)).image_embeds.float().cpu(),
         "text_embeds": model.encode_dialogues(
-            text["input_ids"].to(device), text["attention_mask"].to(device), text["round_end_positions"].to(device)
+            text["input_ids"].to(device), text["attention_mask"].to(device), text["round_end_positions"].to(device),
+            # Official-tokenisation processors pack each row with its prefixes' differing last tokens.
+            text["round_token_mask"].to(device) if "round_token_mask" in text else None,
         ).text_embeds.float().cpu(),
     }
     if not torch.equal(text["input_ids"], theirs["input_ids"]):

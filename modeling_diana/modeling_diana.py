@@ -75,7 +75,8 @@ class DiaNATextEncoding(ModelOutput):
 
     Args:
         text_embeds: (B, D), or (B, R, D) per round prefix, L2-normalised.
-        text_attribute_embeds: (B, K, D), or (B, R, K, D) per round prefix, L2-normalised per slot.
+        text_attribute_embeds: (B, K, D), or (B, R, K, D) per round prefix, L2-normalised per slot (None when
+            `encode_text_tokens` was asked for no attributes).
     """
 
     text_embeds: torch.FloatTensor | None = None
@@ -293,15 +294,66 @@ class DiaNAPreTrainedModel(PreTrainedModel):
             init.zeros_(module.bias)
 
 
-def _last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index (B,) of the last attended token of every row.
+def _last_token_index(token_mask: torch.Tensor) -> torch.Tensor:
+    """Index (...,) of the last selected token of every row of a (..., L) mask.
 
     `attention_mask.sum(1) - 1` (the official pooling) is only right for right padding; a Llama tokenizer
-    pads on the LEFT by default, where that index would land on a pad. The largest attended position is
-    right for either side (and for a mask with holes).
+    pads on the LEFT by default, where that index would land on a pad. The largest selected position is
+    right for either side, for a mask with holes and for a packed round view (`round_attention_mask`).
     """
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)  # (L,)
-    return (attention_mask.long() * positions).argmax(dim=1)
+    positions = torch.arange(token_mask.shape[-1], device=token_mask.device)  # (L,)
+    return (token_mask.long() * positions).argmax(dim=-1)
+
+
+def pool_text_tokens(tokens: torch.Tensor, token_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Pools dialogue token states into dialogue vectors (`DiaNAConfig.text_pooling`).
+
+    Args:
+        tokens: (B, L, H) token states.
+        token_mask: (B, L) or (B, R, L) bool, the tokens each dialogue is made of (attended tokens, BOS and
+            system prompt included; one view per round prefix for a 3-d mask).
+        pooling: "last" (the state of the last selected token: the tower is causal, so it saw the whole
+            view) or "mean" (the mean of the selected tokens' states).
+
+    Returns:
+        (B, H), or (B, R, H) for a 3-d mask.
+    """
+    views = token_mask.bool() if token_mask.dim() == 3 else token_mask.bool()[:, None, :]  # (B, R, L)
+    if pooling == "mean":
+        # Summed in float32 (a bf16 sum over hundreds of tokens loses the late rounds).
+        weights = views.float()
+        sums = torch.bmm(weights, tokens.float())  # (B, R, H)
+        pooled = (sums / weights.sum(-1, keepdim=True).clamp(min=1)).to(tokens.dtype)
+    elif pooling == "last":
+        index = _last_token_index(views)[..., None].expand(-1, -1, tokens.shape[-1])  # (B, R, H)
+        pooled = tokens.gather(1, index)
+    else:
+        raise ValueError(f"Unknown text pooling {pooling!r}; expected 'last' or 'mean'.")
+    return pooled if token_mask.dim() == 3 else pooled[:, 0]
+
+
+def prefix_token_mask(attention_mask: torch.Tensor, round_end_positions: torch.Tensor) -> torch.Tensor:
+    """(B, R, L) bool: round r's prefix is every attended token up to its end position."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return attention_mask.bool()[:, None, :] & (positions[None, None, :] <= round_end_positions[..., None])
+
+
+def round_attention_mask(round_token_mask: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L, L) bool tower mask of rows that pack several dialogues sharing a head (tree attention).
+
+    Token i may see token j iff j <= i, j is attended, and j belongs to every view (round prefix) that i
+    belongs to. For a dialogue packed with the differing last tokens of its prefixes, a shared token sees
+    the causal past of the whole dialogue and a prefix's own token sees the shared head up to where the
+    prefix leaves it plus its own earlier tokens, so each view's states equal those of the view alone.
+    Every token sees itself (padding included, which keeps its softmax finite).
+    """
+    views = (round_token_mask.bool() & attention_mask.bool()[:, None, :]).float()  # (B, R, L)
+    shared = torch.bmm(views.transpose(1, 2), views)  # (B, L, L): views holding both i and j
+    own = views.sum(1)  # (B, L): views holding i
+    length = attention_mask.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=attention_mask.device).tril()
+    allowed = (shared == own[:, :, None]) & causal & attention_mask.bool()[:, None, :]
+    return allowed | torch.eye(length, dtype=torch.bool, device=attention_mask.device)
 
 
 class DiaNAModel(DiaNAPreTrainedModel):
@@ -376,15 +428,39 @@ class DiaNAModel(DiaNAPreTrainedModel):
         # to the pooled vector and to every token (linear, so pooled == mean of projected tokens).
         return self.visual_projection(out.pooler_output), self.visual_projection(out.last_hidden_state)
 
-    def _text_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns the Llama final hidden states (B, L, H) (after the final RMSNorm) and the mask (B, L)."""
+    def _text_hidden(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        round_token_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the Llama final hidden states (B, L, H) (after the final RMSNorm) and the mask (B, L).
+
+        With `round_token_mask` (B, R, L) the row holds several dialogues that share a head (see
+        `round_attention_mask`): the tower gets the matching 4-d mask and positions instead of the causal ones.
+        """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        # Positions counted over attended tokens only, so a left-padded row gets the same RoPE positions as its
-        # right-padded twin (0 at its BOS); for right padding this equals the default positions.
-        position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp_min(0)  # (B, L)
+        if round_token_mask is not None:
+            self._check_round_token_mask(round_token_mask, attention_mask)
+            if "flash" in str(self.text_model.config._attn_implementation):
+                raise ValueError(
+                    "round_token_mask needs a 4-d attention mask, which FlashAttention does not take: load the text "
+                    "tower with attn_implementation 'sdpa' or 'eager'."
+                )
+            allowed = round_attention_mask(round_token_mask, attention_mask)  # (B, L, L)
+            # Position of a token = how many tokens it sees, itself included, minus one.
+            position_ids = allowed.sum(-1) - 1
+            dtype = self.text_model.get_input_embeddings().weight.dtype
+            tower_mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+            tower_mask = tower_mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]  # (B, 1, L, L) additive
+        else:
+            # Positions counted over attended tokens only, so a left-padded row gets the same RoPE positions as
+            # its right-padded twin (0 at its BOS); for right padding this equals the default positions.
+            position_ids = (attention_mask.long().cumsum(dim=1) - 1).clamp_min(0)  # (B, L)
+            tower_mask = attention_mask
         out = self.text_model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            input_ids=input_ids, attention_mask=tower_mask, position_ids=position_ids, use_cache=False
         )
         return out.last_hidden_state, attention_mask
 
@@ -406,34 +482,38 @@ class DiaNAModel(DiaNAPreTrainedModel):
                 f"token index of dialogue {row} (sequence length {length})."
             )
 
-    def _pool_text(
-        self, hidden: torch.Tensor, attention_mask: torch.Tensor, round_end_positions: torch.Tensor | None
-    ) -> torch.Tensor:
-        if round_end_positions is not None:
-            self._check_round_ends(round_end_positions, attention_mask)
-        if self.config.text_pooling == "mean":
-            # Summed in float32 (a bf16 running sum over hundreds of tokens loses the late rounds).
-            mask = attention_mask.float()[..., None]  # (B, L, 1); pads (either side) weigh 0
-            masked = hidden.float() * mask
-            if round_end_positions is None:
-                return (masked.sum(1) / mask.sum(1).clamp(min=1)).to(hidden.dtype)
-            # Running sums: the mean of round r's prefix is sum[end_r] / count[end_r], for all rounds at once.
-            index = round_end_positions.long()[..., None]  # (B, R, 1)
-            sums = masked.cumsum(1).gather(1, index.expand(-1, -1, hidden.shape[-1]))
-            return (sums / mask.cumsum(1).gather(1, index).clamp(min=1)).to(hidden.dtype)
-        if round_end_positions is None:
-            index = _last_token_index(attention_mask)  # (B,)
-            return hidden[torch.arange(hidden.shape[0], device=hidden.device), index]  # (B, H)
-        # The tower is causal: the hidden state at the end of round r only saw rounds 1..r, so it IS the
-        # vector of that prefix. (B, R) -> (B, R, H)
-        index = round_end_positions.long()[..., None].expand(-1, -1, hidden.shape[-1])
-        return hidden.gather(1, index)
-
     @staticmethod
-    def _round_key_mask(attention_mask: torch.Tensor, round_end_positions: torch.Tensor) -> torch.Tensor:
-        # Round r's refiner may only see tokens up to its end: (B, R, L) = mask (B, 1, L) & (pos (L,) <= end (B, R, 1)).
-        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-        return attention_mask.bool()[:, None, :] & (positions[None, None, :] <= round_end_positions[..., None])
+    def _check_round_token_mask(round_token_mask: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        if round_token_mask.dim() != 3 or round_token_mask.shape[0] != attention_mask.shape[0] or (
+            round_token_mask.shape[2] != attention_mask.shape[1]
+        ):
+            raise ValueError(
+                f"round_token_mask must be (B, R, L) with (B, L) = {tuple(attention_mask.shape)}, got "
+                f"{tuple(round_token_mask.shape)}."
+            )
+        bad = ~(round_token_mask.bool() & attention_mask.bool()[:, None, :]).any(-1)  # (B, R) empty views
+        bad |= (round_token_mask.bool() & ~attention_mask.bool()[:, None, :]).any(-1)  # views holding padding
+        if bad.any():
+            row, rnd = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(
+                f"round_token_mask[{row}, {rnd}] is empty or marks padding of dialogue {row}: every round "
+                "must select at least one attended token and no padding."
+            )
+
+    def _text_views(
+        self,
+        attention_mask: torch.Tensor,
+        round_end_positions: torch.Tensor | None,
+        round_token_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The tokens each pooled dialogue is made of: (B, L), or (B, R, L) one view per round prefix.
+        A `round_token_mask` was checked by `_text_hidden`."""
+        if round_token_mask is not None:
+            return round_token_mask.bool()
+        if round_end_positions is None:
+            return attention_mask.bool()
+        self._check_round_ends(round_end_positions, attention_mask)
+        return prefix_token_mask(attention_mask, round_end_positions)
 
     # ---- public features (raw, not normalised)
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -459,7 +539,8 @@ class DiaNAModel(DiaNAPreTrainedModel):
             tokens), or (B, R, D) one per round prefix from one tower pass.
         """
         hidden, attention_mask = self._text_hidden(input_ids, attention_mask)
-        return self.text_projection(self._pool_text(hidden, attention_mask, round_end_positions))
+        views = self._text_views(attention_mask, round_end_positions)
+        return self.text_projection(pool_text_tokens(hidden, views, self.config.text_pooling))
 
     def get_image_attribute_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Refiner slots (B, K, D) of the images, not normalised."""
@@ -474,15 +555,7 @@ class DiaNAModel(DiaNAPreTrainedModel):
     ) -> torch.Tensor:
         """Refiner slots of the dialogues, not normalised: (B, K, D), or (B, R, K, D) per round prefix."""
         hidden, attention_mask = self._text_hidden(input_ids, attention_mask)
-        return self._text_attributes(self.text_projection(hidden), attention_mask, round_end_positions)
-
-    def _text_attributes(
-        self, tokens: torch.Tensor, attention_mask: torch.Tensor, round_end_positions: torch.Tensor | None
-    ) -> torch.Tensor:
-        if round_end_positions is None:
-            return self.refiner(tokens, attention_mask)
-        self._check_round_ends(round_end_positions, attention_mask)
-        return self.refiner(tokens, self._round_key_mask(attention_mask, round_end_positions))
+        return self.refiner(self.text_projection(hidden), self._text_views(attention_mask, round_end_positions))
 
     # ---- retrieval encodings (normalised)
     def encode_images(self, pixel_values: torch.Tensor) -> DiaNAImageEncoding:
@@ -497,15 +570,42 @@ class DiaNAModel(DiaNAPreTrainedModel):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         round_end_positions: torch.Tensor | None = None,
+        round_token_mask: torch.Tensor | None = None,
     ) -> DiaNATextEncoding:
-        """One tower pass: L2-normalised dialogue vectors (B, [R,] D) and attribute slots (B, [R,] K, D)."""
-        hidden, attention_mask = self._text_hidden(input_ids, attention_mask)
-        tokens = self.text_projection(hidden)  # (B, L, D); projecting before pooling is the same (linear)
-        pooled = self._pool_text(tokens, attention_mask, round_end_positions)
-        attributes = self._text_attributes(tokens, attention_mask, round_end_positions)
-        return DiaNATextEncoding(
-            text_embeds=F.normalize(pooled, dim=-1), text_attribute_embeds=F.normalize(attributes, dim=-1)
-        )
+        """One tower pass: L2-normalised dialogue vectors (B, [R,] D) and attribute slots (B, [R,] K, D).
+
+        Args:
+            input_ids: (B, L) token ids (either padding side).
+            attention_mask: (B, L), 1 for tokens, 0 for padding.
+            round_end_positions: optional (B, R) index of the last token of every round prefix, when every
+                prefix's ids are a prefix of the row.
+            round_token_mask: optional (B, R, L) bool, which tokens of the row make round r's prefix, for rows
+                that pack a dialogue with the differing last tokens of its shorter prefixes (the processor's
+                official tokenisation); the tower then runs with `round_attention_mask`. Not for
+                FlashAttention, which takes no 4-d mask.
+        """
+        hidden, attention_mask = self._text_hidden(input_ids, attention_mask, round_token_mask)
+        views = self._text_views(attention_mask, round_end_positions, round_token_mask)
+        # Projecting before pooling is the same (linear).
+        return self.encode_text_tokens(self.text_projection(hidden), views)
+
+    def encode_text_tokens(
+        self, tokens: torch.Tensor, token_mask: torch.Tensor, with_attributes: bool = True
+    ) -> DiaNATextEncoding:
+        """Retrieval encodings of dialogues from their projected tower states: THE pooling of the model,
+        shared by `encode_dialogues` and callers that run the tower themselves (e.g. with a key/value cache).
+
+        Args:
+            tokens: (B, L, D) `text_projection` of the tower's final hidden states.
+            token_mask: (B, L) or (B, R, L) bool, the tokens each dialogue (round prefix) is made of.
+            with_attributes: Also run the refiner (the "attribute" / "fused" scores need it).
+
+        Returns:
+            L2-normalised `text_embeds` (B, [R,] D) and `text_attribute_embeds` (B, [R,] K, D) or None.
+        """
+        pooled = pool_text_tokens(tokens, token_mask, self.config.text_pooling)
+        attributes = F.normalize(self.refiner(tokens, token_mask), dim=-1) if with_attributes else None
+        return DiaNATextEncoding(text_embeds=F.normalize(pooled, dim=-1), text_attribute_embeds=attributes)
 
     def similarity(
         self,
@@ -557,13 +657,12 @@ class DiaNAModel(DiaNAPreTrainedModel):
         """
         pooled_image, image_tokens = self._image_tokens(pixel_values)
         hidden, attention_mask = self._text_hidden(input_ids, attention_mask)
-        text_tokens = self.text_projection(hidden)  # (B, L, D)
-        pooled_text = self._pool_text(text_tokens, attention_mask, None)
+        text = self.encode_text_tokens(self.text_projection(hidden), attention_mask.bool())  # from (B, L, D)
 
         image_embeds = F.normalize(pooled_image, dim=-1)
-        text_embeds = F.normalize(pooled_text, dim=-1)
+        text_embeds = text.text_embeds
         image_attribute_embeds = F.normalize(self.refiner(image_tokens), dim=-1)
-        text_attribute_embeds = F.normalize(self.refiner(text_tokens, attention_mask), dim=-1)
+        text_attribute_embeds = text.text_attribute_embeds
 
         logit_scale = self.get_logit_scale()
         logits_per_text = logit_scale * text_embeds @ image_embeds.t()  # (T, I)
@@ -650,4 +749,7 @@ __all__ = [
     "DiaNAOutput",
     "DiaNAPreTrainedModel",
     "DiaNATextEncoding",
+    "pool_text_tokens",
+    "prefix_token_mask",
+    "round_attention_mask",
 ]

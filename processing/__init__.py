@@ -27,6 +27,7 @@ def build_processor(
     tokenizer_dir: str | os.PathLike | None = None,
     preset: str = "finetune",
     image_size: tuple[int, int] = (384, 192),
+    tokenization: str = "rounds",
 ) -> "DiaNAProcessor":
     """Build DiaNA's processor from a Llama-3.2 tokenizer folder.
 
@@ -37,6 +38,8 @@ def build_processor(
         preset: "finetune" (ChatPedes: CUHK-PEDES statistics, 400 tokens) or "pretrain" (MALS
             statistics, 128 tokens = template + 56 caption tokens).
         image_size: (height, width) of the model input.
+        tokenization: "rounds" (round by round) or "official" (each prefix as one string, for converted
+            official weights); see `DiaNAProcessor`.
 
     Returns:
         A `DiaNAProcessor` (right padding with `<|finetune_right_pad_id|>`, DiaNA chat template).
@@ -72,7 +75,9 @@ def build_processor(
         do_normalize=True, image_mean=list(mean), image_std=list(std),
         do_convert_rgb=False,  # the processor converts every mode to RGB itself (16-bit, alpha...)
     )
-    return DiaNAProcessor(image_processor, tokenizer, max_length=PRESETS[preset]["max_length"])
+    return DiaNAProcessor(
+        image_processor, tokenizer, max_length=PRESETS[preset]["max_length"], tokenization=tokenization
+    )
 
 
 __all__ = ["build_processor", "PRESETS"]

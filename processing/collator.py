@@ -104,6 +104,18 @@ class CollatorStatistics:
         return counts
 
 
+def _dialogue_rows(
+    packed_ids: torch.Tensor, round_token_mask: torch.Tensor, num_rounds: torch.Tensor, pad_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dialogues alone from official-tokenisation rows: a dialogue's own ids (its last round's view)
+    lead its packed row. Returns right-padded (input_ids, attention_mask)."""
+    last_view = round_token_mask[torch.arange(len(num_rounds)), num_rounds - 1]  # (B, L)
+    lengths = last_view.sum(-1)  # (B,)
+    longest = int(lengths.max())
+    attention_mask = (torch.arange(longest)[None, :] < lengths[:, None]).long()
+    return packed_ids[:, :longest].masked_fill(attention_mask == 0, pad_token_id), attention_mask
+
+
 class DiaNACollator:
     """Collates dataset rows into ``pixel_values``, ``input_ids``, ``attention_mask``, ``person_ids``.
 
@@ -205,6 +217,11 @@ class DiaNACollator:
             if self.image_augmentation
             else None
         )
+        if self.return_round_ends and getattr(processor, "tokenization", "rounds") == "official":
+            # Its rows pack each dialogue with the differing last tokens of its prefixes (read with a
+            # round_token_mask); training batches hold the dialogues alone.
+            raise ValueError("return_round_ends needs a processor with tokenization='rounds'; evaluate an "
+                             "official-tokenisation processor with diana.training.evaluation")
         if image_cache and not (self.train and self.image_transform is not None):
             raise ValueError("image_cache keeps images after the training image pipeline's resize: it needs "
                              "train=True and image_augmentation=True")
@@ -375,6 +392,10 @@ class DiaNACollator:
         )
         input_ids, attention_mask = text["input_ids"], text["attention_mask"]
         num_rounds, round_truncated = text["num_rounds"], text["round_truncated"]  # (B,), (B, R)
+        if "round_token_mask" in text:
+            input_ids, attention_mask = _dialogue_rows(
+                input_ids, text["round_token_mask"], num_rounds, self.processor.pad_token_id
+            )
         # Rounds beyond a dialogue's own count repeat its last round in the processor's output;
         # only the dialogue's real rounds are counted.
         real_round = torch.arange(round_truncated.shape[1]) < num_rounds[:, None]  # (B, R)

@@ -11,21 +11,33 @@ The dialogue text must match what DiaNA was trained on (DESIGN.md §1):
 encoded as BOS + tokens, no EOS, right-padded with `<|finetune_right_pad_id|>`.
 
 Prefix-consistent tokenisation. The model reads the vector of "the first k rounds" at the end of
-round k inside ONE pass over the full dialogue (the text tower is causal and pools the last
-token). That is only exact if the ids of the first k rounds are a prefix of the full dialogue's
-ids. Plain tokenisation of the whole string breaks this: the Llama-3 pre-tokenizer glues
+round k inside ONE pass over the full dialogue (the text tower is causal; it pools the last
+token or the mean of the tokens up to there). That is only exact if the ids of the first k
+rounds are a prefix of the full dialogue's ids. Plain tokenisation of the whole string breaks
+this: the Llama-3 pre-tokenizer glues
 punctuation to the newlines after it (` ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*`), so "...coat.\\nASSISTANT"
 yields the token ".\\n" while the 1-round prefix ends in ".". The processor therefore tokenises
 the text in round segments (segment 1 = system prompt + "\\n\\nASSISTANT: q1\\nUSER: a1",
 segment k = "\\nASSISTANT: qk\\nUSER: ak") and concatenates their ids. Only round boundaries that
 follow punctuation differ from plain tokenisation; decoding the ids gives the template string
 exactly.
+
+Official tokenisation (`tokenization="official"`, what converted official weights were trained
+on): every k-round prefix is tokenised as one string, as the official code does. Its ids are then
+not a prefix of the longer dialogue's, so `return_round_ends=True` packs each row as the full
+dialogue followed by, for every shorter prefix, the few last tokens where its ids leave the full
+dialogue's; `round_token_mask` (B, R, L) says which tokens make each prefix, and
+`DiaNAModel.encode_dialogues(..., round_token_mask=...)` reads every prefix from one tower pass.
+
+User text stays text in both modes: a question or answer that spells a special token
+("<|end_of_text|>") is tokenised as the characters it is made of, never as the control id.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -45,6 +57,9 @@ DEFAULT_FIRST_QUESTION = "Please describe the person you saw."
 QUESTION_PREFIX = "ASSISTANT: "
 ANSWER_PREFIX = "USER: "
 BOS_TOKEN = "<|begin_of_text|>"
+# "rounds": round by round, every k-round prefix an id prefix (models trained by this project);
+# "official": each prefix's whole text at once, as the official code (converted official weights).
+TOKENIZATIONS = ("rounds", "official")
 PAD_TOKEN = "<|finetune_right_pad_id|>"
 
 # Image statistics (DESIGN.md §1): CUHK-PEDES for ChatPedes fine-tuning, MALS for pretraining.
@@ -301,6 +316,42 @@ def _as_image_batch(images: Any) -> list[Any]:
     raise ImageInputError(f"images must be an image or a list of images, got {type(images).__name__}")
 
 
+@dataclass
+class _EncodedDialogue:
+    """One dialogue's ids and, per round prefix k, where it is in them.
+
+    `round_views[k]` = (shared, tail_start, end): prefix k is made of ids[:shared] followed by
+    ids[tail_start : end + 1] (nothing when end < tail_start); its last token is at `end`.
+    `dialogue_length`: how many leading ids are the full dialogue's own (the rest are the packed tails
+    of the official tokenisation); None = all of them.
+    """
+
+    ids: list[int]
+    round_ends: list[int]
+    round_truncated: list[bool]
+    round_views: list[tuple[int, int, int]]
+    dialogue_length: int | None = None
+
+
+def round_token_mask(round_views: Sequence[tuple[int, int, int]], length: int) -> torch.Tensor:
+    """(R, length) bool: which positions of a row make each round prefix.
+
+    Args:
+        round_views: per round (shared, tail_start, end): the first `shared` tokens of the row, then the
+            tokens tail_start..end (none when end < tail_start).
+        length: the row length (padding included).
+    """
+    positions = torch.arange(length)
+    views = torch.tensor(round_views, dtype=torch.long).view(-1, 3)  # (R, 3)
+    shared, start, end = views[:, :1], views[:, 1:2], views[:, 2:3]
+    return (positions < shared) | ((positions >= start) & (positions <= end))
+
+
+def _repeat_last(values: list, count: int) -> list:
+    """Pads a per-round list to `count` rounds by repeating its last round."""
+    return values + [values[-1]] * (count - len(values))
+
+
 class DiaNAProcessor(ProcessorMixin):
     r"""Turns dialogues and pedestrian photos into DiaNA inputs.
 
@@ -313,6 +364,9 @@ class DiaNAProcessor(ProcessorMixin):
         tokenizer: A Llama-3 tokenizer; `<|begin_of_text|>` and `<|finetune_right_pad_id|>` must exist.
         max_length: Maximum dialogue length in tokens, BOS included (400 fine-tuning, 56 pretraining).
         chat_template: Jinja template for `apply_chat_template`; defaults to DiaNA's dialogue template.
+        tokenization: "rounds" (default: round by round, every k-round prefix an id prefix) or "official"
+            (each prefix's text as one string, as the official code, for converted official weights; see the
+            module docstring). Saved in processor_config.json.
     """
 
     def __init__(
@@ -321,11 +375,15 @@ class DiaNAProcessor(ProcessorMixin):
         tokenizer=None,
         max_length: int = 400,
         chat_template: str | None = None,
+        tokenization: str = "rounds",
         **kwargs,
     ):
         if chat_template is None:
             chat_template = DIALOGUE_CHAT_TEMPLATE
+        if tokenization not in TOKENIZATIONS:
+            raise ValueError(f"DiaNAProcessor tokenization must be one of {TOKENIZATIONS}, got {tokenization!r}")
         self.max_length = int(max_length)
+        self.tokenization = tokenization
         super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
         if self.tokenizer.chat_template is None:
             self.tokenizer.chat_template = self.chat_template
@@ -365,8 +423,16 @@ class DiaNAProcessor(ProcessorMixin):
         Returns:
             (ids, round_ends, round_truncated) per dialogue; `round_ends[b][k]` is the index of the
             last token of the encoding of the first k+1 rounds (clamped to the last kept token when
-            truncation cut that round, which is then flagged in `round_truncated`).
+            truncation cut that round, which is then flagged in `round_truncated`). With the official
+            tokenisation the ids are the packed row (see the module docstring) and `round_ends[b][k]`
+            the last token of prefix k's view in it.
         """
+        encoded = self._encode_rounds(dialogues, max_rounds, max_length, truncation)
+        return [e.ids for e in encoded], [e.round_ends for e in encoded], [e.round_truncated for e in encoded]
+
+    def _encode_rounds(
+        self, dialogues: Any, max_rounds: int | None, max_length: int | None, truncation: bool
+    ) -> list[_EncodedDialogue]:
         batch = _as_dialogue_batch(dialogues)
         max_length = self.max_length if max_length is None else int(max_length)
         if max_length < 1:
@@ -375,17 +441,12 @@ class DiaNAProcessor(ProcessorMixin):
         if max_rounds is not None:
             keep = _check_max_rounds(max_rounds)
             all_pairs = [pairs[:keep] for pairs in all_pairs]
-
-        segments = [seg for pairs in all_pairs for seg in round_segments(pairs)]
-        # One batched call; special-token handling is done here, not by the tokenizer's
-        # post-processor, so any Llama-3 tokenizer folder (BOS template or not) gives the same ids.
-        segment_ids = self.tokenizer(segments, add_special_tokens=False)["input_ids"]
-
-        ids_batch, ends_batch, cut_batch = [], [], []
-        cursor = 0
+        if self.tokenization == "official":
+            return self._encode_official(all_pairs, max_length, truncation)
+        segment_ids = self._tokenize_text([seg for pairs in all_pairs for seg in round_segments(pairs)])
+        encoded, cursor = [], 0
         for pairs in all_pairs:
-            ids = [self.bos_token_id]
-            ends = []
+            ids, ends = [self.bos_token_id], []
             for seg in segment_ids[cursor : cursor + len(pairs)]:
                 ids.extend(seg)
                 ends.append(len(ids) - 1)
@@ -393,10 +454,53 @@ class DiaNAProcessor(ProcessorMixin):
             if truncation and len(ids) > max_length:
                 ids = ids[:max_length]
             last = len(ids) - 1
-            ids_batch.append(ids)
-            cut_batch.append([end > last for end in ends])
-            ends_batch.append([min(end, last) for end in ends])
-        return ids_batch, ends_batch, cut_batch
+            kept = [min(end, last) for end in ends]
+            encoded.append(_EncodedDialogue(
+                ids=ids, round_ends=kept, round_truncated=[end > last for end in ends],
+                round_views=[(end + 1, end + 1, end) for end in kept],
+            ))
+        return encoded
+
+    def _encode_official(
+        self, all_pairs: list[list[tuple[str, str]]], max_length: int, truncation: bool
+    ) -> list[_EncodedDialogue]:
+        """Every k-round prefix tokenised as one string (the official way), packed per dialogue: the
+        full dialogue's ids, then each shorter prefix's ids past their common prefix with them."""
+        texts = []
+        for pairs in all_pairs:
+            segments = round_segments(pairs)
+            texts.extend("".join(segments[: k + 1]) for k in range(len(segments)))
+        prefix_ids = [[self.bos_token_id, *ids] for ids in self._tokenize_text(texts)]
+        encoded, cursor = [], 0
+        for pairs in all_pairs:
+            prefixes = prefix_ids[cursor : cursor + len(pairs)]
+            cursor += len(pairs)
+            cut = [len(ids) > max_length for ids in prefixes]
+            if truncation:
+                prefixes = [ids[:max_length] for ids in prefixes]
+            full = prefixes[-1]
+            packed, views = list(full), []
+            for ids in prefixes:
+                shared = 0
+                for a, b in zip(ids, full):
+                    if a != b:
+                        break
+                    shared += 1
+                tail = ids[shared:]
+                start = len(packed) if tail else shared
+                packed.extend(tail)
+                views.append((shared, start, start + len(tail) - 1 if tail else shared - 1))
+            encoded.append(_EncodedDialogue(
+                ids=packed, round_ends=[end for _, _, end in views], round_truncated=cut, round_views=views,
+                dialogue_length=len(full),
+            ))
+        return encoded
+
+    def _tokenize_text(self, texts: list[str]) -> list[list[int]]:
+        """Ids of template text holding user text, without special tokens. `split_special_tokens`: a
+        question or answer spelling "<|end_of_text|>" stays those characters (the template's own
+        special tokens, BOS and padding, are added by id)."""
+        return self.tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
     def __call__(
         self,
@@ -450,7 +554,9 @@ class DiaNAProcessor(ProcessorMixin):
         self, dialogues, max_rounds, return_round_ends, padding, max_length, truncation, return_tensors
     ) -> dict[str, Any]:
         max_length = self.max_length if max_length is None else int(max_length)
-        ids_batch, ends_batch, cut_batch = self.encode_dialogues(dialogues, max_rounds, max_length, truncation)
+        encoded = self._encode_rounds(dialogues, max_rounds, max_length, truncation)
+        # Without round ends a row is the dialogue alone (the packed prefix tails are for reading rounds).
+        ids_batch = [e.ids if return_round_ends else e.ids[: e.dialogue_length] for e in encoded]
         longest = max(len(ids) for ids in ids_batch)
         if padding in (True, "longest"):
             target = longest
@@ -470,14 +576,51 @@ class DiaNAProcessor(ProcessorMixin):
             attention_mask.append([1] * len(ids) + [0] * pad)
         out: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
         if return_round_ends:
-            rounds = max(len(ends) for ends in ends_batch)
-            out["round_end_positions"] = [ends + [ends[-1]] * (rounds - len(ends)) for ends in ends_batch]
-            out["round_truncated"] = [cut + [cut[-1]] * (rounds - len(cut)) for cut in cut_batch]
-            out["num_rounds"] = [len(ends) for ends in ends_batch]
-        if return_tensors == "pt" and target is not None:
-            out = {key: torch.tensor(value, dtype=torch.bool if key == "round_truncated" else torch.long)
+            rounds = max(len(e.round_ends) for e in encoded)
+            out["round_end_positions"] = [_repeat_last(e.round_ends, rounds) for e in encoded]
+            out["round_truncated"] = [_repeat_last(e.round_truncated, rounds) for e in encoded]
+            out["num_rounds"] = [len(e.round_ends) for e in encoded]
+            if self.tokenization == "official":
+                masks = [
+                    round_token_mask(_repeat_last(e.round_views, rounds), len(row)) for e, row in zip(encoded, input_ids)
+                ]
+                out["round_token_mask"] = masks
+        as_tensors = return_tensors == "pt" and target is not None
+        if "round_token_mask" in out:  # (B, R, L): stacked as is, not through Python lists
+            out["round_token_mask"] = torch.stack(masks) if as_tensors else [m.tolist() for m in masks]
+        if as_tensors:
+            out = {key: value if torch.is_tensor(value)
+                   else torch.tensor(value, dtype=torch.bool if key == "round_truncated" else torch.long)
                    for key, value in out.items()}
         return out
+
+    def apply_chat_template(self, conversation: Any, chat_template: str | None = None, **kwargs) -> Any:
+        """Renders chat messages with DiaNA's template; with `tokenize=True` returns the processor's own ids.
+
+        `tokenize=False` (the default) gives the rendered text. `tokenize=True` gives exactly
+        `processor(dialogues=conversation)`'s ids (BOS first, user text never a control token): a list of
+        ids, or a `BatchFeature` with `return_dict=True` (`input_ids`, `attention_mask`; tensors per
+        `return_tensors`). A batch of conversations gives one row each.
+        """
+        if not kwargs.pop("tokenize", False):
+            return super().apply_chat_template(conversation, chat_template=chat_template, tokenize=False, **kwargs)
+        if chat_template is not None and chat_template != self.chat_template:
+            raise ValueError("apply_chat_template(tokenize=True) gives DiaNA's own ids; another chat_template can only "
+                             "render text (tokenize=False)")
+        return_dict = kwargs.pop("return_dict", False)
+        return_tensors = kwargs.pop("return_tensors", None)
+        is_batch = isinstance(conversation, Sequence) and bool(conversation) and not isinstance(
+            conversation[0], Mapping
+        )
+        # Rendered by the same template first: a conversation the template refuses is refused here too.
+        super().apply_chat_template(conversation, chat_template=chat_template, tokenize=False)
+        dialogues = list(conversation) if is_batch else [conversation]
+        padding = "longest" if return_tensors is not None else False
+        batch = self(dialogues=dialogues, padding=padding, return_tensors=return_tensors)
+        if return_dict:
+            return batch
+        ids = batch["input_ids"]
+        return ids if is_batch or return_tensors is not None else ids[0]
 
     def batch_decode(self, *args, **kwargs):
         """Forwarded to the tokenizer's `batch_decode`."""
@@ -505,4 +648,6 @@ __all__ = [
     "normalize_dialogue",
     "render_dialogue",
     "round_segments",
+    "round_token_mask",
+    "TOKENIZATIONS",
 ]

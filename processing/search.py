@@ -4,10 +4,11 @@ The gallery is encoded once into a safetensors file (:class:`GalleryIndex`) that
 model and which processor made it, so an index is never silently searched with embeddings from
 another model. A :class:`ChatSearchSession` then takes a witness's description and follow-up
 question/answer rounds and returns the top-k after every round. Each round runs the dialogue
-tower on that round's tokens only: the Llama tower is causal, so the key/value cache of the
-earlier rounds is exactly what a from-scratch pass would recompute, and the processor's
-tokenisation is prefix-consistent (a k-round dialogue's ids are a prefix of the (k+1)-round
-dialogue's ids), so "the new tokens" are well defined.
+tower on that round's tokens only: the Llama tower is causal, so the key/value cache of the ids
+the new dialogue shares with the previous one is exactly what a from-scratch pass would
+recompute. With the processor's round-by-round tokenisation that is all of the previous ids;
+with its official tokenisation the cache is cut back to where the ids part (a round's final
+punctuation merges with the next round's newline) and those few tokens run again.
 
 Search is exact by default (chunked matrix products, ties broken by gallery index as in the
 evaluation protocol); FAISS (``faiss-cpu``) is an optional back end for very large galleries and
@@ -629,8 +630,10 @@ class ChatSearchSession:
     """An interactive search: a description, then question/answer rounds, top-k after each.
 
     Each round runs only its own new tokens through the Llama tower, reusing the key/value cache
-    of the earlier rounds (``model.text_model(..., cache=DynamicCache, use_cache=True)``); the
-    dialogue vector after round k equals ``model.encode_dialogues`` of the whole k-round dialogue.
+    of the earlier rounds (``model.text_model(..., cache=DynamicCache, use_cache=True)``), and
+    pools the cached token states with ``model.encode_text_tokens`` (the model's own pooling, as
+    ``config.text_pooling`` says); the encodings after round k equal ``model.encode_dialogues`` of
+    the whole k-round dialogue, in every score mode and either processor tokenisation.
 
     Args:
         model: a ``DiaNAModel`` (eval mode is set).
@@ -691,58 +694,73 @@ class ChatSearchSession:
     @torch.no_grad()
     def add_round(self, question: str, answer: str) -> RoundResult:
         """Add one question/answer round and return the new top-k."""
-        from transformers import DynamicCache
-
         if not isinstance(question, str) or not isinstance(answer, str):
             raise TypeError(f"round {len(self.rounds) + 1}: question and answer must be strings")
         if not answer.strip():
             raise ValueError(f"round {len(self.rounds) + 1}: the answer is empty")
         rounds = [*self.rounds, (question, answer)]
-        batch = self.processor(dialogues=[rounds], return_round_ends=True, return_tensors="pt")
-        length = int(batch["attention_mask"][0].sum())
-        ids = batch["input_ids"][0, :length].tolist()
-        if ids[: len(self._ids)] != self._ids:
-            # Would make the cached prefix wrong; the processor contract promises it never happens.
-            raise RuntimeError(
-                f"round {len(rounds)}: the processor's ids of the first {len(self.rounds)} round(s) are "
-                "not a prefix of the ids with the new round; cannot reuse the cache"
-            )
-        truncated = bool(batch["round_truncated"][0, -1]) if "round_truncated" in batch else length < len(ids)
-        new_ids = ids[len(self._ids):]
-        model = self.model
-        device = next(model.parameters()).device
-        if new_ids:
-            if self._cache is None:
-                self._cache = DynamicCache(config=model.text_model.config)
-            hidden = model.text_model(
-                input_ids=torch.tensor([new_ids], device=device), cache=self._cache, use_cache=True,
-            ).last_hidden_state  # (1, n_new, H)
-            states = model.text_projection(hidden)  # (1, n_new, D)
-            self._token_states = states if self._token_states is None else torch.cat([self._token_states, states], 1)
-            self.text_embeds = torch.nn.functional.normalize(states[:, -1].float(), dim=-1)  # (1, D)
-            if self.mode != "global":
-                self.text_attribute_embeds = self._attribute_embeds()
-        self._ids = ids
+        ids, truncated = self._dialogue_ids(rounds)
+        new_tokens = self._run_tower(ids)
+        encoding = self.model.encode_text_tokens(
+            self._token_states, torch.ones(self._token_states.shape[:2], dtype=torch.bool, device=self._token_states.device),
+            with_attributes=self.mode != "global",
+        )
+        self.text_embeds = encoding.text_embeds.float()  # (1, D)
+        if encoding.text_attribute_embeds is not None:
+            self.text_attribute_embeds = encoding.text_attribute_embeds.float()  # (1, K, D)
         self.rounds = rounds
         scores, indices = self.index.search(
             self.text_embeds, self.k, text_attribute_embeds=self.text_attribute_embeds, mode=self.mode,
-            model=model, backend=self.backend, faiss_factory=self.faiss_factory,
+            model=self.model, backend=self.backend, faiss_factory=self.faiss_factory,
         )
         picked = indices[0].tolist()
         result = RoundResult(
             round_index=len(rounds), question=question, answer=answer, indices=picked,
             scores=scores[0].tolist(), paths=[self.index.paths[i] for i in picked],
-            ids=[int(self.index.ids[i]) for i in picked], new_tokens=len(new_ids), truncated=truncated,
+            ids=[int(self.index.ids[i]) for i in picked], new_tokens=new_tokens, truncated=truncated,
         )
         self.results.append(result)
         return result
 
-    def _attribute_embeds(self) -> torch.Tensor:
-        """(1, K, D) normalised refiner output over every token so far (keys are all valid)."""
-        states = self._token_states  # (1, L, D)
-        mask = torch.ones(states.shape[:2], dtype=torch.long, device=states.device)
-        slots = self.model.refiner(states, mask)
-        return torch.nn.functional.normalize(slots.float(), dim=-1)
+    def _dialogue_ids(self, rounds: list[tuple[str, str]]) -> tuple[list[int], bool]:
+        """The processor's ids of the dialogue so far (what `encode_dialogues` of it reads) and whether
+        its last round was cut by the processor's max_length."""
+        batch = self.processor(dialogues=[rounds], return_tensors=None, padding=False)
+        ids = list(batch["input_ids"][0])
+        full = self.processor(dialogues=[rounds], return_tensors=None, padding=False, truncation=False)
+        return ids, len(full["input_ids"][0]) > len(ids)
+
+    def _run_tower(self, ids: list[int]) -> int:
+        """Brings the cached tower states to `ids`; returns how many tokens went through the tower.
+
+        The cache keeps the states of the longest common prefix of the cached ids and `ids` (the tower is
+        causal: those states are what a fresh pass computes) and the rest runs on top of it. With round-by-
+        round tokenisation that is the new round's tokens; with the official tokenisation also the few
+        tokens at the previous round's end that merge differently once a round follows.
+        """
+        from transformers import DynamicCache
+
+        keep = 0
+        for cached, new in zip(self._ids, ids):
+            if cached != new:
+                break
+            keep += 1
+        if self._cache is None or keep == 0:
+            self._cache, self._token_states = DynamicCache(config=self.model.text_model.config), None
+        elif keep < len(self._ids):
+            self._cache.crop(keep - len(self._ids))  # negative: drop that many cached tokens
+            self._token_states = self._token_states[:, :keep]
+        self._ids = list(ids)
+        if keep == len(ids):
+            return 0
+        model = self.model
+        device = next(model.parameters()).device
+        hidden = model.text_model(
+            input_ids=torch.tensor([ids[keep:]], device=device), cache=self._cache, use_cache=True,
+        ).last_hidden_state  # (1, n_new, H)
+        states = model.text_projection(hidden)  # (1, n_new, D)
+        self._token_states = states if self._token_states is None else torch.cat([self._token_states, states], 1)
+        return len(ids) - keep
 
     @torch.no_grad()
     def encode_from_scratch(self) -> torch.Tensor:
@@ -750,7 +768,9 @@ class ChatSearchSession:
         batch = self.processor(dialogues=[self.rounds], return_round_ends=True, return_tensors="pt")
         device = next(self.model.parameters()).device
         encoding = self.model.encode_dialogues(
-            batch["input_ids"].to(device), batch["attention_mask"].to(device), batch["round_end_positions"].to(device)
+            batch["input_ids"].to(device), batch["attention_mask"].to(device),
+            round_end_positions=batch["round_end_positions"].to(device),
+            round_token_mask=batch["round_token_mask"].to(device) if "round_token_mask" in batch else None,
         )
         return encoding.text_embeds[0].float()
 

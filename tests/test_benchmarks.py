@@ -218,6 +218,11 @@ def test_run_command_runs_both_suites_tiny_and_writes_json(tmp_path, tokenizer_d
                                   "reencode_prefixes_dynamic_padding", "reencode_prefixes_padded_400"}
     assert ev["ratio_reencode_400_over_one_pass"] > 0
     assert ev["max_abs_diff_text_embeds"] < 1e-4 and ev["max_abs_diff_attribute_embeds"] < 1e-4
+    official = cpu_res["official_per_round_eval"]
+    assert official["max_abs_diff_text_embeds"] < 1e-4 and official["max_abs_diff_attribute_embeds"] < 1e-4
+    # One pass: the dialogue plus a few boundary tokens, far fewer than the R prefixes together.
+    assert official["tokens_per_dialogue_full_dialogue"] < official["tokens_per_dialogue_packed"]
+    assert official["tokens_per_dialogue_packed"] < official["tokens_per_dialogue_reencoded"] / 1.5
     for key in ("diana_processor_images_per_s", "plain_vit_images_per_s", "diana_processor_dialogues_per_s",
                 "plain_tokenizer_dialogues_per_s"):
         assert cpu_res["processor"][key] > 0

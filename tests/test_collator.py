@@ -121,6 +121,21 @@ def test_eval_batch_is_the_processor_output(tiny_processor, chatpedes):
     assert collator.statistics.images_augmented == 0 and collator.statistics.tokens_selected == 0
 
 
+def test_official_tokenisation_batches_hold_the_dialogues_alone(tiny_processor, chatpedes):
+    import copy
+
+    official = copy.copy(tiny_processor)
+    official.tokenization = "official"
+    rows = _rows(chatpedes)
+    batch = _all_on(official, train=False)(rows)
+    reference = official(dialogues=[row["dialogue"] for row in rows])  # each dialogue's own official ids
+    assert torch.equal(batch["input_ids"], reference["input_ids"])
+    assert torch.equal(batch["attention_mask"], reference["attention_mask"])
+    assert not torch.equal(reference["input_ids"], tiny_processor(dialogues=[row["dialogue"] for row in rows])["input_ids"])
+    with pytest.raises(ValueError, match="tokenization='rounds'"):
+        _all_on(official, train=False, return_round_ends=True)
+
+
 def test_decoded_and_undecoded_rows_agree(tiny_processor, chatpedes):
     collator = _all_on(tiny_processor, train=False)
     decoded = collator(_rows(chatpedes))

@@ -17,6 +17,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaModel, Swinv2Model
 
 from diana.modeling_diana import DiaNAModel
+from diana.processing.processing_diana import DiaNAProcessor
 from diana.training.convert_official_checkpoint import convert, main
 from tests.helpers import PAD_ID, TINY_IMAGE_SIZE, slow_attribute_similarity, slow_diana_losses, tiny_vision_config
 
@@ -143,10 +144,14 @@ SIM_TYPES = {"avg": "mean", "max": "max", "min": "min", "lsp_max": "logsumexp", 
 
 
 @pytest.mark.parametrize("sim_type", ["lsp_min", "avg"])
-def test_converted_model_reproduces_the_official_computation(tmp_path, sim_type):
+def test_converted_model_reproduces_the_official_computation(tmp_path, sim_type, tokenizer_dir):
     official, _ = write_official_folder(tmp_path / "official", sim_type=sim_type)
-    main(["--input", str(tmp_path / "official"), "--output", str(tmp_path / "hf")])
+    main(["--input", str(tmp_path / "official"), "--output", str(tmp_path / "hf"), "--tokenizer-dir", str(tokenizer_dir)])
     model = DiaNAModel.from_pretrained(tmp_path / "hf").eval()
+    # The folder's processor gives the ids the official weights were trained on, at the model's image size.
+    processor = DiaNAProcessor.from_pretrained(tmp_path / "hf")
+    assert processor.tokenization == "official"
+    assert processor(images=[torch.zeros(3, 5, 7)])["pixel_values"].shape[-2:] == TINY_IMAGE_SIZE
     assert model.config.attribute_reduction == SIM_TYPES[sim_type]
     assert (model.config.projection_dim, model.config.num_attribute_queries, model.config.refiner_num_heads) == (DIM, NUM_QUERY, 2)
     assert model.config.use_sdm_loss and model.config.use_refiner_loss
@@ -182,11 +187,13 @@ def test_converted_model_reproduces_the_official_computation(tmp_path, sim_type)
         assert float(getattr(out, key)) == pytest.approx(ref_losses[key], rel=1e-5, abs=1e-5), key
 
 
-def test_bin_with_old_query_name_and_a_new_number_of_queries(tmp_path, caplog):
+def test_bin_with_old_query_name_and_a_new_number_of_queries(tmp_path, caplog, tokenizer_dir):
     _, state = write_official_folder(tmp_path / "official", query_name="query_token", fmt="bin")
     assert not (tmp_path / "official" / "model.safetensors").exists()
     with caplog.at_level(logging.WARNING):
-        model = convert(tmp_path / "official", tmp_path / "hf", enable_sdm=False, num_attribute_queries=5)
+        model = convert(
+            tmp_path / "official", tmp_path / "hf", enable_sdm=False, num_attribute_queries=5, tokenizer_dir=tokenizer_dir
+        )
     assert "re-initialised" in caplog.text
     assert model.refiner.attribute_queries.shape == (1, 5, DIM)
     assert not model.config.use_sdm_loss and model.config.num_attribute_queries == 5

@@ -387,6 +387,47 @@ def test_one_pass_equals_separate_prefixes_with_tiny_diana(tiny_model, tiny_proc
                 torch.testing.assert_close(one_pass["attributes"][i, k - 1], alone.text_attribute_embeds[0], atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_official_tokenisation_one_pass_equals_each_prefix_encoded_alone(tiny_processor, tmp_path, pooling):
+    """With the official tokenisation (each prefix's text tokenised whole, so "coat.\nASSISTANT" merges
+    differently per prefix) the per-round numbers still come from one tower pass per dialogue and equal
+    encoding every prefix's own official ids."""
+    import copy
+
+    from diana.modeling_diana import DiaNAModel
+    from diana.training.evaluation import encode_queries, tokenize_dialogues
+    from tests.helpers import tiny_config
+
+    processor = copy.copy(tiny_processor)
+    processor.tokenization = "official"
+    torch.manual_seed(0)
+    model = DiaNAModel(tiny_config(text_pooling=pooling, vision_stem="conv")).eval()
+    split = make_split(tmp_path, persons=2, images_per_person=2, seed=1)
+    # Answers that end in "." as ChatPedes', so prefix ids leave the full dialogue's at every boundary.
+    split = split.map(lambda row: {"dialogue": [{**turn, "answer": turn["answer"] + "."} for turn in row["dialogue"]]})
+    tokens = tokenize_dialogues(processor, list(split["dialogue"]))
+    assert tokens.round_token_masks is not None
+    with torch.inference_mode():
+        got = evaluate_retrieval(model, processor, split, batch_size=3, score_modes=MODES)
+        rounds = max(split["num_rounds"])
+        want, _ = separate_prefix_results(model, processor, split, MODES, rounds)
+    assert_results_equal(got, want, MODES)
+
+    one_pass = encode_queries(model, tokens, batch_size=4, pad_token_id=processor.pad_token_id, keep_attributes=True)
+    prefix_tokens = 0
+    with torch.inference_mode():
+        for i, dialogue in enumerate(split["dialogue"]):
+            for k in range(1, len(dialogue) + 1):
+                enc = processor(dialogues=[dialogue], max_rounds=k)
+                prefix_tokens += enc["input_ids"].shape[1]
+                alone = model.encode_dialogues(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+                torch.testing.assert_close(one_pass["embeds"][i, k - 1], alone.text_embeds[0], atol=1e-5, rtol=0)
+                torch.testing.assert_close(one_pass["attributes"][i, k - 1], alone.text_attribute_embeds[0], atol=1e-5, rtol=0)
+    # One pass per dialogue: the packed rows hold the full dialogues plus a few boundary tokens per round.
+    packed, full = int(tokens.lengths.sum()), sum(len(processor(dialogues=[d])["input_ids"][0]) for d in split["dialogue"])
+    assert full < packed <= full + 2 * int((tokens.num_rounds - 1).sum()) and packed < prefix_tokens / 2
+
+
 def test_a_bad_dialogue_is_located_in_the_split(tiny_processor):
     from diana.training.evaluation import tokenize_dialogues
 

@@ -316,6 +316,41 @@ def test_all_rounds_in_one_pass_equal_separate_prefixes(pooled_model, inputs):
             torch.testing.assert_close(raw[row, rnd], alone_raw[0], rtol=0, atol=1e-5)
 
 
+def test_packed_rows_with_a_round_token_mask_equal_each_view_alone(pooled_model):
+    """A row = a dialogue's ids + the tails of two shorter dialogues that leave it at tokens 4 and 7
+    (what the official tokenisation packs); each view's encoding equals that dialogue encoded alone."""
+    model = pooled_model
+    generator = torch.Generator().manual_seed(3)
+    full = torch.randint(0, 1000, (10,), generator=generator)
+    tail_a, tail_b = torch.randint(0, 1000, (2,), generator=generator), torch.randint(0, 1000, (3,), generator=generator)
+    alone = [torch.cat([full[:4], tail_a]), torch.cat([full[:7], tail_b]), full[:5], full]
+    row = torch.cat([full, tail_a, tail_b, torch.full((2,), 128004)])[None]  # two pads at the end
+    mask = torch.ones_like(row)
+    mask[0, -2:] = 0
+    positions = torch.arange(row.shape[1])
+    views = torch.stack([
+        (positions < 4) | ((positions >= 10) & (positions < 12)),
+        (positions < 7) | ((positions >= 12) & (positions < 15)),
+        positions < 5,
+        positions < 10,
+    ])[None]  # (1, 4, L)
+    with torch.no_grad():
+        packed = model.encode_dialogues(row, mask, round_token_mask=views)
+        for k, ids in enumerate(alone):
+            reference = model.encode_dialogues(ids[None], torch.ones_like(ids[None]))
+            torch.testing.assert_close(packed.text_embeds[0, k], reference.text_embeds[0], rtol=0, atol=1e-5)
+            torch.testing.assert_close(packed.text_attribute_embeds[0, k], reference.text_attribute_embeds[0], rtol=0, atol=1e-5)
+        with pytest.raises(ValueError, match=r"round_token_mask\[0, 1\] is empty or marks padding"):
+            model.encode_dialogues(row, mask, round_token_mask=torch.stack([views[0, 0], positions >= 14])[None])
+        attention = model.text_model.config._attn_implementation
+        model.text_model.config._attn_implementation = "flash_attention_2"  # only read, never run: no GPU needed
+        try:
+            with pytest.raises(ValueError, match="FlashAttention"):
+                model.encode_dialogues(row, mask, round_token_mask=views)
+        finally:
+            model.text_model.config._attn_implementation = attention
+
+
 def test_round_end_outside_the_dialogue_is_an_error(model, inputs):
     with pytest.raises(ValueError, match=r"round_end_positions\[2, 1\]"):
         model.encode_dialogues(inputs.input_ids, inputs.attention_mask, round_end_positions=torch.tensor([[1, 2], [1, 2], [1, 6]]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -148,6 +149,121 @@ def test_round_prefixes_are_exact_id_prefixes(processor):
         assert ids_of(processor, pairs, max_rounds=k) == prefix
         assert processor.decode(prefix, skip_special_tokens=True) == processor.render_dialogue(pairs, max_rounds=k)
     assert ends[-1] == len(full) - 1
+
+
+# ---------------------------------------------------------------- user text never a control token
+
+
+def special_token_dialogues(processor):
+    """One dialogue per special token of the tokenizer (256 in Llama-3.2), spelt in an answer, a question
+    and at the very end of an answer (where it meets the next round's newline)."""
+    specials = [t.content for t in processor.tokenizer.added_tokens_decoder.values() if t.special]
+    assert len(specials) == 256 and "<|end_of_text|>" in specials and "<|finetune_right_pad_id|>" in specials
+    return specials, [
+        [("Please describe the person you saw.", f"A man {token} in red."), (f"{token}Bag?", f"Yes.{token}"),
+         ("Hat?", "No.")]
+        for token in specials
+    ]
+
+
+@pytest.mark.parametrize("tokenization", ["rounds", "official"])
+def test_text_that_spells_a_special_token_stays_text(processor, meta_tokenizer, tokenization):
+    proc = copy.copy(processor)
+    proc.tokenization = tokenization
+    specials, dialogues = special_token_dialogues(proc)
+    out = proc(dialogues=dialogues, return_round_ends=True, return_tensors=None, padding=False)
+    for token, dialogue, ids in zip(specials, dialogues, out["input_ids"]):
+        # BOS by id, then no control id at all; the text decodes back with the token spelt out.
+        assert ids[0] == BOS and all(i < 128000 for i in ids[1:]), token
+        # Meta's reference encodes special-token strings as plain text unless told otherwise.
+        if tokenization == "rounds":
+            expected = [BOS] + [t for seg in segments(dialogue) for t in meta_tokenizer.encode(seg, bos=False, eos=False)]
+        else:
+            expected = meta_tokenizer.encode(proc.render_dialogue(dialogue), bos=True, eos=False)
+        assert ids[: len(expected)] == expected, token
+        assert proc.decode(expected) == "<|begin_of_text|>" + proc.render_dialogue(dialogue)
+    if tokenization == "rounds":  # every k-round prefix is still an id prefix
+        for dialogue, ids, ends in zip(dialogues[:8], out["input_ids"], out["round_end_positions"]):
+            for k in range(1, 4):
+                prefix = ids_of(proc, dialogue[:k])
+                assert ids[: len(prefix)] == prefix and ends[k - 1] == len(prefix) - 1
+
+
+# ---------------------------------------------------------------- official tokenisation
+
+
+def official(processor):
+    proc = copy.copy(processor)
+    proc.tokenization = "official"
+    return proc
+
+
+def test_official_tokenisation_gives_each_prefix_the_ids_of_its_whole_text(processor, meta_tokenizer):
+    proc = official(processor)
+    pairs = PAIRS + [("Anything on her head?", "A hat (beige)."), ("Shoes?", "Red boots!")]
+    out = proc(dialogues=[pairs, PAIRS[:2]], return_round_ends=True, return_tensors="pt")
+    assert out["round_token_mask"].shape == (2, 5, out["input_ids"].shape[1])
+    official_prefixes = []
+    for row, dialogue in enumerate([pairs, PAIRS[:2]]):
+        row_ids = out["input_ids"][row]
+        for k in range(1, len(dialogue) + 1):
+            # The official code: the k-round text tokenised as one string, BOS first.
+            expected = meta_tokenizer.encode(proc.render_dialogue(dialogue, max_rounds=k), bos=True, eos=False)
+            assert ids_of(proc, dialogue[:k]) == expected == ids_of(proc, dialogue, max_rounds=k)
+            view = out["round_token_mask"][row, k - 1]
+            assert row_ids[view].tolist() == expected, (row, k)  # the packed row holds each prefix's own ids
+            assert int(out["round_end_positions"][row, k - 1]) == int(view.nonzero().max())
+            official_prefixes.append(expected)
+        # Without round ends a row is the whole dialogue's official ids only.
+        assert ids_of(proc, dialogue) == official_prefixes[-1]
+    # Answers end in "." / "!": official prefixes are not id prefixes (".\n" merges), so packing is needed,
+    # but it adds only the few boundary tokens.
+    assert official_prefixes[1][: len(official_prefixes[0])] != official_prefixes[0]
+    extra = int(out["attention_mask"][0].sum()) - len(ids_of(proc, pairs))
+    assert 0 < extra <= 2 * (len(pairs) - 1)
+
+
+def test_official_tokenisation_truncates_every_prefix_like_the_official_code(processor, meta_tokenizer):
+    proc = official(processor)
+    pairs = long_pairs(25)
+    out = proc(dialogues=[pairs], return_round_ends=True, return_tensors="pt")
+    flags = out["round_truncated"][0].tolist()
+    for k in (1, 12, 13, 25):
+        whole = meta_tokenizer.encode(proc.render_dialogue(pairs, max_rounds=k), bos=True, eos=False)
+        view = out["round_token_mask"][0, k - 1]
+        assert out["input_ids"][0][view].tolist() == whole[:400]
+        assert flags[k - 1] == (len(whole) > 400)
+    assert flags[0] is False and flags[-1] is True
+
+
+def test_tokenization_is_saved_with_the_processor(processor, tmp_path):
+    assert processor.tokenization == "rounds" and processor.to_dict()["tokenization"] == "rounds"
+    official(processor).save_pretrained(tmp_path / "official")
+    assert json.loads((tmp_path / "official" / "processor_config.json").read_text())["tokenization"] == "official"
+    assert DiaNAProcessor.from_pretrained(tmp_path / "official").tokenization == "official"
+    with pytest.raises(ValueError, match="tokenization must be one of"):
+        DiaNAProcessor(processor.image_processor, processor.tokenizer, tokenization="whole")
+
+
+# ---------------------------------------------------------------- chat template, tokenized
+
+
+@pytest.mark.parametrize("tokenization", ["rounds", "official"])
+def test_chat_template_tokenized_gives_the_processor_ids(processor, tokenization):
+    proc = processor if tokenization == "rounds" else official(processor)
+    msgs = messages(PAIRS[:2] + [("Hat?", "A <|eot_id|> cap.")])
+    ids = proc.apply_chat_template(msgs, tokenize=True)
+    assert ids[0] == BOS and ids == proc(dialogues=msgs)["input_ids"][0].tolist()
+    assert all(i < 128000 for i in ids[1:])
+    assert proc.decode(ids, skip_special_tokens=False) == "<|begin_of_text|>" + proc.apply_chat_template(msgs)
+    batch = proc.apply_chat_template([msgs, messages(PAIRS[:1])], tokenize=True, return_dict=True, return_tensors="pt")
+    expected = proc(dialogues=[msgs, messages(PAIRS[:1])])
+    assert torch.equal(batch["input_ids"], expected["input_ids"])
+    assert torch.equal(batch["attention_mask"], expected["attention_mask"])
+    with pytest.raises(Exception, match="alternate"):
+        proc.apply_chat_template(msgs[:1] + msgs[:1], tokenize=True)
+    with pytest.raises(ValueError, match="another chat_template"):  # its text would not be these ids
+        proc.apply_chat_template(msgs, chat_template="{{ messages[0]['content'] }}", tokenize=True)
 
 
 # ---------------------------------------------------------------- truncation

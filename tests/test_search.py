@@ -16,7 +16,7 @@ from diana.processing import search_cli
 from diana.processing.search import (
     ChatSearchSession, GalleryIndex, IndexMismatchError, exact_topk, list_images, model_fingerprint,
 )
-from tests.helpers import tiny_config
+from tests.helpers import tiny_config, tiny_text_config
 
 DIALOGUE = [
     ("Please describe the person you saw.", "A woman in a long red coat with black boots."),
@@ -195,10 +195,43 @@ def _from_scratch(model, processor, rounds):
     return batch, encoding
 
 
-# "fused" = global + attribute: it checks both cached encodings; "global" the path without the refiner.
-@pytest.mark.parametrize("mode", ["global", "fused"])
-def test_cached_rounds_equal_a_full_re_encoding(model, tiny_processor, index, mode):
-    session = ChatSearchSession(model, tiny_processor, index, k=5, mode=mode)
+def _main_job_shaped_model(pooling):
+    """The main job's model shape (conv stem, one K/V head per query head), tiny; `pooling` as given."""
+    torch.manual_seed(0)
+    text = tiny_text_config(num_key_value_heads=4)
+    return DiaNAModel(tiny_config(text_config=text, vision_stem="conv", text_pooling=pooling)).eval()
+
+
+@pytest.fixture(scope="module")
+def pooled_models(tiny_processor, gallery):
+    """{pooling: (model, its gallery index with attribute embeddings)}."""
+    root, first, second = gallery
+    out = {}
+    for pooling in ("last", "mean"):
+        model = _main_job_shaped_model(pooling)
+        out[pooling] = model, GalleryIndex.build(
+            first + second, model, tiny_processor, with_attributes=True, batch_size=5, progress=False
+        )
+    return out
+
+
+def _common_prefix(a, b):
+    count = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        count += 1
+    return count
+
+
+@pytest.mark.parametrize("tokenization", ["rounds", "official"])
+@pytest.mark.parametrize("mode", ["global", "attribute", "fused"])
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_cached_rounds_equal_encoding_each_dialogue_alone(pooled_models, tiny_processor, pooling, mode, tokenization):
+    model, index = pooled_models[pooling]
+    processor = copy.copy(tiny_processor)
+    processor.tokenization = tokenization
+    session = ChatSearchSession(model, processor, index, k=5, mode=mode, check_index=False)
     tower_inputs = []
     hook = model.text_model.register_forward_pre_hook(
         lambda module, args, kwargs: tower_inputs.append(kwargs["input_ids"].shape[1]), with_kwargs=True
@@ -207,25 +240,51 @@ def test_cached_rounds_equal_a_full_re_encoding(model, tiny_processor, index, mo
         results = [session.start(DIALOGUE[0][1])] + [session.add_round(q, a) for q, a in DIALOGUE[1:]]
     finally:
         hook.remove()
-    batch, encoding = _from_scratch(model, tiny_processor, DIALOGUE)
-    ends = batch["round_end_positions"][0].tolist()
-    # Each round runs only its own tokens through the tower.
-    expected_new = [ends[0] + 1] + [b - a for a, b in zip(ends, ends[1:])]
+    prefix_ids = [processor(dialogues=[DIALOGUE[: n + 1]], return_tensors=None)["input_ids"][0] for n in range(len(DIALOGUE))]
+    # Each round runs only the tokens where its ids leave the previous round's through the tower.
+    expected_new = [len(prefix_ids[0])] + [len(b) - _common_prefix(a, b) for a, b in zip(prefix_ids, prefix_ids[1:])]
     assert tower_inputs == expected_new == [r.new_tokens for r in results]
+    prefix_property = all(b[: len(a)] == a for a, b in zip(prefix_ids, prefix_ids[1:]))
+    # Round-by-round ids are prefixes; the official ones are not (every answer ends in "."), so the
+    # cropped-cache path is exercised.
+    assert prefix_property == (tokenization == "rounds")
     for number, result in enumerate(results):
-        rounds_so_far = DIALOGUE[: number + 1]
-        _, prefix = _from_scratch(model, tiny_processor, rounds_so_far)
-        text = prefix.text_embeds[:, -1]  # (1, R, D) -> (1, D)
-        attributes = prefix.text_attribute_embeds[:, -1]  # (1, R, K, D) -> (1, K, D)
+        _, alone = _from_scratch(model, processor, DIALOGUE[: number + 1])
+        text, attributes = alone.text_embeds[:, -1], alone.text_attribute_embeds[:, -1]  # the k-round dialogue alone
         scores = model.similarity(text, index.image_embeds, attributes, index.image_attribute_embeds, mode=mode)
         ref_values, ref_indices = _reference_topk(scores, 5)
         assert result.indices == ref_indices[0].tolist(), f"round {number + 1}"
         torch.testing.assert_close(torch.tensor(result.scores), ref_values[0], atol=1e-5, rtol=0)
-        torch.testing.assert_close(encoding.text_embeds[0, number], text[0], atol=1e-5, rtol=0)
-    torch.testing.assert_close(session.text_embeds[0], encoding.text_embeds[0, -1], atol=1e-5, rtol=0)
-    torch.testing.assert_close(session.encode_from_scratch(), encoding.text_embeds[0], atol=1e-5, rtol=0)
+    with torch.no_grad():  # the last round's dialogue, encoded alone without round ends
+        alone = model.encode_dialogues(**processor(dialogues=[DIALOGUE], return_tensors="pt"))
+    torch.testing.assert_close(session.text_embeds, alone.text_embeds, atol=1e-5, rtol=0)
     if mode != "global":
-        torch.testing.assert_close(session.text_attribute_embeds[0], encoding.text_attribute_embeds[0, -1], atol=1e-5, rtol=0)
+        torch.testing.assert_close(session.text_attribute_embeds, alone.text_attribute_embeds, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("tokenization", ["rounds", "official"])
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_one_pass_reads_every_prefix_as_if_encoded_alone(pooled_models, tiny_processor, pooling, tokenization):
+    """encode_dialogues of the whole dialogue with the processor's round fields gives, for every k, the
+    encodings of the k-round dialogue encoded alone; for a batch of dialogues of different lengths."""
+    model, _ = pooled_models[pooling]
+    processor = copy.copy(tiny_processor)
+    processor.tokenization = tokenization
+    dialogues = [DIALOGUE, DIALOGUE[:2], [("Please describe the person you saw.", "A tall man!"), ("Shoes?", "White.")]]
+    batch = processor(dialogues=dialogues, return_round_ends=True, return_tensors="pt")
+    assert ("round_token_mask" in batch) == (tokenization == "official")
+    with torch.no_grad():
+        together = model.encode_dialogues(
+            batch["input_ids"], batch["attention_mask"], round_end_positions=batch["round_end_positions"],
+            round_token_mask=batch.get("round_token_mask"),
+        )
+        for row, dialogue in enumerate(dialogues):
+            for k in range(len(DIALOGUE)):
+                alone = model.encode_dialogues(**processor(dialogues=[dialogue[: k + 1]], return_tensors="pt"))
+                torch.testing.assert_close(together.text_embeds[row, k], alone.text_embeds[0], atol=1e-5, rtol=0)
+                torch.testing.assert_close(
+                    together.text_attribute_embeds[row, k], alone.text_attribute_embeds[0], atol=1e-5, rtol=0
+                )
 
 
 def test_session_truncates_like_the_processor(model, tiny_processor, index):

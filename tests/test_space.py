@@ -17,7 +17,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from diana.hub_cards.space.app import DemoBackend, build_demo, default_model_id, find_example_galleries  # noqa: E402
 from diana.modeling_diana import DiaNAModel  # noqa: E402
-from diana.processing.search import ChatSearchSession, GalleryIndex  # noqa: E402
+from diana.processing.search import GalleryIndex  # noqa: E402
 from tests.helpers import tiny_config  # noqa: E402
 
 CHROMIUM = shutil.which("chromium")
@@ -45,7 +45,8 @@ def space(tiny_processor, tmp_path_factory):
         pixels[20:70, 12:36] = rng.integers(0, 255, 3)  # a "person" block on a background
         Image.fromarray(pixels).save(street / f"p{i}.png")
     torch.manual_seed(0)
-    model = DiaNAModel(tiny_config()).eval()
+    # Shaped like the main job's model (mean pooling, conv stem): the page must score what it trained.
+    model = DiaNAModel(tiny_config(text_pooling="mean", vision_stem="conv")).eval()
     backend = DemoBackend(model, tiny_processor, find_example_galleries(folder), k=TOP_K)
     demo = build_demo(backend)
     _, url, _ = demo.launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True,
@@ -74,13 +75,16 @@ def browser():
 
 
 def _expected_captions(backend: DemoBackend, rounds: list[tuple[str, str]]) -> list[list[str]]:
-    """What the page must show: the same session run directly, formatted like the app."""
+    """What the page must show: each round's dialogue encoded whole by the model (`encode_dialogues`),
+    scored against the gallery, formatted like the app."""
     index = GalleryIndex.build(backend.galleries["street"], backend.model, backend.processor, progress=False)
-    session = ChatSearchSession(backend.model, backend.processor, index, k=TOP_K)
     shown = []
-    for question, answer in rounds:
-        result = session.add_round(question, answer)
-        shown.append([f"#{r} · {s:.3f}" for r, s in enumerate(result.scores, start=1)])
+    for number in range(1, len(rounds) + 1):
+        with torch.no_grad():
+            text = backend.model.encode_dialogues(**backend.processor(dialogues=[rounds[:number]]))
+        scores = backend.model.similarity(text.text_embeds, index.image_embeds)[0]  # the config's score mode
+        top = torch.sort(scores, descending=True, stable=True).values[:TOP_K]
+        shown.append([f"#{r} · {s:.3f}" for r, s in enumerate(top.tolist(), start=1)])
     return shown
 
 

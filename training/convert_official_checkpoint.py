@@ -3,6 +3,9 @@
 
     python -m diana.training.convert_official_checkpoint --input OFFICIAL_DIR --output DIR [--no-sdm]
 
+The output folder also holds a `DiaNAProcessor` with the official tokenisation (`tokenization="official"`:
+every round prefix tokenised as one string, the ids the official weights were trained on).
+
 The official layout is described in /work/shared/reference/official_checkpoint.md: a `config.json` with
 `model_type` "main" (`embed_dim`, `vision_config`, `llama_config`, `refiner_config`, `logit_scale`,
 `force_image_size`) next to `model.safetensors` or `pytorch_model.bin`.
@@ -20,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from diana.modeling_diana import DiaNAConfig, DiaNAModel
+from diana.processing import build_processor
 
 logger = logging.getLogger(__name__)
 
@@ -167,8 +171,12 @@ def convert(
     enable_sdm: bool | None = None,
     enable_refiner: bool | None = None,
     num_attribute_queries: int | None = None,
+    tokenizer_dir: str | Path | None = None,
 ) -> DiaNAModel:
     """Converts an official folder; writes a Hub-loadable folder when `output_dir` is given.
+
+    The written folder holds the model and its processor, set to the official tokenisation; `tokenizer_dir`
+    is the Llama-3.2 tokenizer folder it is built from (None = `default_tokenizer_dir()`).
 
     Returns:
         The converted model (fp32 unless the checkpoint was stored in another dtype).
@@ -203,7 +211,15 @@ def convert(
         logger.warning("checkpoint logit_scale exceeds log(%s); it stays clamped at use.", config.logit_scale_max)
     if output_dir is not None:
         model.save_pretrained(output_dir)
+        official_processor(config, tokenizer_dir).save_pretrained(output_dir)
     return model
+
+
+def official_processor(config: DiaNAConfig, tokenizer_dir: str | Path | None = None):
+    """The processor of a converted model: its image size, the fine-tuning preset, official tokenisation."""
+    size = config.vision_config.image_size
+    height, width = (size, size) if isinstance(size, int) else size
+    return build_processor(tokenizer_dir=tokenizer_dir, image_size=(height, width), tokenization="official")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -220,9 +236,15 @@ def main(argv: list[str] | None = None) -> None:
         "--num-attribute-queries", type=int, default=None,
         help="K of the converted model; a K different from the checkpoint's re-initialises the queries",
     )
+    parser.add_argument(
+        "--tokenizer-dir", default=None,
+        help="Llama-3.2 tokenizer folder for the saved processor (default: the one scripts/setup.sh makes)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    model = convert(args.input, args.output, args.enable_sdm, args.enable_refiner, args.num_attribute_queries)
+    model = convert(
+        args.input, args.output, args.enable_sdm, args.enable_refiner, args.num_attribute_queries, args.tokenizer_dir
+    )
     logger.info(
         "wrote %s (projection_dim %d, K %d, reduction %s, sdm %s, refiner %s)", args.output,
         model.config.projection_dim, model.config.num_attribute_queries, model.config.attribute_reduction,

@@ -8,7 +8,10 @@ cumulative Hits@10, for each score mode (global / attribute / fused).
 Cost model (DESIGN.md §6, ChatIR `eval.py`): the gallery is encoded once; every dialogue is
 tokenised once and encoded once: the dialogue tower is causal and pools one position, so the
 vector of "the first k rounds" is read at the end of round k of the full dialogue
-(`round_end_positions`). Dialogue batches are grouped by length so padding stays small.
+(`round_end_positions`). With the processor's official tokenisation a prefix's ids are not a
+prefix of the dialogue's, so each row packs the dialogue with the few last tokens where each
+prefix's ids differ, and `round_token_mask` tells the model which tokens make each prefix (still
+one tower pass). Dialogue batches are grouped by length so padding stays small.
 
 Several processes (an `accelerate.Accelerator`): the gallery and the queries are sharded by a
 prepared `DataLoader`, every batch's encodings are gathered with `gather_for_metrics` together with
@@ -61,12 +64,17 @@ class TokenizedDialogues:
             R = the largest round count of the split.
         round_truncated: (N, R) bool, round k was cut by the processor's max_length.
         num_rounds: (N,) rounds per dialogue.
+        round_token_masks: with the processor's official tokenisation, one (R, n) bool tensor per
+            dialogue: which of its n tokens make each round prefix (the row packs the dialogue with the
+            differing last tokens of its prefixes); None for round-by-round ids, whose prefixes end at
+            `round_end_positions`.
     """
 
     input_ids: list[torch.Tensor]
     round_end_positions: torch.Tensor
     round_truncated: torch.Tensor
     num_rounds: torch.Tensor
+    round_token_masks: list[torch.Tensor] | None = None
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -91,7 +99,7 @@ def tokenize_dialogues(
             once rows are re-batched) or returns round ends outside a dialogue.
     """
     ids: list[torch.Tensor] = []
-    round_ends, truncated, num_rounds = [], [], []
+    round_ends, truncated, num_rounds, token_masks = [], [], [], []
     chunks = range(0, len(dialogues), chunk_size)
     for start in tqdm(chunks, desc=desc, leave=False, disable=len(chunks) <= 1):
         try:
@@ -119,12 +127,15 @@ def tokenize_dialogues(
         round_ends.append(ends)
         truncated.append(batch["round_truncated"].bool())  # (B, r)
         num_rounds.append(batch["num_rounds"].long())  # (B,)
+        if "round_token_mask" in batch:  # (B, r, L) packed rows of the official tokenisation
+            token_masks.extend(m[:, :n].clone() for m, n in zip(batch["round_token_mask"].bool(), lengths.tolist()))
     max_rounds = max(e.shape[1] for e in round_ends)
     return TokenizedDialogues(
         input_ids=ids,
         round_end_positions=torch.cat([_pad_rounds(e, max_rounds) for e in round_ends]),
         round_truncated=torch.cat([_pad_rounds(t, max_rounds) for t in truncated]),
         num_rounds=torch.cat(num_rounds),
+        round_token_masks=[_pad_rounds(m.t(), max_rounds).t() for m in token_masks] if token_masks else None,
     )
 
 
@@ -314,18 +325,27 @@ def encode_queries(
             n = tokens.input_ids[r].numel()
             input_ids[i, :n] = tokens.input_ids[r]
             attention_mask[i, :n] = 1
-        return {
+        batch = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "round_end_positions": tokens.round_end_positions[index],  # (B, R) same R on every process
             "index": index,
         }
+        if tokens.round_token_masks is not None:
+            masks = torch.zeros((len(rows), tokens.round_end_positions.shape[1], longest), dtype=torch.bool)
+            for i, r in enumerate(rows):
+                masks[i, :, : tokens.round_token_masks[r].shape[1]] = tokens.round_token_masks[r]
+            batch["round_token_mask"] = masks  # (B, R, L)
+        return batch
 
     def encode(batch):
+        # Only official-tokenisation rows carry a round_token_mask (see TokenizedDialogues).
+        packed = {"round_token_mask": batch["round_token_mask"]} if "round_token_mask" in batch else {}
         enc = model.encode_dialogues(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
             round_end_positions=batch["round_end_positions"],
+            **packed,
         )
         out = {"embeds": enc.text_embeds}  # (B, R, D)
         if keep_attributes:

@@ -6,7 +6,8 @@
 - plain towers: eager attention in Llama, an eager Swinv2, the default (for-each) AdamW.
 
 The prefix of k rounds is cut from the full dialogue's ids: the processor's tokenisation is
-prefix-consistent (DESIGN.md, processor contract), so this equals re-tokenising the prefix.
+prefix-consistent (DESIGN.md, processor contract), so this equals re-tokenising the prefix. With the
+official tokenisation it is not, and `encode_official_prefixes` tokenises every prefix on its own.
 """
 
 from __future__ import annotations
@@ -79,6 +80,41 @@ def reencode_prefixes(
         embeds.append(out.text_embeds)
         attributes.append(out.text_attribute_embeds)
     return torch.stack(embeds, dim=1), torch.stack(attributes, dim=1)
+
+
+@torch.no_grad()
+def encode_official_prefixes(
+    model, processor, dialogues: list, batch_size: int, pad_to: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Per-round encodings of official-tokenisation dialogues the official way: every k-round prefix
+    tokenised on its own (its whole text, `max_rounds=k`) and run through the tower on its own.
+
+    Args:
+        model: a `DiaNAModel`.
+        processor: a `DiaNAProcessor` with `tokenization="official"`.
+        dialogues: dialogues of equal round counts.
+        batch_size: dialogues per tower pass.
+        pad_to: 400 for the official padding, None for each prefix batch's longest.
+
+    Returns:
+        text_embeds (N, R, D), text_attribute_embeds (N, R, K, D) and how many real tokens went through
+        the tower.
+    """
+    rounds = len(processor.normalize_dialogue(dialogues[0]))
+    embeds, attributes, tokens = [], [], 0
+    for start in range(0, len(dialogues), batch_size):
+        chunk = dialogues[start : start + batch_size]
+        per_round = []
+        for k in range(1, rounds + 1):
+            enc = processor(dialogues=chunk, max_rounds=k, return_tensors="pt")
+            ids, mask = enc["input_ids"], enc["attention_mask"]
+            if pad_to is not None:
+                ids, mask = pad_to_length(ids, mask, pad_to)
+            tokens += int(mask.sum())
+            per_round.append(model.encode_dialogues(ids, mask))
+        embeds.append(torch.stack([out.text_embeds for out in per_round], dim=1))
+        attributes.append(torch.stack([out.text_attribute_embeds for out in per_round], dim=1))
+    return torch.cat(embeds), torch.cat(attributes), tokens
 
 
 @torch.no_grad()
