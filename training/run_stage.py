@@ -136,6 +136,8 @@ def train(trainer, training_args) -> None:
             raise FileNotFoundError(f"--resume_from_checkpoint last: no checkpoint in {training_args.output_dir}")
     elif resume is not None:
         check_resumable(resume)
+    if resume is not None:
+        logger.info("resuming from %s", resume)
     train_result = trainer.train(resume_from_checkpoint=resume)
     trainer.log_metrics("train", train_result.metrics)
     trainer.save_metrics("train", train_result.metrics)
