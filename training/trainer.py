@@ -61,7 +61,8 @@ class DiaNATrainer(Trainer):
         # training step free of host synchronisation.
         self._term_sums: dict[str, torch.Tensor] = {}
         self._term_count = 0
-        # The random state at the start of the running epoch and what it needs to be read (see _run_epoch).
+        # Set by _run_epoch: the running epoch's start state (for the checkpoints written during it), the
+        # sampler's own generator (None: it draws from the global one) and the epoch's optimizer steps.
         self._epoch_start_state: dict[str, Any] | None = None
         self._sampler_generator: torch.Generator | None = None
         self._update_steps_per_epoch = 0
@@ -153,16 +154,19 @@ class DiaNATrainer(Trainer):
                                   **kwargs)
 
     def _restore_epoch_start(self, checkpoint: str, sampler_generator: torch.Generator | None, mid_epoch: bool) -> None:
+        """Sets the generators to the start state of the epoch `checkpoint` resumes into."""
         path = epoch_start_state_path(checkpoint, self.args.process_index, self.args.world_size)
         state = load_epoch_start_state(path)
         if state is not None:
             restore_random_state(state, sampler_generator, where=path)
             return
         if mid_epoch or sampler_generator is not None:
-            logger.warning_once(f"{path} is missing (a checkpoint written before it was kept): the rest of the "
-                                  "resumed epoch may be drawn in another order than the uninterrupted run's")
-        # At an epoch boundary the checkpoint's own state is the next epoch's start (the Trainer loads it too).
-        self._load_rng_state(checkpoint)
+            logger.warning_once(f"{path} is missing (a checkpoint written without it): the resumed epoch may be "
+                                "drawn in another order than the uninterrupted run's")
+        if not mid_epoch:
+            # At an epoch boundary the checkpoint's own global state is the next epoch's start. The Trainer
+            # loads it too, but only after this epoch's start state has been recorded.
+            self._load_rng_state(checkpoint)
 
     def _save_rng_state(self, output_dir: str) -> None:
         super()._save_rng_state(output_dir)
