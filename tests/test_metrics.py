@@ -125,6 +125,27 @@ def test_bf16_similarity_is_ranked_like_its_float_value():
     assert retrieval_metrics(sim.bfloat16(), qids, gids) == retrieval_metrics(sim, qids, gids)
 
 
+def test_float64_scores_closer_than_float32_resolution_are_ranked_not_tied():
+    # 1 + 1e-12 and 1 + 2e-12 both round to 1.0 in float32: a cast ranks them as a tie (gallery order,
+    # the negative first); in their own precision the positive, gallery item 2, ranks first.
+    sim = torch.tensor([[1.0, 1.0 + 1e-12, 1.0 + 2e-12]], dtype=torch.float64)
+    assert sim.float().unique().numel() == 1  # the premise: float32 cannot tell them apart
+    qids, gids = torch.tensor([7]), torch.tensor([3, 5, 7])
+    got = retrieval_metrics(sim, qids, gids, ks=(1, 2))
+    assert got["R@1"] == 100.0 and got["mFR"] == 0.0 and got["mAP"] == 100.0
+    assert first_hit_ranks(sim, qids, gids).tolist() == [0]
+    # The evaluate module keeps the precision of the Python floats it is given too.
+    metric = evaluate.load(str(METRIC_DIR))
+    assert metric.compute(predictions=sim.tolist(), references=qids.tolist(), gallery_ids=gids.tolist(),
+                          ks=[1])["R@1"] == 100.0
+
+
+def test_integer_scores_are_ranked_exactly():
+    # 2**24 + 1 is not a float32: a float32 cast would tie it with 2**24.
+    sim = torch.tensor([[2**24, 2**24 + 1]], dtype=torch.int64)
+    assert retrieval_metrics(sim, torch.tensor([1]), torch.tensor([0, 1]), ks=(1,))["R@1"] == 100.0
+
+
 def test_query_without_positive_is_an_error_naming_it():
     sim = torch.rand(3, 4)
     with pytest.raises(ValueError, match=r"query 2 \(person id 9\) has no positive"):

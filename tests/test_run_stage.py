@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,10 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_pt_utils import LengthGroupedSampler
+from transformers.trainer_utils import get_last_checkpoint
 
 from diana.processing.synthpedes import generate
 from diana.training.run_stage import main as run_stage
+from diana.training.trainer import DiaNATrainer
 from tests.helpers import launch_two_cpu_processes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -209,29 +214,121 @@ class _KillAt(TrainerCallback):
             raise KeyboardInterrupt(f"killed after step {self.step}")
 
 
-def test_resume_from_a_killed_run_ends_with_the_same_weights(synth, stage1_dir, tmp_path):
+def _fail_in_the_save_of(step: int):
+    """Stands in for a run killed while writing checkpoint `step`: that save stops once the model,
+    optimizer and scheduler are written, before the random states and trainer_state.json."""
+    original = DiaNATrainer._save_scaler
+
+    def save_scaler(self, output_dir):
+        original(self, output_dir)
+        if self.state.global_step == step:
+            raise KeyboardInterrupt(f"killed while saving step {step}")
+
+    return save_scaler
+
+
+def training_log(out: Path) -> dict[int, dict]:
+    """Step -> the training log line of that step (loss terms, grad norm, learning rate)."""
+    return {entry["step"]: entry for entry in log_history(out) if "loss" in entry}
+
+
+def assert_same_weights(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == want.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=0, msg=key)
+
+
+def test_resume_mid_epoch_two_with_length_grouped_batches_and_r3_replays_the_uninterrupted_run(
+    synth, stage1_dir, tmp_path, monkeypatch, caplog
+):
+    """Stage 2's preset (length-grouped batches, R3, image cache): 24 training rows in batches of 8, so
+    epoch 2 is steps 4-6. The killed run dies while writing checkpoint-6: the last complete checkpoint
+    is checkpoint-4, in the middle of epoch 2, whose order the sampler drew from the random state of
+    the epoch's start. The uninterrupted run saves nothing: checkpoints must not change a run either."""
+
     def args(out: Path, *extra: str) -> list[str]:
-        return stage2_args(synth, out, "--model_name_or_path", str(stage1_dir), "--max_steps", "4",
-                           "--save_strategy", "steps", "--save_steps", "2", "--eval_strategy", "no",
-                           "--load_best_model_at_end", "false", "--eval_split", "validation", *extra)
+        return stage2_args(synth, out, "--model_name_or_path", str(stage1_dir), "--max_steps", "6",
+                           "--eval_strategy", "no", "--load_best_model_at_end", "false", *extra)
 
-    run_stage(args(tmp_path / "straight"))
-    with pytest.raises(KeyboardInterrupt):
-        run_stage(args(tmp_path / "killed"), callbacks=[_KillAt(3)])
-    assert (tmp_path / "killed" / "checkpoint-2").is_dir() and not (tmp_path / "killed" / "checkpoint-4").exists()
-    run_stage(args(tmp_path / "killed", "--resume_from_checkpoint", "last"))
+    def saving(out: Path, *extra: str) -> list[str]:
+        return args(out, "--save_strategy", "steps", "--save_steps", "2", *extra)
 
-    straight = load_file(tmp_path / "straight" / "model.safetensors")
-    resumed = load_file(tmp_path / "killed" / "model.safetensors")
-    assert straight.keys() == resumed.keys()
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    run_stage(args(straight, "--save_strategy", "no"))
+    with monkeypatch.context() as patch:
+        patch.setattr(DiaNATrainer, "_save_scaler", _fail_in_the_save_of(6))
+        with pytest.raises(KeyboardInterrupt):
+            run_stage(saving(killed))
+    # The interrupted save's parts stay under the staging name, which resuming never takes.
+    assert not (killed / "checkpoint-6").exists()
+    assert (killed / "tmp-checkpoint-6" / "model.safetensors").is_file()
+    assert not (killed / "tmp-checkpoint-6" / "trainer_state.json").exists()
+    assert get_last_checkpoint(str(killed)) == str(killed / "checkpoint-4")
+    with caplog.at_level(logging.INFO, logger="diana.run_stage"):
+        run_stage(saving(killed, "--resume_from_checkpoint", "last"))
+    assert f"resuming from {killed / 'checkpoint-4'}" in caplog.text  # not from scratch (same weights too)
+
+    want = load_file(straight / "model.safetensors")
     initial = load_file(stage1_dir / "model.safetensors")
-    moved = [k for k in straight if k in initial and straight[k].shape == initial[k].shape
-             and not torch.equal(straight[k], initial[k])]
-    assert moved, "training did not change the weights"
-    for key in straight:
-        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=1e-6, msg=key)
-    # No checkpoint the run wrote is lost by resuming.
-    assert (tmp_path / "killed" / "checkpoint-2").is_dir() and (tmp_path / "killed" / "checkpoint-4").is_dir()
+    assert any(k in initial and want[k].shape == initial[k].shape and not torch.equal(want[k], initial[k])
+               for k in want), "training did not change the weights"
+    assert_same_weights(load_file(killed / "model.safetensors"), want)
+    assert training_log(killed) == training_log(straight)
+    assert sorted(training_log(straight)) == [1, 2, 3, 4, 5, 6]
+    # The next save cleared the leftover; the checkpoint the resumed run wrote is complete.
+    assert not (killed / "tmp-checkpoint-6").exists()
+    assert {"trainer_state.json", "rng_state.pth", "epoch_start_rng_state.pth", "optimizer.pt",
+            "model.safetensors"} <= {p.name for p in (killed / "checkpoint-6").iterdir()}
+
+
+class _RecordingLengthGroupedSampler(LengthGroupedSampler):
+    """The stock length-grouped sampler, noting the order it draws for every epoch in `orders`."""
+
+    orders: list[list[int]]
+
+    def __iter__(self):
+        order = list(super().__iter__())
+        self.orders.append(order)
+        return iter(order)
+
+
+def _recording_sampler_orders(trainer_class: type, orders: list[list[int]]) -> type:
+    class Recording(trainer_class):
+        def _get_train_sampler(self, train_dataset=None):
+            sampler = super()._get_train_sampler(train_dataset)
+            assert type(sampler) is LengthGroupedSampler
+            recording = _RecordingLengthGroupedSampler(sampler.batch_size, lengths=sampler.lengths,
+                                                       generator=sampler.generator)
+            recording.orders = orders
+            return recording
+
+    return Recording
+
+
+class _StockEpochsAndCheckpoints(DiaNATrainer):
+    """`DiaNATrainer` with the stock Trainer's epoch loop and checkpoint writing: none of the resume
+    machinery (and no epoch for the collator, whose draws never touch the global generator)."""
+
+    _run_epoch = Trainer._run_epoch
+    _save_checkpoint = Trainer._save_checkpoint
+    _save_rng_state = Trainer._save_rng_state
+
+
+def test_a_fresh_run_draws_the_batch_order_of_the_stock_trainer(synth, model_config_file, tmp_path, monkeypatch):
+    """Keeping the epoch-start random state must not change what a fresh run draws: epoch 2's order
+    comes from the global generator after epoch 1 (and its checkpoints), as with the stock loop.
+    Stage 1 with length-grouped batches (as stage1_mals): 32 rows in batches of 8, no evaluation."""
+    import diana.training.run_stage as run_stage_module
+
+    orders: dict[str, list[list[int]]] = {}
+    for name, trainer_class in (("stock", _StockEpochsAndCheckpoints), ("diana", DiaNATrainer)):
+        orders[name] = []
+        monkeypatch.setattr(run_stage_module, "DiaNATrainer", _recording_sampler_orders(trainer_class, orders[name]))
+        run_stage(stage1_args(synth, tmp_path / name, model_config_file, "--max_steps", "5", "--train_sampling_strategy",
+                              "group_by_length", "--save_strategy", "steps", "--save_steps", "2"))
+    assert len(orders["stock"]) == 2 and orders["stock"][0] != orders["stock"][1]
+    assert sorted(orders["stock"][1]) == list(range(32))
+    assert orders["diana"] == orders["stock"]
 
 
 def test_image_cache_trains_the_same_weights_and_refuses_what_does_not_fit(synth, stage1_dir, tmp_path, caplog):
@@ -289,10 +386,9 @@ def test_stage0_resumed_after_a_kill_ends_with_the_same_image_tower(synth, model
     with pytest.raises(KeyboardInterrupt):
         run_stage(args(tmp_path / "killed"), callbacks=[_KillAt(3)])
     run_stage(args(tmp_path / "killed", "--resume_from_checkpoint", "last"))
-    straight = load_file(tmp_path / "straight" / "model.safetensors")
-    resumed = load_file(tmp_path / "killed" / "model.safetensors")
-    for key in straight:
-        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=1e-6, msg=key)
+    assert_same_weights(load_file(tmp_path / "killed" / "model.safetensors"),
+                        load_file(tmp_path / "straight" / "model.safetensors"))
+    assert training_log(tmp_path / "killed") == training_log(tmp_path / "straight")
     assert (tmp_path / "killed" / "checkpoint-2").is_dir() and (tmp_path / "killed" / "checkpoint-4").is_dir()
 
 
@@ -363,3 +459,44 @@ def test_two_processes_gather_negatives_and_evaluate_like_one(synth, stage1_dir,
     assert two["flat"].keys() == single["flat"].keys()
     for key, value in single["flat"].items():
         assert two["flat"][key] == pytest.approx(value, abs=1e-3), key
+
+
+@pytest.mark.slow
+def test_two_processes_killed_at_a_random_step_resume_to_the_uninterrupted_run(synth, stage1_dir, tmp_path):
+    """Fault injection: process 1 of a two-process stage-2 run (length-grouped batches, R3) SIGKILLs itself
+    at a random step of epoch 2 (24 rows in 2 x 4 per step: 3 steps per epoch), after checkpoint-4, in the
+    middle of epoch 2. Resumed with `last`, past a half-written folder of a later
+    step, the run ends with the uninterrupted run's weights and log lines, bit for bit."""
+    kill_step = random.SystemRandom().choice([5, 6])
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+
+    def args(out: Path, *extra: str) -> list[str]:
+        return stage2_args(synth, out, "--model_name_or_path", str(stage1_dir), "--max_steps", "6",
+                           "--per_device_train_batch_size", "4", "--save_strategy", "steps", "--save_steps", "2",
+                           "--eval_strategy", "no", "--load_best_model_at_end", "false",
+                           *extra)
+
+    env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "DIANA_KILL_STEP": str(kill_step), "DIANA_KILL_PROCESS": "1"}
+    # One launch runs the uninterrupted run, then the killed one (tests/_sigkill_run_stage.py).
+    proc = launch_two_cpu_processes([str(REPO / "tests" / "_sigkill_run_stage.py"), *args(straight, "--save_strategy", "no"),
+                                     "--and-then", *args(killed)], env=env, timeout=600, cwd=tmp_path)
+    assert proc.returncode != 0 and (straight / "model.safetensors").is_file(), proc.stderr[-4000:]
+    assert "SIGKILL" in proc.stderr, proc.stderr[-4000:]
+    last = killed / "checkpoint-4"
+    assert get_last_checkpoint(str(killed)) == str(last), f"killed at step {kill_step}"
+    for checkpoint in killed.glob("checkpoint-*"):  # whatever the kill interrupted, no checkpoint lacks a part
+        assert {"trainer_state.json", "model.safetensors", "optimizer.pt", "rng_state_0.pth", "rng_state_1.pth",
+                "epoch_start_rng_state_0.pth", "epoch_start_rng_state_1.pth"} <= {p.name for p in checkpoint.iterdir()}
+    # What a kill during the next save leaves: the parts of a later step under the staging name.
+    shutil.copytree(last, killed / "tmp-checkpoint-6")
+    (killed / "tmp-checkpoint-6" / "trainer_state.json").unlink()
+
+    proc = launch_two_cpu_processes([str(REPO / "training" / "run_stage.py"),
+                                     *args(killed, "--resume_from_checkpoint", "last")],
+                                    env=env, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert f"resuming from {last}" in proc.stderr  # not from scratch, which would end with the same weights
+    assert_same_weights(load_file(killed / "model.safetensors"), load_file(straight / "model.safetensors"))
+    assert training_log(killed) == training_log(straight), f"killed at step {kill_step}"
+    assert not (killed / "tmp-checkpoint-6").exists()

@@ -55,6 +55,15 @@ def _check_inputs(
     return similarity, query_ids, gallery_ids
 
 
+def _rankable(scores: torch.Tensor) -> torch.Tensor:
+    """`scores` in a dtype whose sort ranks them exactly as given: float32 and float64 stay as they are
+    (casting float64 down would turn scores closer than float32's resolution into ties), half-precision
+    floats go to float32 and integers or bools to float64, both exact."""
+    if scores.dtype in (torch.float32, torch.float64):
+        return scores
+    return scores.float() if scores.is_floating_point() else scores.double()
+
+
 def _ranked_matches(
     similarity: torch.Tensor,
     query_ids: torch.Tensor,
@@ -66,7 +75,7 @@ def _ranked_matches(
     num_queries, num_gallery = similarity.shape
     chunk = max(1, max_elements // num_gallery)
     for start in range(0, num_queries, chunk):
-        sims = similarity[start : start + chunk].float()  # (C, G); bf16 sorts the same but fp32 is cheap here
+        sims = _rankable(similarity[start : start + chunk])  # (C, G)
         # Stable sort of -s: ties keep gallery order, i.e. the lower gallery index ranks first.
         order = torch.sort(-sims, dim=1, stable=True).indices  # (C, G) gallery indices by rank
         matches = gallery_ids[order] == query_ids[start : start + chunk, None]  # (C, G)

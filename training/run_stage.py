@@ -24,6 +24,7 @@ from diana.processing import build_processor
 from diana.processing.augmentation import image_processor_geometry
 from diana.processing.collator import DiaNACollator, add_length_column, with_undecoded_images
 from diana.training.arguments import DataArguments, ModelArguments, parse_args
+from diana.training.checkpointing import check_resumable
 from diana.training.trainer import DiaNATrainer
 
 logger = logging.getLogger("diana.run_stage")
@@ -132,12 +133,17 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
 
 
 def train(trainer, training_args) -> None:
-    """trainer.train(), from the last checkpoint of output_dir under `--resume_from_checkpoint last`."""
+    """trainer.train(), from the last complete checkpoint of output_dir under `--resume_from_checkpoint last`
+    (an interrupted save's `tmp-checkpoint-<step>` folder is never one: training/checkpointing.py)."""
     resume = training_args.resume_from_checkpoint
     if resume == "last":
         resume = get_last_checkpoint(training_args.output_dir)
         if resume is None:
             raise FileNotFoundError(f"--resume_from_checkpoint last: no checkpoint in {training_args.output_dir}")
+    elif resume is not None:
+        check_resumable(resume)
+    if resume is not None:
+        logger.info("resuming from %s", resume)
     train_result = trainer.train(resume_from_checkpoint=resume)
     trainer.log_metrics("train", train_result.metrics)
     trainer.save_metrics("train", train_result.metrics)

@@ -1,5 +1,5 @@
-"""`DiaNATrainer`: the stock `Trainer` plus DiaNA's loss terms in the logs and the retrieval
-protocol (DESIGN.md §3) as `evaluate()`."""
+"""`DiaNATrainer`: the stock `Trainer` plus DiaNA's loss terms in the logs, the retrieval
+protocol (DESIGN.md §3) as `evaluate()`, exact resumption and checkpoints that are never half written."""
 
 from __future__ import annotations
 
@@ -7,9 +7,25 @@ import os
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, rotate_checkpoints
+from transformers.utils import logging
 
+from .checkpointing import (
+    capture_random_state,
+    epoch_start_state_path,
+    load_epoch_start_state,
+    publish_checkpoint,
+    remove_staging_leftovers,
+    restore_random_state,
+    save_epoch_start_state,
+    staging_checkpoint_dir,
+)
 from .evaluation import evaluate_retrieval
+
+logger = logging.get_logger(__name__)
 
 
 class DiaNATrainer(Trainer):
@@ -21,6 +37,10 @@ class DiaNATrainer(Trainer):
       (gallery encoded once, all rounds from one encoder pass) and reports R@K / mAP / mINP / mFR
       per score mode; `metric_for_best_model` (default `eval_global/full/R@1`) picks the best
       checkpoint on validation.
+    - Resuming from any checkpoint replays the uninterrupted run: each checkpoint keeps the random state
+      of the start of the epoch it resumes into, restored before that epoch draws its data order
+      (`_run_epoch`); the collator's augmentation is keyed to the epoch index (`DiaNACollator.set_epoch`).
+    - Checkpoints are written under `tmp-checkpoint-<step>` and renamed when complete (`_save_checkpoint`).
 
     Args:
         eval_score_modes: score modes to evaluate (`global`, `attribute`, `fused`).
@@ -44,8 +64,11 @@ class DiaNATrainer(Trainer):
         # training step free of host synchronisation.
         self._term_sums: dict[str, torch.Tensor] = {}
         self._term_count = 0
-        if hasattr(self.data_collator, "set_epoch"):
-            self.add_callback(CollatorEpochCallback(self.data_collator))
+        # Set by _run_epoch: the running epoch's start state (for the checkpoints written during it), the
+        # sampler's own generator (None: it draws from the global one) and the epoch's optimizer steps.
+        self._epoch_start_state: dict[str, Any] | None = None
+        self._sampler_generator: torch.Generator | None = None
+        self._update_steps_per_epoch = 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(
@@ -110,16 +133,110 @@ class DiaNATrainer(Trainer):
         self.last_eval_results = results
         return metrics
 
+    # ---- exact resumption ------------------------------------------------------------------------
 
-class CollatorEpochCallback(TrainerCallback):
-    """Tells the collator which epoch starts, so each batch's augmentation is a function of
-    (seed, epoch, rows) and a resumed run replays exactly the draws of an uninterrupted one."""
+    def _run_epoch(self, *, epoch: int, train_dataloader, num_update_steps_per_epoch: int,
+                   resume_from_checkpoint: str | None, epochs_trained: int, **kwargs):
+        """Runs before the epoch's data loader is iterated, i.e. before the sampler draws the epoch's order.
 
-    def __init__(self, collator):
-        self.collator = collator
+        On the epoch a resumed run continues, it first restores the random state that epoch started with
+        in the uninterrupted run (saved with the checkpoint). It then records this epoch's start state for
+        the checkpoints written during the epoch, and keys the collator's augmentation to the epoch index.
+        """
+        sampler_generator = getattr(train_dataloader, "synchronized_generator", None)
+        if resume_from_checkpoint is not None and epoch == epochs_trained and not self.args.ignore_data_skip:
+            self._restore_epoch_start(resume_from_checkpoint, sampler_generator,
+                                      mid_epoch=self.state.global_step % num_update_steps_per_epoch != 0)
+        self._epoch_start_state = capture_random_state(sampler_generator)
+        self._sampler_generator = sampler_generator
+        self._update_steps_per_epoch = num_update_steps_per_epoch
+        if hasattr(self.data_collator, "set_epoch"):
+            self.data_collator.set_epoch(epoch)
+        return super()._run_epoch(epoch=epoch, train_dataloader=train_dataloader,
+                                  num_update_steps_per_epoch=num_update_steps_per_epoch,
+                                  resume_from_checkpoint=resume_from_checkpoint, epochs_trained=epochs_trained,
+                                  **kwargs)
 
-    def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
-        # Batches consumed so far // batches per epoch: exact on resume, unlike the float state.epoch.
-        batches = state.global_step * args.gradient_accumulation_steps
-        per_epoch = len(train_dataloader) if train_dataloader is not None else 0
-        self.collator.set_epoch(batches // per_epoch if per_epoch else int(state.epoch or 0))
+    def _restore_epoch_start(self, checkpoint: str, sampler_generator: torch.Generator | None, mid_epoch: bool) -> None:
+        """Sets the generators to the start state of the epoch `checkpoint` resumes into."""
+        path = epoch_start_state_path(checkpoint, self.args.process_index, self.args.world_size)
+        state = load_epoch_start_state(path)
+        if state is not None:
+            restore_random_state(state, sampler_generator, where=path)
+            return
+        if mid_epoch or sampler_generator is not None:
+            logger.warning_once(f"{path} is missing (a checkpoint written without it): the resumed epoch may be "
+                                "drawn in another order than the uninterrupted run's")
+        if not mid_epoch:
+            # At an epoch boundary the checkpoint's own global state is the next epoch's start. The Trainer
+            # loads it too, but only after this epoch's start state has been recorded.
+            self._load_rng_state(checkpoint)
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        super()._save_rng_state(output_dir)
+        save_epoch_start_state(self._resume_epoch_start_state(),
+                               epoch_start_state_path(output_dir, self.args.process_index, self.args.world_size))
+
+    def _resume_epoch_start_state(self) -> dict[str, Any]:
+        """The start state of the epoch a run resumed from the current step continues: the running epoch's
+        in its middle; at its end the next epoch's, which is the state now."""
+        mid_epoch = self._update_steps_per_epoch and self.state.global_step % self._update_steps_per_epoch
+        if mid_epoch and self._epoch_start_state is not None:
+            return self._epoch_start_state
+        return capture_random_state(self._sampler_generator)
+
+    # ---- checkpoints that are never half written ----------------------------------------------------
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The stock checkpoint's contents, written under `tmp-checkpoint-<step>` and renamed to
+        `checkpoint-<step>` by the saving process once every process has written its part."""
+        run_dir = self._get_output_dir(trial=trial)
+        final_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        staging_dir = staging_checkpoint_dir(final_dir)
+        if self.args.should_save:
+            remove_staging_leftovers(run_dir)
+        self.accelerator.wait_for_everyone()
+
+        if self.hp_search_backend is None and trial is None:
+            self.store_flos()
+        self.save_model(staging_dir, _internal_call=True)
+        self._record_best_checkpoint(run_dir)
+        if not self.args.save_only_model:
+            self._save_optimizer_and_scheduler(staging_dir)
+            self._save_scaler(staging_dir)
+            self._save_rng_state(staging_dir)
+        if self.args.should_save:
+            self._export_callback_states()
+            self.state.save_to_json(os.path.join(staging_dir, TRAINER_STATE_NAME))
+
+        self.accelerator.wait_for_everyone()  # every process's files are in
+        if self.args.should_save:
+            publish_checkpoint(staging_dir, final_dir)
+        self.accelerator.wait_for_everyone()  # nobody reads the final folder before it exists
+
+        if self.args.push_to_hub:
+            self._push_from_checkpoint(final_dir)
+        if self.args.should_save:
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
+    def _record_best_checkpoint(self, run_dir: str) -> None:
+        """Points `best_model_checkpoint` at the best step's final folder (this save's, once renamed)."""
+        best_step = self.state.best_global_step
+        if not best_step or self.args.save_strategy not in (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST):
+            return
+        best_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{best_step}")
+        if best_step == self.state.global_step or os.path.isdir(best_dir):
+            self.state.best_model_checkpoint = best_dir
+
+    def _export_callback_states(self) -> None:
+        """Copies the state of every `ExportableState` callback (early stopping, the control) into
+        `self.state`, which the checkpoint's trainer_state.json then carries."""
+        for callback in [*self.callback_handler.callbacks, self.control]:
+            if not isinstance(callback, ExportableState):
+                continue
+            name = type(callback).__name__
+            if isinstance(self.state.stateful_callbacks.get(name), list):
+                self.state.stateful_callbacks[name].append(callback.state())
+            else:
+                self.state.stateful_callbacks[name] = callback.state()

@@ -66,7 +66,7 @@ class RetrievalMetric(evaluate.Metric):
             inputs_description=_KWARGS_DESCRIPTION,
             features=datasets.Features(
                 {
-                    "predictions": datasets.Sequence(datasets.Value("float32")),
+                    "predictions": datasets.Sequence(datasets.Value("float64")),
                     "references": datasets.Value("int64"),
                 }
             ),
@@ -79,7 +79,7 @@ class RetrievalMetric(evaluate.Metric):
         lengths = {len(row) for row in predictions}
         if len(lengths) != 1:
             raise ValueError(f"every prediction row must score the whole gallery; got row lengths {sorted(lengths)}")
-        similarity = torch.tensor(predictions, dtype=torch.float32)  # (Q, G)
+        similarity = torch.tensor(predictions, dtype=torch.float64)  # (Q, G), ranked in the scores' own precision
         return retrieval_metrics(
             similarity, torch.tensor(references), torch.tensor(list(gallery_ids)), ks=tuple(ks)
         )
