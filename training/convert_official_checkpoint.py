@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from diana.modeling_diana import DiaNAConfig, DiaNAModel
+from diana.processing.cli_errors import ArgumentParser, require_path, require_range, run_cli
 
 logger = logging.getLogger(__name__)
 
@@ -207,7 +208,8 @@ def convert(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m diana.training.convert_official_checkpoint",
+                            description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", required=True, help="official DiaNA folder (config.json + weights)")
     parser.add_argument("--output", required=True, help="folder to write the Hub-loadable DiaNAModel to")
     sdm = parser.add_mutually_exclusive_group()
@@ -221,6 +223,10 @@ def main(argv: list[str] | None = None) -> None:
         help="K of the converted model; a K different from the checkpoint's re-initialises the queries",
     )
     args = parser.parse_args(argv)
+    require_path("--input", args.input, "folder")
+    require_range("--num-attribute-queries", args.num_attribute_queries, 1)
+    if Path(args.output).is_file():
+        raise FileExistsError(f"--output {args.output} is a file, not a folder")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     model = convert(args.input, args.output, args.enable_sdm, args.enable_refiner, args.num_attribute_queries)
     logger.info(
@@ -231,4 +237,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -18,13 +18,23 @@ import argparse
 import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
+
+from diana.processing.cli_errors import ArgumentParser, UserInputError, require_range, run_cli
+from diana.training.arguments import load_yaml_preset
 
 logger = logging.getLogger("diana.main_job")
 
 
-def parse() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The arguments, every one checked (the presets included) before any data is generated.
+
+    Raises:
+        UserInputError (ValueError): naming the flag, the value and the valid ones.
+    """
+    parser = ArgumentParser(prog="python -m diana.training.main_job", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="outputs/main_job")
     parser.add_argument("--persons", type=int, default=3000,
                         help="SynthPedes persons (train + test); more persons for the same stage-2 steps generalise "
@@ -41,14 +51,20 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--stage2_config", default="stage2_synthpedes_small")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                         help="flags passed to both stages, e.g. --extra --num_train_epochs 1")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not 1 <= args.test_persons <= args.persons - 2:
-        parser.error(f"--test_persons {args.test_persons} must leave at least 2 of --persons {args.persons} for training")
+        raise UserInputError(f"--test_persons {args.test_persons}: must be in [1, {args.persons - 2}] (at least 2 of "
+                             f"--persons {args.persons} stay for training)")
+    for flag in ("images_per_person", "rounds", "mals_images"):
+        require_range(f"--{flag}", getattr(args, flag), 1)
+    for flag in ("stage0_config", "stage1_config", "stage2_config"):
+        if not (flag == "stage0_config" and getattr(args, flag) == "none"):
+            load_yaml_preset(getattr(args, flag), f"--{flag}")
     return args
 
 
-def main() -> None:
-    args = parse()
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     out = Path(args.output_dir)
     start = time.time()
@@ -129,4 +145,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
