@@ -85,9 +85,18 @@ def run_cli(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None,
     except USER_ERRORS + tuple(also) as error:
         if debug_requested():
             raise
+        _close_progress_bars()
         print(f"error: {one_line(error)}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
     sys.exit(result if isinstance(result, int) and not isinstance(result, bool) else 0)
+
+
+def _close_progress_bars() -> None:
+    """Closes the progress bars the error interrupted, so that the error starts a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 # ---------------------------------------------------------------------------------------------- checks
