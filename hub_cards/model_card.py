@@ -225,9 +225,23 @@ def _paper_sized(config: Any) -> bool:
         getattr(config, "vision_stem", "patch") == "patch")
 
 
-def _initialisation(
-    run_args: Mapping[str, Any] | None, config: Any = None, depth: int = 0
-) -> tuple[str, list[str] | None]:
+# Stages followed back through `model_name_or_path` folders that hold a run_args.json.
+MAX_RECORDED_STAGES = 5
+
+
+def recorded_stages(run_args: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The run and the earlier stages it started from, latest first, as far as their folders hold a
+    run_args.json (at most MAX_RECORDED_STAGES)."""
+    stages = [run_args]
+    while len(stages) < MAX_RECORDED_STAGES:
+        source = stages[-1].get("model", {}).get("model_name_or_path")
+        if not source or not (Path(source) / "run_args.json").is_file():
+            break
+        stages.append(load_run_args(Path(source) / "run_args.json"))
+    return stages
+
+
+def _initialisation(run_args: Mapping[str, Any] | None, config: Any = None) -> tuple[str, list[str] | None]:
     """(sentence, base models) following ``model_name_or_path`` back through earlier stages.
 
     Where the run does not record its origin, the paper's towers are named as base models only
@@ -238,25 +252,40 @@ def _initialisation(
         if unknown_bases:
             return "the paper's towers (Swinv2-B 22k, Llama-3.2-1B)", unknown_bases
         return "not recorded (no run arguments given)", None
-    model = run_args.get("model", {})
-    if model.get("vision_model_path") or model.get("text_model_path"):
+    stages = recorded_stages(run_args)
+    sentence, bases = _origin_of(stages[-1], unknown_bases)
+    for later, earlier in zip(reversed(stages[:-1]), reversed(stages[1:])):
+        # A stage 0 (--objective image_attributes) trained the image tower alone: say so.
+        what = (": image-tower pretraining on its MALS captions' n-grams and labels"
+                if earlier.get("data", {}).get("objective") == "image_attributes" else "")
+        source = Path(later["model"]["model_name_or_path"]).name
+        sentence = f"an earlier stage ({source}{what}), itself initialised from {sentence}"
+    return sentence, bases
+
+
+def _origin_of(earliest: Mapping[str, Any], unknown_bases: list[str] | None) -> tuple[str, list[str] | None]:
+    """(sentence, base models) of how the earliest recorded stage started."""
+    model = earliest.get("model", {})
+    kind = _origin_kind(model)
+    if kind == "unrecorded":
+        return f"the DiaNA weights in {model['model_name_or_path']} (their own origin is not recorded)", unknown_bases
+    if kind == "towers":
         names = [str(model.get("vision_model_path")), str(model.get("text_model_path"))]
         bases = [n for n in names if n and n != "None" and not Path(n).is_absolute()] or list(PAPER_BASE_MODELS)
         return f"pretrained towers {names[0]} and {names[1]}", bases
-    source = model.get("model_name_or_path")
-    if source:
-        previous = Path(source) / "run_args.json"
-        if depth < 4 and previous.is_file():
-            earlier = load_run_args(previous)
-            sentence, bases = _initialisation(earlier, config, depth + 1)
-            # A stage 0 (--objective image_attributes) trained the image tower alone: say so.
-            what = (": image-tower pretraining on its MALS captions' n-grams and labels"
-                    if earlier.get("data", {}).get("objective") == "image_attributes" else "")
-            return f"an earlier stage ({Path(source).name}{what}), itself initialised from {sentence}", bases
-        return f"the DiaNA weights in {source} (their own origin is not recorded)", unknown_bases
-    if model.get("model_config") is not None:
+    if kind == "random":
         return "random initialisation from a config (no pretrained tower weights)", None
     return "the paper's towers (Swinv2-B 22k, Llama-3.2-1B)", list(PAPER_BASE_MODELS)
+
+
+def _origin_kind(model: Mapping[str, Any]) -> str:
+    """How a run's model section starts: "unrecorded" (a DiaNA folder), "towers" (pretrained
+    towers), "random" (a config) or "paper" (nothing given: the paper's towers)."""
+    if model.get("model_name_or_path"):
+        return "unrecorded"
+    if model.get("vision_model_path") or model.get("text_model_path"):
+        return "towers"
+    return "random" if model.get("model_config") is not None else "paper"
 
 
 def _dataset_of(run_args: Mapping[str, Any] | None) -> str | None:
@@ -316,27 +345,16 @@ class TrainingData:
         return self.origin == "random" and all(d == "synthpedes" for d in self.datasets)
 
 
-def training_data(run_args: Mapping[str, Any] | None, max_depth: int = 5) -> TrainingData | None:
-    """The training data of a run and its recorded earlier stages (`model_name_or_path` folders
-    holding a run_args.json); None without run arguments: then nothing is known."""
+def training_data(run_args: Mapping[str, Any] | None) -> TrainingData | None:
+    """The training data of a run and its recorded earlier stages (`recorded_stages`); None
+    without run arguments: then nothing is known."""
     if run_args is None:
         return None
-    stages = [run_args]
-    while len(stages) <= max_depth:
-        source = stages[-1].get("model", {}).get("model_name_or_path")
-        if not source or not (Path(source) / "run_args.json").is_file():
-            break
-        stages.append(load_run_args(Path(source) / "run_args.json"))
-    stages.reverse()  # earliest first
+    stages = recorded_stages(run_args)[::-1]  # earliest first
     first = stages[0].get("model", {})
-    if first.get("model_name_or_path"):
-        origin, detail = "unrecorded", str(first["model_name_or_path"])
-    elif first.get("vision_model_path") or first.get("text_model_path"):
-        origin, detail = "towers", f"{first.get('vision_model_path')} and {first.get('text_model_path')}"
-    elif first.get("model_config") is not None:
-        origin, detail = "random", ""
-    else:
-        origin, detail = "paper", ""
+    origin = _origin_kind(first)
+    detail = {"unrecorded": str(first.get("model_name_or_path")),
+              "towers": f"{first.get('vision_model_path')} and {first.get('text_model_path')}"}.get(origin, "")
     return TrainingData([_dataset_of(a) or "unknown" for a in stages], [_dataset_label(a) for a in stages],
                         origin, detail)
 
@@ -613,6 +631,6 @@ def write_model_card(card: ModelCard, output_dir: str | Path) -> Path:
 
 __all__ = [
     "Evaluation", "ModeResults", "TrainingData", "build_card_data", "check_model_card", "consent_statement",
-    "load_evaluation", "load_run_args", "parse_eval_results", "trained_on_summary", "training_data",
+    "load_evaluation", "load_run_args", "parse_eval_results", "recorded_stages", "trained_on_summary", "training_data",
     "recipe_rows", "render_model_card", "write_model_card",
 ]
