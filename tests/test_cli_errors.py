@@ -275,6 +275,15 @@ def test_export_main_job_synthpedes_convert_probe_and_benchmarks_refuse_bad_argu
         main_job.parse(["--stage1_config", "stage1_synthpedes"])
     with pytest.raises(UserInputError, match=r"--rounds 0: must be >= 1"):
         main_job.parse(["--rounds", "0"])
+    # Flags for the stages are checked before the data are generated, not when their stage starts.
+    job = tmp_path / "job"
+    assert [name for name, _ in main_job.stage_argvs(main_job.parse(["--output_dir", str(job)]))] == [
+        "stage 0", "stage 1", "stage 2"]
+    assert not job.exists()
+    with pytest.raises(UserInputError, match=r"^stage 0: --eval_score_modes: unknown \['globl'\]"):
+        main_job.parse(["--output_dir", str(job), "--extra", "--eval_score_modes", "globl"])
+    with pytest.raises(UserInputError, match=r"^stage 1: --lora_rank -1: must be >= 0"):
+        main_job.parse(["--output_dir", str(job), "--stage0_config", "none", "--extra", "--lora_rank", "-1"])
 
     with pytest.raises(UserInputError, match=r"--test-fraction 1.5: must be in \[0.0, 1.0\)"):
         synthpedes.main(["--out", str(tmp_path / "s"), "--test-fraction", "1.5"])

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from diana.processing.cli_errors import ArgumentParser, UserInputError, require_range, run_cli
-from diana.training.arguments import load_yaml_preset
+from diana.training.arguments import load_yaml_preset, parse_args
 
 logger = logging.getLogger("diana.main_job")
 
@@ -60,7 +60,35 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for flag in ("stage0_config", "stage1_config", "stage2_config"):
         if not (flag == "stage0_config" and getattr(args, flag) == "none"):
             load_yaml_preset(getattr(args, flag), f"--{flag}")
+    # Each stage's arguments (--extra included) are checked now, not after the stages before it have run;
+    # their folders are made by the job, so only their existence is left to the stage.
+    from diana.training.run_stage import validate_arguments
+
+    for name, stage_argv in stage_argvs(args):
+        try:
+            validate_arguments(*parse_args(stage_argv), check_paths=False)
+        except ValueError as error:
+            raise UserInputError(f"{name}: {error}") from error
     return args
+
+
+def stage_argvs(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
+    """(name, run_stage arguments) of every stage the job runs, in order."""
+    out = Path(args.output_dir)
+    mals, chatpedes = str(out / "synthpedes" / "mals"), str(out / "synthpedes" / "chatpedes")
+    stages, start_from, freeze = [], [], []
+    if args.stage0_config != "none":
+        stages.append(("stage 0", ["--config", args.stage0_config, "--data_dir", mals,
+                                   "--output_dir", str(out / "stage0"), *args.extra]))
+        # Stages 1 and 2 keep the pretrained tower fixed: contrastive gradients wear the features they
+        # do not need to tell a batch apart down (README, the main job's known limitation).
+        freeze = ["--freeze_vision_model", "true"]
+        start_from = ["--model_name_or_path", str(out / "stage0"), *freeze]
+    stages.append(("stage 1", ["--config", args.stage1_config, "--data_dir", mals, "--output_dir", str(out / "stage1"),
+                               *start_from, *args.extra]))
+    stages.append(("stage 2", ["--config", args.stage2_config, "--data_dir", chatpedes, "--model_name_or_path",
+                               str(out / "stage1"), "--output_dir", str(out / "stage2"), *freeze, *args.extra]))
+    return stages
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -82,23 +110,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     # 2-3. The stages, exactly as `accelerate launch training/run_stage.py` runs them.
     from diana.training.run_stage import main as run_stage
 
-    start_from = []
-    if args.stage0_config != "none":
-        run_stage(["--config", args.stage0_config, "--data_dir", str(out / "synthpedes" / "mals"),
-                   "--output_dir", str(out / "stage0"), *args.extra])
-        logger.info("stage 0 done at %.0f s", time.time() - start)
-        # Stages 1 and 2 keep the pretrained tower fixed: contrastive gradients wear the features they
-        # do not need to tell a batch apart down (README, the main job's known limitation).
-        freeze = ["--freeze_vision_model", "true"]
-        start_from = ["--model_name_or_path", str(out / "stage0"), *freeze]
-    else:
-        freeze = []
-    run_stage(["--config", args.stage1_config, "--data_dir", str(out / "synthpedes" / "mals"),
-               "--output_dir", str(out / "stage1"), *start_from, *args.extra])
-    logger.info("stage 1 done at %.0f s", time.time() - start)
-    run_stage(["--config", args.stage2_config, "--data_dir", str(out / "synthpedes" / "chatpedes"),
-               "--model_name_or_path", str(out / "stage1"), "--output_dir", str(out / "stage2"), *freeze, *args.extra])
-    logger.info("stage 2 done at %.0f s", time.time() - start)
+    for name, stage_argv in stage_argvs(args):
+        run_stage(stage_argv)
+        logger.info("%s done at %.0f s", name, time.time() - start)
 
     # 4. Held-out test persons, every round count, beside the oracle.
     from diana.training.evaluate_model import evaluate_folder

@@ -179,15 +179,19 @@ ATTENTION_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attent
 CHATPEDES_EVAL_SPLITS = ("validation", "test")
 
 
-def validate_arguments(model_args: ModelArguments, data_args: DataArguments, training_args) -> None:
+def validate_arguments(model_args: ModelArguments, data_args: DataArguments, training_args, *,
+                       check_paths: bool = True) -> None:
     """Refuses, before any data is read or model built, every argument that cannot work (the
     objective's own combinations: `check_objective`).
+
+    Args:
+        check_paths: also check that the folders exist (off for a job whose earlier steps make them).
 
     Raises:
         UserInputError (ValueError): naming the flag, the bad value and the valid ones.
     """
-    validate_model_arguments(model_args)
-    validate_data_arguments(data_args)
+    validate_model_arguments(model_args, check_paths)
+    validate_data_arguments(data_args, check_paths)
     if data_args.objective == "retrieval" and training_args.load_best_model_at_end:
         # "eval_<mode>/full/R@1": a mode that is not evaluated has no such metric at the first evaluation.
         mode = (training_args.metric_for_best_model or "").split("/")[0].removeprefix("eval_")
@@ -197,9 +201,11 @@ def validate_arguments(model_args: ModelArguments, data_args: DataArguments, tra
     check_objective(model_args, data_args, training_args)
 
 
-def validate_model_arguments(model_args: ModelArguments) -> None:
+def validate_model_arguments(model_args: ModelArguments, check_paths: bool = True) -> None:
     """The model source (a folder, two towers or a config), its overrides, and LoRA."""
-    require_model_folder("--model_name_or_path", model_args.model_name_or_path, allow_hub_id=True)
+    if check_paths:
+        require_model_folder("--model_name_or_path", model_args.model_name_or_path, allow_hub_id=True)
+        require_path("--tokenizer_dir", model_args.tokenizer_dir, "folder")
     if not model_args.model_name_or_path:
         towers = {"--vision_model_path": model_args.vision_model_path, "--text_model_path": model_args.text_model_path}
         given = [flag for flag, value in towers.items() if value]
@@ -207,7 +213,8 @@ def validate_model_arguments(model_args: ModelArguments) -> None:
             missing = next(flag for flag in towers if flag not in given)
             raise UserInputError(f"{given[0]} needs {missing} too (the two towers come together)")
         for flag, value in towers.items():
-            require_model_folder(flag, value, allow_hub_id=True)
+            if check_paths:
+                require_model_folder(flag, value, allow_hub_id=True)
         if not given and not model_args.model_config:
             raise UserInputError("no model: give --model_name_or_path, or --vision_model_path and --text_model_path, "
                                  "or --model_config (a preset's model_config)")
@@ -218,7 +225,6 @@ def validate_model_arguments(model_args: ModelArguments) -> None:
         require_choice("--score_mode", model_args.score_mode, SCORE_MODES)
     if "/" not in model_args.text_attn_implementation:
         require_choice("--text_attn_implementation", model_args.text_attn_implementation, ATTENTION_IMPLEMENTATIONS)
-    require_path("--tokenizer_dir", model_args.tokenizer_dir, "folder")
     require_range("--lora_rank", model_args.lora_rank, 0)
     if model_args.lora_alpha is not None:
         if model_args.lora_rank == 0:
@@ -228,13 +234,14 @@ def validate_model_arguments(model_args: ModelArguments) -> None:
     require_range("--lora_dropout", model_args.lora_dropout, 0.0, 1.0, high_inclusive=False)
 
 
-def validate_data_arguments(data_args: DataArguments) -> None:
+def validate_data_arguments(data_args: DataArguments, check_paths: bool = True) -> None:
     """Data set, folders, splits, evaluation modes, processor and augmentation settings."""
     require_choice("--dataset", data_args.dataset, ("chatpedes", "mals"))
     if data_args.data_dir is None:
         raise UserInputError("--data_dir is required (the ChatPedes- or MALS-layout folder)")
-    require_path("--data_dir", data_args.data_dir, "folder")
-    require_path("--eval_data_dir", data_args.eval_data_dir, "folder")
+    if check_paths:
+        require_path("--data_dir", data_args.data_dir, "folder")
+        require_path("--eval_data_dir", data_args.eval_data_dir, "folder")
     if data_args.mals_files and data_args.dataset != "mals":
         raise UserInputError(f"--mals_files belongs to --dataset mals, got --dataset {data_args.dataset}")
     require_choice("--on_missing_image", data_args.on_missing_image, MISSING_IMAGE_POLICIES)
