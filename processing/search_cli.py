@@ -27,7 +27,8 @@ from typing import Any, TextIO
 import torch
 
 from .cli_errors import (
-    ArgumentParser, UserInputError, looks_like_hub_id, require_model_folder, require_path, require_range, run_cli,
+    ArgumentParser, UserInputError, looks_like_hub_id, require_device, require_model_folder, require_path, require_range,
+    run_cli,
 )
 from .search import ChatSearchSession, GalleryIndex, RoundResult, faiss_available, save_contact_sheet
 
@@ -296,6 +297,7 @@ def validate_arguments(args: argparse.Namespace) -> None:
     Raises:
         UserInputError (ValueError).
     """
+    require_device("--device", args.device)
     if args.command != "index":
         require_range("--top-k", args.top_k, 1)
     if args.command == "benchmark":
@@ -325,6 +327,9 @@ def validate_arguments(args: argparse.Namespace) -> None:
     require_path("--dialogue", args.dialogue, "file")
     if args.backend == "faiss" and not faiss_available():
         raise UserInputError("--backend faiss needs the faiss package (pip install faiss-cpu), or use --backend exact")
+    if args.backend == "faiss" and args.mode not in (None, "global"):
+        raise UserInputError(f"--mode {args.mode}: --backend faiss scores the global embeddings only (use --backend "
+                             "exact for attribute / fused)")
 
 
 def main(argv: list[str] | None = None, stdin: TextIO | None = None, out: TextIO | None = None) -> int:

@@ -256,6 +256,10 @@ def test_search_cli_user_errors_are_one_line(search_setup, capsys):
     missing = str(root / "model_v2")
     assert one_line_exit(capsys, search_cli.main, ["search", "--model", missing, "--index", str(index)]) == (
         f"error: --model: model folder not found: {missing}")
+    pytest.importorskip("faiss")  # the test extra installs it; without it the command says so instead
+    line = one_line_exit(capsys, search_cli.main, ["search", "--model", model, "--index", str(index), "--backend",
+                                                   "faiss", "--mode", "fused"])
+    assert line.startswith("error: --mode fused: --backend faiss scores the global embeddings only")
 
 
 # ----------------------------------------------------------------------------- the other commands
