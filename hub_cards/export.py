@@ -35,6 +35,7 @@ from safetensors.torch import load_file
 from diana.hub_cards.model_card import (
     Evaluation, load_evaluation, load_run_args, render_model_card, write_model_card,
 )
+from diana.processing.cli_errors import ArgumentParser, UserInputError, require_path, run_cli
 
 CURVE_NAMES = ("per_round_curves.png",)
 REQUIRED_FILES = (
@@ -496,7 +497,7 @@ def prepare_space(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m diana.hub_cards.export",
         description="Turn a DiaNA checkpoint into a Hub-ready folder, check it loads on its own, optionally push it.",
     )
@@ -524,14 +525,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def validate_arguments(args: argparse.Namespace) -> None:
+    """Refuses every argument that cannot work before the model loads (a while for the full-size
+    one), naming the flag and the value.
+
+    Raises:
+        UserInputError (ValueError), FileExistsError.
+    """
+    if args.dry_run and not args.push_to_hub:
+        raise UserInputError("--dry-run needs --push-to-hub REPO")
+    for flag, value in (("--checkpoint", args.checkpoint), ("--adapter", args.adapter), ("--base", args.base),
+                        ("--official", args.official), ("--tokenizer-dir", args.tokenizer_dir),
+                        ("--space-examples", args.space_examples)):
+        require_path(flag, value, "folder")
+    for flag, value in (("--eval-results", args.eval_results), ("--run-args", args.run_args), ("--curve", args.curve)):
+        require_path(flag, value, "file")
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise FileExistsError(f"--output {output} is a file, not a folder")
+    if output.exists() and any(output.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"--output {output} exists and is not empty (use --overwrite)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.dry_run and not args.push_to_hub:
-        raise SystemExit("--dry-run needs --push-to-hub REPO")
-    output = Path(args.output)
-    if output.exists() and any(output.iterdir()) and not args.overwrite:
-        # Checked before loading the model, which takes a while for the full-size one.
-        raise FileExistsError(f"--output {output} exists and is not empty (use --overwrite)")
+    validate_arguments(args)
     model, processor, source = load_for_export(
         args.checkpoint, adapter=args.adapter, base=args.base, official=args.official, tokenizer_dir=args.tokenizer_dir
     )
@@ -570,4 +588,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -175,7 +175,7 @@ def load_evaluation(
         raise ValueError(f"cannot read evaluation results {str(path)!r}: {error}") from error
     data = (run_args or {}).get("data", {})
     return parse_eval_results(
-        results, dataset=dataset or _dataset_of(run_args) or "chatpedes",
+        results, dataset=dataset or _evaluation_dataset_of(run_args) or "chatpedes",
         split=split or str(data.get("eval_split", "test")), curve=curve, source=str(path),
     )
 
@@ -225,9 +225,23 @@ def _paper_sized(config: Any) -> bool:
         getattr(config, "vision_stem", "patch") == "patch")
 
 
-def _initialisation(
-    run_args: Mapping[str, Any] | None, config: Any = None, depth: int = 0
-) -> tuple[str, list[str] | None]:
+# Stages followed back through `model_name_or_path` folders that hold a run_args.json.
+MAX_RECORDED_STAGES = 5
+
+
+def recorded_stages(run_args: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The run and the earlier stages it started from, latest first, as far as their folders hold a
+    run_args.json (at most MAX_RECORDED_STAGES)."""
+    stages = [run_args]
+    while len(stages) < MAX_RECORDED_STAGES:
+        source = stages[-1].get("model", {}).get("model_name_or_path")
+        if not source or not (Path(source) / "run_args.json").is_file():
+            break
+        stages.append(load_run_args(Path(source) / "run_args.json"))
+    return stages
+
+
+def _initialisation(run_args: Mapping[str, Any] | None, config: Any = None) -> tuple[str, list[str] | None]:
     """(sentence, base models) following ``model_name_or_path`` back through earlier stages.
 
     Where the run does not record its origin, the paper's towers are named as base models only
@@ -238,37 +252,154 @@ def _initialisation(
         if unknown_bases:
             return "the paper's towers (Swinv2-B 22k, Llama-3.2-1B)", unknown_bases
         return "not recorded (no run arguments given)", None
-    model = run_args.get("model", {})
-    if model.get("vision_model_path") or model.get("text_model_path"):
+    stages = recorded_stages(run_args)
+    sentence, bases = _origin_of(stages[-1], unknown_bases)
+    for later, earlier in zip(reversed(stages[:-1]), reversed(stages[1:])):
+        # A stage 0 (--objective image_attributes) trained the image tower alone: say so.
+        what = (": image-tower pretraining on its MALS captions' n-grams and labels"
+                if earlier.get("data", {}).get("objective") == "image_attributes" else "")
+        source = Path(later["model"]["model_name_or_path"]).name
+        sentence = f"an earlier stage ({source}{what}), itself initialised from {sentence}"
+    return sentence, bases
+
+
+def _origin_of(earliest: Mapping[str, Any], unknown_bases: list[str] | None) -> tuple[str, list[str] | None]:
+    """(sentence, base models) of how the earliest recorded stage started."""
+    model = earliest.get("model", {})
+    kind = _origin_kind(model)
+    if kind == "unrecorded":
+        return f"the DiaNA weights in {model['model_name_or_path']} (their own origin is not recorded)", unknown_bases
+    if kind == "towers":
         names = [str(model.get("vision_model_path")), str(model.get("text_model_path"))]
         bases = [n for n in names if n and n != "None" and not Path(n).is_absolute()] or list(PAPER_BASE_MODELS)
         return f"pretrained towers {names[0]} and {names[1]}", bases
-    source = model.get("model_name_or_path")
-    if source:
-        previous = Path(source) / "run_args.json"
-        if depth < 4 and previous.is_file():
-            earlier = load_run_args(previous)
-            sentence, bases = _initialisation(earlier, config, depth + 1)
-            # A stage 0 (--objective image_attributes) trained the image tower alone: say so.
-            what = (": image-tower pretraining on its MALS captions' n-grams and labels"
-                    if earlier.get("data", {}).get("objective") == "image_attributes" else "")
-            return f"an earlier stage ({Path(source).name}{what}), itself initialised from {sentence}", bases
-        return f"the DiaNA weights in {source} (their own origin is not recorded)", unknown_bases
-    if model.get("model_config") is not None:
+    if kind == "random":
         return "random initialisation from a config (no pretrained tower weights)", None
     return "the paper's towers (Swinv2-B 22k, Llama-3.2-1B)", list(PAPER_BASE_MODELS)
 
 
+def _origin_kind(model: Mapping[str, Any]) -> str:
+    """How a run's model section starts: "unrecorded" (a DiaNA folder), "towers" (pretrained
+    towers), "random" (a config) or "paper" (nothing given: the paper's towers)."""
+    if model.get("model_name_or_path"):
+        return "unrecorded"
+    if model.get("vision_model_path") or model.get("text_model_path"):
+        return "towers"
+    return "random" if model.get("model_config") is not None else "paper"
+
+
 def _dataset_of(run_args: Mapping[str, Any] | None) -> str | None:
+    """The data set key one run trained on (its `data.dataset`, or synthpedes when its folder is
+    SynthPedes'); None without run arguments."""
     if run_args is None:
         return None
     data = run_args.get("data", {})
-    name = str(data.get("dataset", "chatpedes")).lower()
-    # SynthPedes writes the ChatPedes / MALS layouts; its folders say what they are.
-    data_dir = str(data.get("data_dir") or "")
-    if "synthpedes" in data_dir.lower() or (data_dir and (Path(data_dir).parent / "oracle.json").is_file()):
-        return "synthpedes"
-    return name
+    return "synthpedes" if _is_synthpedes_folder(data.get("data_dir")) else str(data.get("dataset", "chatpedes")).lower()
+
+
+def _evaluation_dataset_of(run_args: Mapping[str, Any] | None) -> str | None:
+    """The data set key a run evaluated on: its `eval_data_dir` (ChatPedes layout) when it has one,
+    else its training data set's."""
+    eval_dir = (run_args or {}).get("data", {}).get("eval_data_dir")
+    if eval_dir:
+        return "synthpedes" if _is_synthpedes_folder(eval_dir) else "chatpedes"
+    return _dataset_of(run_args)
+
+
+def _is_synthpedes_folder(data_dir: str | None) -> bool:
+    """SynthPedes writes the ChatPedes / MALS layouts; its folders (and the oracle next to them) say so."""
+    data_dir = str(data_dir or "")
+    return "synthpedes" in data_dir.lower() or bool(data_dir and (Path(data_dir).parent / "oracle.json").is_file())
+
+
+def _dataset_label(run_args: Mapping[str, Any]) -> str:
+    """The display name of the data one run trained on (SynthPedes with the layout it was read in)."""
+    key = _dataset_of(run_args) or "unknown"
+    if key == "synthpedes":
+        layout = "MALS" if str(run_args.get("data", {}).get("dataset")).lower() == "mals" else "ChatPedes"
+        return f"SynthPedes (synthetic, {layout} layout)"
+    return DATASETS.get(key, (key,))[0]
+
+
+@dataclass
+class TrainingData:
+    """What the weights were trained on, followed back through the recorded earlier stages.
+
+    Attributes:
+        datasets: the data set key of every recorded stage, earliest first.
+        labels: their display names, earliest first.
+        origin: how the earliest recorded stage started: "random" (a config, no pretrained
+            weights), "towers" (pretrained towers), "unrecorded" (weights whose own run is not
+            recorded) or "paper" (the paper's towers by default).
+        origin_detail: the towers' or weights' names for "towers" / "unrecorded".
+    """
+
+    datasets: list[str]
+    labels: list[str]
+    origin: str
+    origin_detail: str = ""
+
+    @property
+    def synthetic_only(self) -> bool:
+        """Every image the weights learned from was drawn by SynthPedes (no real person)."""
+        return self.origin == "random" and all(d == "synthpedes" for d in self.datasets)
+
+
+def training_data(run_args: Mapping[str, Any] | None) -> TrainingData | None:
+    """The training data of a run and its recorded earlier stages (`recorded_stages`); None
+    without run arguments: then nothing is known."""
+    if run_args is None:
+        return None
+    stages = recorded_stages(run_args)[::-1]  # earliest first
+    first = stages[0].get("model", {})
+    origin = _origin_kind(first)
+    detail = {"unrecorded": str(first.get("model_name_or_path")),
+              "towers": f"{first.get('vision_model_path')} and {first.get('text_model_path')}"}.get(origin, "")
+    return TrainingData([_dataset_of(a) or "unknown" for a in stages], [_dataset_label(a) for a in stages],
+                        origin, detail)
+
+
+def trained_on_summary(data: TrainingData | None) -> str:
+    """The card's "Trained on" line."""
+    if data is None:
+        return "not recorded (the training run's arguments were not given, so its training data are unknown)"
+    summary = ", then ".join(dict.fromkeys(data.labels))
+    if data.origin == "unrecorded":
+        summary += f", starting from the weights in {data.origin_detail}, whose own training data are not recorded"
+    elif data.origin in ("towers", "paper"):
+        towers = data.origin_detail or "the paper's towers (Swinv2-B 22k, Llama-3.2-1B)"
+        summary += f", starting from pretrained towers {towers} (their own pretraining data: see their model cards)"
+    return summary
+
+
+def consent_statement(data: TrainingData | None) -> str:
+    """The card's consent paragraph: what is known of the training images' subjects, and no more."""
+    own = "Images you index stay on your machine with this code, but their subjects' consent is your responsibility."
+    chatpedes = ("CUHK-PEDES images, collected from surveillance and re-identification data sets whose subjects "
+                 "did not consent to this use")
+    if data is None:
+        return ("The training data of these weights were not recorded when this card was rendered, so it makes no "
+                f"claim about them or their subjects' consent. Models trained on ChatPedes learn from {chatpedes}. "
+                + own)
+    if data.synthetic_only:
+        return ("This model was trained on SynthPedes, procedurally drawn figures with no real person in them, from "
+                f"a random initialisation. Models trained on ChatPedes learn from {chatpedes}. " + own)
+    parts = []
+    if "chatpedes" in data.datasets:
+        parts.append(f"The training images include, via ChatPedes, {chatpedes}.")
+    if "mals" in data.datasets:
+        parts.append("MALS images are synthetic.")
+    if "synthpedes" in data.datasets:
+        parts.append("SynthPedes figures are procedurally drawn, with no real person in them.")
+    others = sorted(set(data.datasets) - {"chatpedes", "mals", "synthpedes"})
+    if others:
+        parts.append(f"Whether the subjects of {', '.join(others)} consented is not recorded here.")
+    if data.origin == "unrecorded":
+        parts.append(f"The weights this training started from ({data.origin_detail}) were trained on data this card "
+                     "does not record, whose subjects' consent is unknown.")
+    elif data.origin in ("towers", "paper"):
+        parts.append("The pretrained towers it started from learned from their own data sets (see their model cards).")
+    return " ".join(parts + [own])
 
 
 def recipe_rows(run_args: Mapping[str, Any], config: Any = None, num_processes: int | None = None) -> list[tuple[str, str]]:
@@ -285,8 +416,7 @@ def recipe_rows(run_args: Mapping[str, Any], config: Any = None, num_processes: 
             rows.append((name, str(value)))
 
     add("initialisation", _initialisation(run_args, config)[0])
-    dataset = _dataset_of(run_args) or str(data.get("dataset"))
-    add("data set", f"{DATASETS.get(dataset, (dataset,))[0]} ({data.get('data_dir')})")
+    add("data set", f"{_dataset_label(run_args)} ({data.get('data_dir')})")
     per_device = training.get("per_device_train_batch_size")
     accumulation = training.get("gradient_accumulation_steps", 1) or 1
     if per_device and num_processes:
@@ -337,12 +467,13 @@ def build_card_data(
     base_models: Sequence[str] | None = PAPER_BASE_MODELS,
     license: str = DEFAULT_LICENSE,
     tags: Sequence[str] = DEFAULT_TAGS,
-    extra_datasets: Sequence[str] = (),
+    training_datasets: Sequence[str] | None = None,
 ) -> ModelCardData:
     """YAML metadata with a ``model-index``: R@1/5/10 and mAP of the full dialogue per data set/split.
 
     The ``model-index`` reports the model's default score mode (the one inference uses); the
-    body's tables report every evaluated mode.
+    body's tables report every evaluated mode. ``datasets`` (the Hub's "trained on" field) lists
+    ``training_datasets`` only: None when the training data are not recorded.
     """
     eval_results: list[EvalResult] = []
     for evaluation in evaluations:
@@ -359,7 +490,7 @@ def build_card_data(
                 metric_name=f"{key} (full dialogue, {mode.name} score)", metric_value=round(value, 2),
                 metric_config=mode.name,
             ))
-    datasets = list(dict.fromkeys([e.dataset_id for e in evaluations] + list(extra_datasets)))
+    datasets = list(dict.fromkeys(training_datasets or []))
     return ModelCardData(
         model_name=model_name, library_name="transformers", license=license,
         base_model=list(base_models) if base_models else None, datasets=datasets or None,
@@ -401,13 +532,12 @@ def render_model_card(
     init_sentence, inferred_bases = _initialisation(run_args, config)
     bases = inferred_bases if base_models == "auto" else base_models
     score_mode = getattr(config, "score_mode", None) or "global"
+    # What the weights learned from is the training recipe's to say, never the evaluation's.
+    trained = training_data(run_args)
     card_data = build_card_data(
         evaluations, model_name=model_name, score_mode=score_mode, base_models=bases, license=license,
+        training_datasets=None if trained is None else [DATASETS.get(d, (d, d))[1] for d in trained.datasets],
     )
-    trained_on = ", ".join(dict.fromkeys(e.dataset_name for e in evaluations)) or "see the training recipe"
-    run_dataset = _dataset_of(run_args)
-    if run_dataset:
-        trained_on = DATASETS.get(run_dataset, (run_dataset,))[0]
     modes_view = []
     for evaluation in evaluations:
         modes_view.append({
@@ -435,11 +565,10 @@ def render_model_card(
         vision_summary=_vision_summary(config),
         text_summary=_text_summary(config),
         init_summary=init_sentence,
-        trained_on=trained_on,
+        trained_on=trained_on_summary(trained),
+        consent=consent_statement(trained),
         recipe=recipe_rows(run_args, config, next((e.num_processes for e in evaluations if e.num_processes), None))
         if run_args else None,
-        synthetic_only=run_dataset == "synthpedes" or (
-            not run_dataset and bool(evaluations) and all(e.dataset == "synthpedes" for e in evaluations)),
     )
     return card
 
@@ -501,7 +630,7 @@ def write_model_card(card: ModelCard, output_dir: str | Path) -> Path:
 
 
 __all__ = [
-    "Evaluation", "ModeResults", "build_card_data", "check_model_card", "load_evaluation", "load_run_args",
-    "parse_eval_results",
+    "Evaluation", "ModeResults", "TrainingData", "build_card_data", "check_model_card", "consent_statement",
+    "load_evaluation", "load_run_args", "parse_eval_results", "recorded_stages", "trained_on_summary", "training_data",
     "recipe_rows", "render_model_card", "write_model_card",
 ]

@@ -132,14 +132,20 @@ def parse_dialogue(dialogue: Any, where: str) -> list[dict[str, str]]:
 
 
 def parse_chats(chats: Any, where: str) -> list[list[dict[str, str]]]:
-    """`chats` is one dialogue (its first element is a round: a list of turn dicts) or a list of
-    dialogues (its first element is a list of rounds); returns a list of dialogues."""
+    """`chats` is one dialogue (a list of rounds, each a list of turn dicts) or a list of dialogues
+    (a list of lists of rounds); returns a list of dialogues.
+
+    The form is read from the first element that is not an empty list: a round inside it (a list)
+    makes `chats` a list of dialogues, so `[[], [[...], ...]]` is reported as the empty dialogue 0
+    rather than as a malformed round. When every element is empty (`[[], []]`) both forms give an
+    empty dialogue, reported as dialogue 0.
+    """
     if not isinstance(chats, list):
         raise AnnotationError(f"{where}: field 'chats' must be a list, got {type(chats).__name__}")
     if not chats:
         raise AnnotationError(f"{where}: empty dialogue ('chats' is empty)")
-    first = chats[0]
-    if isinstance(first, list) and first and isinstance(first[0], list):
+    first = next((element for element in chats if element != []), None)
+    if first is None or (isinstance(first, list) and isinstance(first[0], list)):
         return [parse_dialogue(d, f"{where}, dialogue {i}") for i, d in enumerate(chats)]
     return [parse_dialogue(chats, f"{where}, dialogue 0")]
 

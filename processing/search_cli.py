@@ -26,7 +26,13 @@ from typing import Any, TextIO
 
 import torch
 
-from .search import ChatSearchSession, GalleryIndex, RoundResult, save_contact_sheet
+from .cli_errors import (
+    ArgumentParser, UserInputError, looks_like_hub_id, require_device, require_model_folder, require_path, require_range,
+    run_cli,
+)
+from .search import ChatSearchSession, GalleryIndex, RoundResult, faiss_available, save_contact_sheet
+
+CHATPEDES_SPLITS = ("train", "validation", "test")
 
 
 def load_model_and_processor(model_dir: str, tokenizer_dir: str | None = None, device: str | None = None,
@@ -42,9 +48,8 @@ def load_model_and_processor(model_dir: str, tokenizer_dir: str | None = None, d
     from .processing_diana import DiaNAProcessor
 
     folder = Path(model_dir)
-    is_hub_id = not folder.exists() and model_dir.count("/") == 1 and not model_dir.startswith((".", "/"))
-    if not is_hub_id and not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"--model {folder}: no config.json (not a DiaNA model folder nor a Hub id)")
+    require_model_folder("--model", model_dir, allow_hub_id=True)
+    is_hub_id = looks_like_hub_id(model_dir)
     model = DiaNAModel.from_pretrained(model_dir, dtype=getattr(torch, dtype), revision=revision).eval()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
@@ -147,7 +152,7 @@ def chat_loop(session: ChatSearchSession, contact_sheet: str | None, stdin: Text
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m diana.processing.search_cli", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m diana.processing.search_cli", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     def common(sub: argparse.ArgumentParser) -> None:
@@ -162,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     source = index.add_mutually_exclusive_group(required=True)
     source.add_argument("--images", help="folder of images (searched recursively)")
     source.add_argument("--chatpedes", metavar="DATA_DIR", help="ChatPedes-layout folder; with --split")
-    index.add_argument("--split", default="test", help="split of --chatpedes (train / validation / test)")
+    index.add_argument("--split", default="test", choices=CHATPEDES_SPLITS, help="split of --chatpedes")
     index.add_argument("--validation-persons", type=int, default=0,
                        help="persons carved out of train into validation, as in the training run (--split validation)")
     index.add_argument("--validation-seed", type=int, default=0, help="seed of that carve-out")
@@ -285,21 +290,56 @@ def benchmark(args: argparse.Namespace, out: TextIO) -> None:
         print(f"{number:>5}  {total:>6}/{result.new_tokens:<10} {cached * 1e3:>15.1f}  {rebuild * 1e3:>12.1f}", file=out)
 
 
-def main(argv: list[str] | None = None, stdin: TextIO | None = None, out: TextIO | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    stdin, out = stdin or sys.stdin, out or sys.stdout
+def validate_arguments(args: argparse.Namespace) -> None:
+    """Refuses every argument that cannot work before the model loads (a 1.2B-parameter model takes a
+    while), naming the flag, the value and the valid ones.
+
+    Raises:
+        UserInputError (ValueError).
+    """
+    require_device("--device", args.device)
+    if args.command != "index":
+        require_range("--top-k", args.top_k, 1)
     if args.command == "benchmark":
-        benchmark(args, out)
-        return 0
-    # Cheap checks first: loading a 1.2B-parameter model takes a while.
+        require_range("--gallery-size", args.gallery_size, max(1, args.top_k))
+        require_range("--dim", args.dim, 1)
+        require_range("--repeats", args.repeats, 1)
+        if args.model:
+            require_model_folder("--model", args.model, allow_hub_id=True)
+        require_path("--tokenizer-dir", args.tokenizer_dir, "folder")
+        return
+    require_model_folder("--model", args.model, allow_hub_id=True)
+    require_path("--tokenizer-dir", args.tokenizer_dir, "folder")
     if args.command == "index":
+        require_path("--images", args.images, "folder")
+        require_path("--chatpedes", args.chatpedes, "folder")
+        require_range("--batch-size", args.batch_size, 1)
+        require_range("--validation-persons", args.validation_persons, 0)
         if args.split == "validation" and args.chatpedes and args.validation_persons <= 0:
-            raise ValueError("--split validation needs --validation-persons N (as in the training run)")
+            raise UserInputError("--split validation needs --validation-persons N (as in the training run)")
         output = Path(args.output)
         if not args.add and output.exists():
             raise FileExistsError(f"{output} exists: use --add to extend it, or another --output")
         if args.add and not output.is_file():
             raise FileNotFoundError(f"--add: there is no index {output} to extend yet")
+        return
+    require_path("--index", args.index, "file")
+    require_path("--dialogue", args.dialogue, "file")
+    if args.backend == "faiss" and not faiss_available():
+        raise UserInputError("--backend faiss needs the faiss package (pip install faiss-cpu), or use --backend exact")
+    if args.backend == "faiss" and args.mode not in (None, "global"):
+        raise UserInputError(f"--mode {args.mode}: --backend faiss scores the global embeddings only (use --backend "
+                             "exact for attribute / fused)")
+
+
+def main(argv: list[str] | None = None, stdin: TextIO | None = None, out: TextIO | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    stdin, out = stdin or sys.stdin, out or sys.stdout
+    validate_arguments(args)
+    if args.command == "benchmark":
+        benchmark(args, out)
+        return 0
+    output = Path(args.output) if args.command == "index" else None
     dialogues = read_dialogues(args.dialogue) if args.command == "search" and args.dialogue else None
     model, processor = load_model_and_processor(args.model, args.tokenizer_dir, args.device, args.dtype, args.revision)
     if args.command == "index":
@@ -338,4 +378,4 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None, out: TextIO
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -35,7 +35,11 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
+from .cli_errors import ArgumentParser, UserInputError, require_range, run_cli
+
 DESCRIBE_QUESTION = "Please describe the person you saw."
+# The smallest (height, width) the figures can be drawn at (smaller ones leave no room for a limb).
+MIN_IMAGE_SIZE = (16, 8)
 
 # Upper / lower palettes are Market-1501's up* / down* colours, so the MALS labels (27, the
 # Market-1501 attribute list) are all known except gender and age.
@@ -522,6 +526,8 @@ def generate(
     """
     if persons < 3 or images_per_person < 1 or rounds < 1:
         raise ValueError("need persons >= 3, images_per_person >= 1, rounds >= 1")
+    if image_size[0] < MIN_IMAGE_SIZE[0] or image_size[1] < MIN_IMAGE_SIZE[1]:
+        raise ValueError(f"image_size {tuple(image_size)}: the figures need at least {MIN_IMAGE_SIZE} (height, width)")
     n_test = max(1, int(round(persons * test_fraction)))
     if persons - n_test < 2:
         raise ValueError(f"test_fraction={test_fraction} leaves {persons - n_test} train persons (need >= 2)")
@@ -604,8 +610,27 @@ def generate(
     return summary
 
 
+def validate_arguments(args: argparse.Namespace) -> None:
+    """Refuses the flags `generate` cannot work with, by their names (before anything is written).
+
+    Raises:
+        UserInputError (ValueError), FileExistsError.
+    """
+    require_range("--persons", args.persons, 3)
+    require_range("--images-per-person", args.images_per_person, 1)
+    require_range("--rounds", args.rounds, 1)
+    require_range("--test-fraction", args.test_fraction, 0.0, 1.0, high_inclusive=False)
+    require_range("--mals-images", args.mals_images, 1)
+    require_range("--mals-files", args.mals_files, 1)
+    if args.image_size[0] < MIN_IMAGE_SIZE[0] or args.image_size[1] < MIN_IMAGE_SIZE[1]:
+        raise UserInputError(f"--image-size {args.image_size[0]} {args.image_size[1]}: must be at least "
+                             f"{MIN_IMAGE_SIZE[0]} {MIN_IMAGE_SIZE[1]} (height width)")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise FileExistsError(f"--out {args.out} is a file, not a folder")
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m diana.processing.synthpedes", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--persons", type=int, default=200, help="identities (train + test)")
     parser.add_argument("--images-per-person", type=int, default=3)
@@ -617,6 +642,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--image-size", type=int, nargs=2, default=(128, 64), metavar=("H", "W"))
     parser.add_argument("--overwrite", action="store_true", help="replace existing chatpedes/ and mals/ folders")
     args = parser.parse_args(argv)
+    validate_arguments(args)
     summary = generate(
         args.out, args.persons, args.images_per_person, args.rounds, args.seed, test_fraction=args.test_fraction,
         mals_images=args.mals_images, mals_files=args.mals_files, image_size=tuple(args.image_size), overwrite=args.overwrite,
@@ -633,4 +659,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

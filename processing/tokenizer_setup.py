@@ -37,6 +37,8 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from .cli_errors import ArgumentParser, run_cli
+
 LLAMA_MODELS_VERSION = "0.3.0"
 WHEEL_NAME = f"llama_models-{LLAMA_MODELS_VERSION}-py3-none-any.whl"
 TOKENIZER_MODEL_MEMBER = "llama_models/llama3/tokenizer.model"
@@ -326,7 +328,7 @@ def setup_tokenizer(out_dir: Path | None = None, force: bool = False) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m diana.processing.tokenizer_setup", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=None, help="target folder (default: default_tokenizer_dir())")
     parser.add_argument("--force", action="store_true", help="convert again even if the folder is verified")
     args = parser.parse_args(argv)
@@ -334,4 +336,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Its RuntimeErrors are set-up failures the user acts on (download, modified source, checksum).
+    run_cli(main, also=(RuntimeError,))

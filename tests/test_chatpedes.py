@@ -137,6 +137,9 @@ def _break(entries: list[dict], case: str) -> str:
     if case == "empty dialogue in a list":
         e["chats"] = [dialogue, []]
         return "entry 3, dialogue 1: empty dialogue"
+    if case == "empty dialogue first in a list":
+        e["chats"] = [[], dialogue]  # a list of dialogues (its second holds rounds), not an empty round
+        return "entry 3, dialogue 0: empty dialogue"
     if case == "round of one turn":
         dialogue[2] = dialogue[2][:1]
         return "entry 3, dialogue 0, round 3: a round must be a list of 2 turns"
@@ -149,7 +152,7 @@ def _break(entries: list[dict], case: str) -> str:
 @pytest.mark.parametrize(
     "case",
     ["missing field", "wrong type", "unknown speaker", "swapped speakers", "empty dialogue",
-     "empty dialogue in a list", "round of one turn", "answer not a string"],
+     "empty dialogue in a list", "empty dialogue first in a list", "round of one turn", "answer not a string"],
 )
 def test_bad_entries_name_file_entry_and_place(data, tmp_path, case):
     entries = _entries(data, "test")

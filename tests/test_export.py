@@ -14,6 +14,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from diana.hub_cards import export
+from diana.processing.cli_errors import UserInputError
 from diana.modeling_diana import DiaNAModel
 from diana.training.evaluation import evaluate_retrieval
 from tests.helpers import tiny_config
@@ -189,7 +190,7 @@ def test_push_uploads_the_folder_then_pins_the_card(checkpoint, model, tiny_proc
 
 def test_bad_arguments_are_refused(checkpoint, tmp_path):
     folder, _ = checkpoint
-    with pytest.raises(SystemExit):
+    with pytest.raises(UserInputError, match="--dry-run needs --push-to-hub"):
         export.main(["--checkpoint", str(folder), "--output", str(tmp_path / "x"), "--dry-run"])
     with pytest.raises(ValueError, match="exactly one"):
         export.main(["--checkpoint", str(folder), "--adapter", str(folder), "--output", str(tmp_path / "x")])

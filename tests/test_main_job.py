@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from diana.processing.cli_errors import UserInputError
 from diana.training import main_job
 
 pytestmark = pytest.mark.xdist_group("run_stage")  # shares the CPU with the other end-to-end runs
@@ -68,7 +69,6 @@ def test_main_job_runs_every_step_and_writes_its_verdict(stage0: str, tmp_path: 
         assert (out / "hub_model" / name).is_file(), name
 
 
-def test_main_job_refuses_a_test_split_that_leaves_no_training_persons(monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["main_job", "--persons", "10", "--test_persons", "9"])
-    with pytest.raises(SystemExit):
-        main_job.parse()
+def test_main_job_refuses_a_test_split_that_leaves_no_training_persons():
+    with pytest.raises(UserInputError, match=r"--test_persons 9: must be in \[1, 8\]"):
+        main_job.parse(["--persons", "10", "--test_persons", "9"])

@@ -187,3 +187,43 @@ def test_check_model_card_catches_a_broken_card(tmp_path):
     card.data.license = None
     with pytest.raises(ValueError, match="license"):
         check_model_card(card)
+
+
+def test_training_data_and_consent_come_from_the_recipe_never_from_the_evaluation(tmp_path):
+    synthetic_eval = parse_eval_results(_eval_report(5), dataset="synthpedes")
+    # No recipe: a SynthPedes evaluation says nothing of what the weights were trained on.
+    card = render_model_card(synthetic_eval, None, repo_id="a/b")
+    check_model_card(card)
+    assert "Trained on: not recorded" in card.text and "procedurally drawn" not in card.text
+    assert "makes no claim about them or their subjects' consent" in card.text
+    assert card.data.datasets is None and card.data.eval_results[0].dataset_type == "synthpedes"
+
+    # Trained on real ChatPedes, evaluated on SynthPedes: the consent statement is ChatPedes'.
+    real = _run_args(tmp_path, model_config={"projection_dim": 24})
+    card = render_model_card(synthetic_eval, real, repo_id="a/b")
+    assert "Trained on: ChatPedes" in card.text and card.data.datasets == ["chatpedes"]
+    assert "include, via ChatPedes, CUHK-PEDES images" in card.text and "trained on SynthPedes" not in card.text
+
+    # SynthPedes from weights whose own run is not recorded: no claim that no real person was seen.
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    unrecorded = _run_args(stage, model_name_or_path=str(tmp_path / "elsewhere"))
+    unrecorded["data"]["data_dir"] = "/runs/synthpedes/chatpedes"
+    card = render_model_card(synthetic_eval, unrecorded, repo_id="a/b")
+    assert "procedurally drawn, with no real person" in card.text and "trained on SynthPedes, procedurally" not in card.text
+    assert f"started from ({tmp_path / 'elsewhere'}) were trained on data this card does not record" in card.text
+
+    # The main job's chain, all SynthPedes from a random start: the synthetic claim holds, both layouts named.
+    s0, s1 = tmp_path / "s0", tmp_path / "s1"
+    s0.mkdir()
+    s1.mkdir()
+    first = _run_args(s0, model_config={"projection_dim": 24})
+    first["data"].update(dataset="mals", data_dir="/runs/synthpedes/mals")
+    (s0 / "run_args.json").write_text(json.dumps({k: v for k, v in first.items() if k != "_path"}))
+    last = _run_args(s1, model_name_or_path=str(s0))
+    last["data"]["data_dir"] = "/runs/synthpedes/chatpedes"
+    card = render_model_card(synthetic_eval, last, repo_id="a/b")
+    assert ("Trained on: SynthPedes (synthetic, MALS layout), then SynthPedes (synthetic, ChatPedes layout)"
+            in card.text)
+    assert "This model was trained on SynthPedes, procedurally drawn figures with no real person" in card.text
+    assert card.data.datasets == ["synthpedes"]

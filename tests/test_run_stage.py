@@ -373,7 +373,7 @@ def test_random_erasing_flag_reaches_the_training_images(synth, stage1_dir, tmp_
     # Same seed and batches: only the erased rectangles differ, and the training image tower sees them.
     assert not torch.equal(off["vision_model.encoder.layers.0.blocks.0.attention.output.dense.weight"],
                            always["vision_model.encoder.layers.0.blocks.0.attention.output.dense.weight"])
-    with pytest.raises(ValueError, match=r"random erasing probability must be in \[0, 1\], got -0.1"):
+    with pytest.raises(ValueError, match=r"--random_erasing -0.1: must be in \[0.0, 1.0\]"):
         run("bad", "-0.1")
 
 

@@ -11,6 +11,8 @@ from typing import Any
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+from diana.processing.cli_errors import OneLineArgumentErrors, UserInputError
+
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
@@ -118,6 +120,10 @@ class DataArguments:
     eval_max_samples: int | None = field(default=None, metadata={"help": "Limit evaluation dialogues (debugging)."})
 
 
+class OneLineHfArgumentParser(OneLineArgumentErrors, HfArgumentParser):
+    """`HfArgumentParser` whose parsing errors are one line (`diana.processing.cli_errors`)."""
+
+
 @dataclass
 class DiaNATrainingArguments(TrainingArguments):
     """`TrainingArguments` with the DiaNA defaults: our collator runs the processor (keep all
@@ -137,9 +143,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     defaults: dict[str, Any] = {}
     if "--config" in argv:
         i = argv.index("--config")
+        if i + 1 == len(argv) or argv[i + 1].startswith("--"):
+            raise UserInputError(f"--config needs a preset name or YAML file (presets: {', '.join(preset_names())})")
         defaults = load_yaml_preset(argv[i + 1])
         del argv[i : i + 2]
-    parser = HfArgumentParser((ModelArguments, DataArguments, DiaNATrainingArguments))
+    parser = OneLineHfArgumentParser((ModelArguments, DataArguments, DiaNATrainingArguments))
     # A nested mapping cannot be a command-line flag: it bypasses the parser.
     model_config = defaults.pop("model_config", None) if isinstance(defaults.get("model_config"), dict) else None
     known = {a.dest for a in parser._actions}
@@ -155,18 +163,28 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
     return model_args, data_args, training_args
 
 
-def load_yaml_preset(name_or_path: str) -> dict[str, Any]:
+def load_yaml_preset(name_or_path: str, flag: str = "--config") -> dict[str, Any]:
+    """A YAML preset by path, or by name from training/configs/; `flag` names the option in errors."""
     path = Path(name_or_path)
     if not path.exists():
         candidate = CONFIG_DIR / (name_or_path if name_or_path.endswith(".yaml") else f"{name_or_path}.yaml")
         if not candidate.exists():
-            raise FileNotFoundError(f"no config file {name_or_path!r} (nor {candidate})")
+            raise UserInputError(f"{flag} {name_or_path!r}: no such file, nor a preset (presets: "
+                                 f"{', '.join(preset_names())})")
         path = candidate
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as err:
+        raise UserInputError(f"{flag} {path}: not valid YAML: {err}") from err
     if not isinstance(data, dict):
         raise ValueError(f"{path}: the preset must be a YAML mapping, got {type(data).__name__}")
     return data
+
+
+def preset_names() -> list[str]:
+    """The presets of training/configs/ that `--config NAME` finds."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
 
 def load_model_config(value: str) -> dict[str, Any]:

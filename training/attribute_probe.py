@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from diana.processing.cli_errors import ArgumentParser, require_model_folder, require_path, require_range, run_cli
+
 logger = logging.getLogger("diana.attribute_probe")
 
 
@@ -191,7 +193,8 @@ def run(model_dir: str | os.PathLike, data_dir: str | os.PathLike, output_dir: s
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m diana.training.attribute_probe", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a saved DiaNA folder")
     parser.add_argument("--data", required=True, help="a SynthPedes ChatPedes-layout folder")
     parser.add_argument("--output", default=None, help="folder for attribute_probe.json / .png")
@@ -199,6 +202,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     args = parser.parse_args(argv)
+    require_model_folder("--model", args.model)
+    require_path("--data", args.data, "folder")
+    require_range("--train_entries", args.train_entries, 1)
+    require_range("--batch_size", args.batch_size, 1)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     report = run(args.model, args.data, args.output, train_entries=args.train_entries, batch_size=args.batch_size,
                  device=args.device)
@@ -207,4 +214,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

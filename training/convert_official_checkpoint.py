@@ -13,7 +13,6 @@ The official layout is described in /work/shared/reference/official_checkpoint.m
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -24,6 +23,7 @@ from safetensors.torch import load_file
 
 from diana.modeling_diana import DiaNAConfig, DiaNAModel
 from diana.processing import build_processor
+from diana.processing.cli_errors import ArgumentParser, require_path, require_range, run_cli
 
 logger = logging.getLogger(__name__)
 
@@ -223,7 +223,8 @@ def official_processor(config: DiaNAConfig, tokenizer_dir: str | Path | None = N
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m diana.training.convert_official_checkpoint",
+                            description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", required=True, help="official DiaNA folder (config.json + weights)")
     parser.add_argument("--output", required=True, help="folder to write the Hub-loadable DiaNAModel to")
     sdm = parser.add_mutually_exclusive_group()
@@ -241,6 +242,11 @@ def main(argv: list[str] | None = None) -> None:
         help="Llama-3.2 tokenizer folder for the saved processor (default: the one scripts/setup.sh makes)",
     )
     args = parser.parse_args(argv)
+    require_path("--input", args.input, "folder")
+    require_range("--num-attribute-queries", args.num_attribute_queries, 1)
+    require_path("--tokenizer-dir", args.tokenizer_dir, "folder")
+    if Path(args.output).is_file():
+        raise FileExistsError(f"--output {args.output} is a file, not a folder")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     model = convert(
         args.input, args.output, args.enable_sdm, args.enable_refiner, args.num_attribute_queries, args.tokenizer_dir
@@ -253,4 +259,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
@@ -21,11 +20,18 @@ from typing import Any
 
 import torch
 
+from diana.processing.cli_errors import (
+    UserInputError, require_choice, require_choices, require_device, require_model_folder, require_path, require_range,
+    run_cli,
+)
+
 from .evaluation import SCORE_MODES, evaluate_retrieval, format_round_table, write_results
 
 logger = logging.getLogger(__name__)
 
 DATASETS = ("chatpedes", "mals")
+# The splits each data set's builder makes (ChatPedes: validation = held-out train persons).
+SPLITS = {"chatpedes": ("test", "validation"), "mals": ("train",)}
 TABLE_FILE = "round_table.md"
 
 
@@ -226,18 +232,47 @@ def evaluate_folder(
     return results
 
 
+def validate_arguments(args: EvaluateModelArguments, split: str) -> None:
+    """Refuses every argument that cannot work, naming the flag, the value and the valid ones.
+
+    Raises:
+        UserInputError (ValueError).
+    """
+    require_model_folder("--model", args.model)
+    require_path("--data", args.data, "folder")
+    require_choice(f"--split (of --dataset {args.dataset})", split, SPLITS[args.dataset])
+    if split == "validation" and not args.validation_persons:
+        raise UserInputError("--split validation needs --validation_persons N (the training run's value: the "
+                             "split is the N persons it held out of train)")
+    require_range("--validation_persons", args.validation_persons, 0)
+    require_choices("--score_modes", args.score_modes, SCORE_MODES)
+    require_range("--batch_size", args.batch_size, 1)
+    require_range("--max_rounds", args.max_rounds, 1)
+    require_range("--max_samples", args.max_samples, 1)
+    require_range("--num_workers", args.num_workers, 0)
+    require_path("--reference", args.reference, "file")
+    require_path("--tokenizer_dir", args.tokenizer_dir, "folder")
+    require_device("--device", args.device)
+
+
+def read_reference(path: str) -> dict[str, Any]:
+    """The `--reference` curve file (JSON)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as error:
+        raise UserInputError(f"--reference {path}: not valid JSON ({error})") from error
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Parses the arguments, evaluates, prints the table; returns the results."""
-    from transformers import HfArgumentParser
+    from diana.training.arguments import OneLineHfArgumentParser
 
-    # 1. Arguments.
-    (args,) = HfArgumentParser(EvaluateModelArguments).parse_args_into_dataclasses(args=argv)
+    # 1. Arguments, all checked before the model and the data are loaded.
+    (args,) = OneLineHfArgumentParser(EvaluateModelArguments).parse_args_into_dataclasses(args=argv)
+    split = args.split or SPLITS[args.dataset][0]
+    validate_arguments(args, split)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    unknown = [m for m in args.score_modes if m not in SCORE_MODES]
-    if unknown:
-        raise SystemExit(f"--score-modes: unknown {unknown}; choose from {list(SCORE_MODES)}")
-    reference = json.loads(Path(args.reference).read_text()) if args.reference else None
-    split = args.split or ("test" if args.dataset == "chatpedes" else "train")
+    reference = read_reference(args.reference) if args.reference else None
     output_dir = args.output_dir or f"eval_{Path(args.model).resolve().name}_{args.dataset}_{split}"
 
     # 2. Model + data -> the protocol.
@@ -261,4 +296,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_cli(main)

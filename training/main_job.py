@@ -18,13 +18,23 @@ import argparse
 import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
+
+from diana.processing.cli_errors import ArgumentParser, UserInputError, require_range, run_cli
+from diana.training.arguments import load_yaml_preset, parse_args
 
 logger = logging.getLogger("diana.main_job")
 
 
-def parse() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The arguments, every one checked (the presets included) before any data is generated.
+
+    Raises:
+        UserInputError (ValueError): naming the flag, the value and the valid ones.
+    """
+    parser = ArgumentParser(prog="python -m diana.training.main_job", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="outputs/main_job")
     parser.add_argument("--persons", type=int, default=3000,
                         help="SynthPedes persons (train + test); more persons for the same stage-2 steps generalise "
@@ -41,14 +51,48 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--stage2_config", default="stage2_synthpedes_small")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                         help="flags passed to both stages, e.g. --extra --num_train_epochs 1")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not 1 <= args.test_persons <= args.persons - 2:
-        parser.error(f"--test_persons {args.test_persons} must leave at least 2 of --persons {args.persons} for training")
+        raise UserInputError(f"--test_persons {args.test_persons}: must be in [1, {args.persons - 2}] (at least 2 of "
+                             f"--persons {args.persons} stay for training)")
+    for flag in ("images_per_person", "rounds", "mals_images"):
+        require_range(f"--{flag}", getattr(args, flag), 1)
+    for flag in ("stage0_config", "stage1_config", "stage2_config"):
+        if not (flag == "stage0_config" and getattr(args, flag) == "none"):
+            load_yaml_preset(getattr(args, flag), f"--{flag}")
+    # Each stage's arguments (--extra included) are checked now, not after the stages before it have run;
+    # their folders are made by the job, so only their existence is left to the stage.
+    from diana.training.run_stage import validate_arguments
+
+    for name, stage_argv in stage_argvs(args):
+        try:
+            validate_arguments(*parse_args(stage_argv), check_paths=False)
+        except ValueError as error:
+            raise UserInputError(f"{name}: {error}") from error
     return args
 
 
-def main() -> None:
-    args = parse()
+def stage_argvs(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
+    """(name, run_stage arguments) of every stage the job runs, in order."""
+    out = Path(args.output_dir)
+    mals, chatpedes = str(out / "synthpedes" / "mals"), str(out / "synthpedes" / "chatpedes")
+    stages, start_from, freeze = [], [], []
+    if args.stage0_config != "none":
+        stages.append(("stage 0", ["--config", args.stage0_config, "--data_dir", mals,
+                                   "--output_dir", str(out / "stage0"), *args.extra]))
+        # Stages 1 and 2 keep the pretrained tower fixed: contrastive gradients wear the features they
+        # do not need to tell a batch apart down (README, the main job's known limitation).
+        freeze = ["--freeze_vision_model", "true"]
+        start_from = ["--model_name_or_path", str(out / "stage0"), *freeze]
+    stages.append(("stage 1", ["--config", args.stage1_config, "--data_dir", mals, "--output_dir", str(out / "stage1"),
+                               *start_from, *args.extra]))
+    stages.append(("stage 2", ["--config", args.stage2_config, "--data_dir", chatpedes, "--model_name_or_path",
+                               str(out / "stage1"), "--output_dir", str(out / "stage2"), *freeze, *args.extra]))
+    return stages
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     out = Path(args.output_dir)
     start = time.time()
@@ -66,23 +110,9 @@ def main() -> None:
     # 2-3. The stages, exactly as `accelerate launch training/run_stage.py` runs them.
     from diana.training.run_stage import main as run_stage
 
-    start_from = []
-    if args.stage0_config != "none":
-        run_stage(["--config", args.stage0_config, "--data_dir", str(out / "synthpedes" / "mals"),
-                   "--output_dir", str(out / "stage0"), *args.extra])
-        logger.info("stage 0 done at %.0f s", time.time() - start)
-        # Stages 1 and 2 keep the pretrained tower fixed: contrastive gradients wear the features they
-        # do not need to tell a batch apart down (README, the main job's known limitation).
-        freeze = ["--freeze_vision_model", "true"]
-        start_from = ["--model_name_or_path", str(out / "stage0"), *freeze]
-    else:
-        freeze = []
-    run_stage(["--config", args.stage1_config, "--data_dir", str(out / "synthpedes" / "mals"),
-               "--output_dir", str(out / "stage1"), *start_from, *args.extra])
-    logger.info("stage 1 done at %.0f s", time.time() - start)
-    run_stage(["--config", args.stage2_config, "--data_dir", str(out / "synthpedes" / "chatpedes"),
-               "--model_name_or_path", str(out / "stage1"), "--output_dir", str(out / "stage2"), *freeze, *args.extra])
-    logger.info("stage 2 done at %.0f s", time.time() - start)
+    for name, stage_argv in stage_argvs(args):
+        run_stage(stage_argv)
+        logger.info("%s done at %.0f s", name, time.time() - start)
 
     # 4. Held-out test persons, every round count, beside the oracle.
     from diana.training.evaluate_model import evaluate_folder
@@ -129,4 +159,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

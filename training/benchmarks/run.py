@@ -21,12 +21,14 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+from diana.processing.cli_errors import ArgumentParser, require_device, require_path, require_range, run_cli  # noqa: E402
+
 
 def build_parser() -> argparse.ArgumentParser:
     from diana.training.benchmarks import gpu
 
-    parser = argparse.ArgumentParser(prog="python -m diana.training.benchmarks.run", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m diana.training.benchmarks.run", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", choices=("cpu", "gpu", "all"), default="cpu", help="which suite to run")
     parser.add_argument("--tiny", action="store_true", help="tiny configs: a check of the scripts, not a measurement")
     parser.add_argument("--output", required=True, help="JSON file to write")
@@ -39,6 +41,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from diana.training.benchmarks import cpu, gpu, harness
 
     args = build_parser().parse_args(argv)
+    require_range("--train-batch", args.train_batch, 1)
+    require_path("--tokenizer-dir", args.tokenizer_dir, "folder")
+    require_device("--device", args.device)
     out_path = Path(args.output)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     payload: dict[str, Any] = {"command": "python -m diana.training.benchmarks.run " + " ".join(argv or sys.argv[1:])}
@@ -62,4 +67,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
