@@ -48,7 +48,7 @@ class ModelArguments:
     )
     compile_vision: bool = field(
         default=False,
-        metadata={"help": "torch.compile the Swinv2 tower (eager Swinv2 runs at ~6% of an H100's peak; "
+        metadata={"help": "torch.compile the Swinv2 tower (eager Swinv2 runs at ~6%% of an H100's peak; "
                           "compiling nearly doubles its training throughput). GPU runs; not on a CPU."},
     )
     freeze_vision_model: bool = field(
@@ -104,7 +104,7 @@ class DataArguments:
     random_erasing: float = field(
         default=0.5,
         metadata={"help": "Probability of the augmentation's random erasing (IRRA's and the paper's 0.5; 0 = off). "
-                          "The SynthPedes stage-0 preset turns it off: on a 64x32 drawing a rectangle of up to 40% "
+                          "The SynthPedes stage-0 preset turns it off: on a 64x32 drawing a rectangle of up to 40%% "
                           "hides the very attribute (a bag, the top's stripes) a label names."},
     )
     image_cache: bool = field(
