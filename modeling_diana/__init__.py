@@ -1,4 +1,4 @@
-"""DiaNA model: configuration, model and losses (the Hub package; see DESIGN.md §1)."""
+"""DiaNA model: configuration, model and losses (the Hub package)."""
 
 from transformers import AutoConfig, AutoModel
 

@@ -1,4 +1,4 @@
-"""DiaNA's training losses as small pure functions (DESIGN.md §1).
+"""DiaNA's training losses as small pure functions (as in the paper).
 
 Every sample of the same person in the whole (gathered) batch is a positive: the targets are the
 identity-equality matrix, row-normalised. All terms share one inverse temperature.

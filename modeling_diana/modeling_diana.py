@@ -1,5 +1,5 @@
 """PyTorch DiaNA: a Swinv2 image tower and a Llama dialogue tower projected into one joint space, plus an
-attribute refiner shared by both modalities (Bai et al., CVPR 2025; DESIGN.md §1).
+attribute refiner shared by both modalities (Bai et al., CVPR 2025).
 
 This file travels with the weights (trust_remote_code): it imports only torch, transformers and its
 siblings.
@@ -204,7 +204,7 @@ class DiaNAConvStem(nn.Module):
     A patch embedding sees each 4x4 cell alone, so an edge or a thin stripe across two cells is only seen by
     the attention blocks after it; overlapping 3x3 windows see it first. From scratch on SynthPedes the tower
     then learnt hair colour 0.81 -> 0.93, hair length 0.63 -> 0.79 and sleeves 0.79 -> 0.89 in the same
-    2,400 pretraining steps (README, the main job's known limitation). GroupNorm(1, C) rather than BatchNorm:
+    2,400 pretraining steps (RESULTS.md, why the convolutional stem). GroupNorm(1, C) rather than BatchNorm:
     no running statistics, so it behaves the same in training, evaluation and across processes.
     """
 

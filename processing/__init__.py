@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from .processing_diana import DiaNAProcessor
 
 PRESETS = {
-    # DESIGN.md §1: ChatPedes fine-tuning uses CUHK-PEDES statistics and 400 tokens. MALS
+    # As in the paper: ChatPedes fine-tuning uses CUHK-PEDES statistics and 400 tokens. MALS
     # pretraining uses the MALS statistics; its "56" budget is the caption's: the dialogue template
     # around a caption (BOS + system prompt + the longest pool question + "USER:") is already 68
     # tokens, so a total limit of 56 would cut every caption away. 128 = 68 + 56 caption tokens

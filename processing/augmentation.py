@@ -1,4 +1,4 @@
-"""Training-time augmentation for DiaNA (DESIGN.md §1, "Training-time augmentation").
+"""Training-time augmentation for DiaNA (the paper's training-time augmentation).
 
 Four independent pieces, each a small pure function or object driven by an explicit
 `torch.Generator`, so a run is reproducible and a test can pin every random draw:
@@ -29,7 +29,7 @@ from torchvision.transforms import v2
 
 MASK_TOKEN = "<|reserved_special_token_0|>"
 
-# DESIGN.md §1: the pool a MALS caption's question is drawn from; the first one is ChatPedes'
+# As in the paper: the pool a MALS caption's question is drawn from; the first one is ChatPedes'
 # fixed round-1 question, used whenever no random draw is wanted (evaluation, lengths).
 MALS_QUESTIONS: tuple[str, ...] = (
     "Please describe the person you saw.",
@@ -280,7 +280,7 @@ def build_train_image_transform(
     erasing_probability: float = 0.5,
     erasing_scale: tuple[float, float] = (0.02, 0.4),
 ) -> v2.Compose:
-    """The training image pipeline of DESIGN.md §1 as a `torchvision.transforms.v2.Compose`.
+    """The training image pipeline of the paper as a `torchvision.transforms.v2.Compose`.
 
     Order (IRRA's): RGB → resize (H, W) → horizontal flip → pad `padding` (black) → random crop
     back to (H, W) → float in [0, 1] → normalise → random erasing. The erased rectangle is filled

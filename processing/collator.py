@@ -1,5 +1,5 @@
 """Turns ChatPedes / MALS dataset rows into DiaNA model inputs, with the training-time augmentation
-of DESIGN.md §1 behind explicit switches (all off when ``train=False``).
+of the paper behind explicit switches (all off when ``train=False``).
 
 Typical use with the Trainer (``remove_unused_columns=False`` so the rows keep their columns)::
 
@@ -58,7 +58,7 @@ class CollatorStatistics:
         rounds_available: Rounds in the drawn dialogues before R3.
         rounds_kept: Rounds after R3 (equal to `rounds_available` when R3 is off).
         dialogues_truncated: Dialogues whose tokens were cut at `max_length` (right truncation:
-            the tail of the last kept round is lost; the policy of DESIGN.md §1).
+            the tail of the last kept round is lost; the paper's policy).
         rounds_truncated: Rounds (of kept dialogues) cut, wholly or in part, by `max_length`.
         captions: MALS captions wrapped as dialogues.
         captions_cut: Captions longer than 56 words, cut to 56 (APTM's policy).
@@ -495,7 +495,7 @@ def add_length_column(
     """Adds the token count of every row's full dialogue (or wrapped caption) as `column`.
 
     The Trainer's ``train_sampling_strategy="group_by_length"`` reads it (``length_column_name``)
-    instead of tokenising on start-up, so batches are padded to similar lengths (DESIGN.md §6).
+    instead of tokenising on start-up, so batches are padded to similar lengths.
     With R3 the drawn dialogue is a prefix, so the column is an upper bound of the collated length.
     Only the text column is read: images are not decoded.
 

@@ -1,6 +1,6 @@
 """MALS (Yang et al., ACM MM 2023; the APTM release) as a `datasets` builder.
 
-On disk (DESIGN.md §2)::
+On disk (the MALS release's layout)::
 
     data_dir/
       gene_attrs/*.json   91 files; each a list of

@@ -4,7 +4,7 @@ Shipped next to the weights (trust_remote_code), so this file imports only torch
 PIL, numpy, the standard library and its sibling `image_loading` (copied along by
 `save_pretrained`: it turns every image input into the RGB picture the model sees).
 
-The dialogue text must match what DiaNA was trained on (DESIGN.md §1):
+The dialogue text must match what DiaNA was trained on (the official code's template):
 
     {system prompt}\\n\\nASSISTANT: {q1}\\nUSER: {a1}\\nASSISTANT: {q2}\\nUSER: {a2}...
 
@@ -62,7 +62,7 @@ BOS_TOKEN = "<|begin_of_text|>"
 TOKENIZATIONS = ("rounds", "official")
 PAD_TOKEN = "<|finetune_right_pad_id|>"
 
-# Image statistics (DESIGN.md §1): CUHK-PEDES for ChatPedes fine-tuning, MALS for pretraining.
+# Image statistics (the official code's template): CUHK-PEDES for ChatPedes fine-tuning, MALS for pretraining.
 CUHK_PEDES_MEAN = (0.38901, 0.36516, 0.34836)
 CUHK_PEDES_STD = (0.24344, 0.23739, 0.23369)
 MALS_MEAN = (0.44168, 0.41813, 0.42375)

@@ -683,7 +683,7 @@ class ChatSearchSession:
 
     @property
     def first_question(self) -> str:
-        """The fixed question of round 1 (DESIGN.md §1)."""
+        """The fixed question of round 1 (as in the paper)."""
         return "Please describe the person you saw."
 
     def start(self, description: str) -> RoundResult:

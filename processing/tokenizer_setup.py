@@ -236,7 +236,7 @@ def convert(model_bytes: bytes, source: str):
         bos_token=BOS_TOKEN,
         eos_token=EOS_TOKEN,
         pad_token=PAD_TOKEN,
-        # DESIGN.md §1: BOS prepended, no EOS; right padding because the model pools the last
+        # As in the paper: BOS prepended, no EOS; right padding because the model pools the last
         # non-pad token.
         add_bos_token=True,
         add_eos_token=False,

@@ -12,7 +12,7 @@ PY=${PYTHON:-python3}
 . .venv/bin/activate
 python -m pip install -q --upgrade "pip<26.2"
 # torch + torchvision as a pair: PyPI's torchvision does not import beside the local CPU torch 2.13
-# wheel; 2.14.1/0.29.1 (a CUDA build that runs on the CPU) does (../shared/notes/stack.md).
+# wheel; 2.14.1/0.29.1 (a CUDA build that runs on the CPU) does.
 python -c "import torch, torchvision" 2>/dev/null || pip install -q torch==2.14.1 torchvision==0.29.1
 pip install -q -e ".[test]"
 python -m diana.processing.tokenizer_setup

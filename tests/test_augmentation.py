@@ -292,6 +292,6 @@ def test_default_padding_is_the_papers_10_pixels_scaled_to_the_image_width():
         transform = build_train_image_transform(size, (0.5,) * 3, (0.5,) * 3)
         return [t.padding for t in transform.transforms if isinstance(t, v2.Pad)]
 
-    assert pads((384, 192)) == [10]  # DESIGN.md §1
+    assert pads((384, 192)) == [10]  # the paper's pad of 10
     assert pads((64, 32)) == [2]     # not a third of a 32-px-wide person
     assert pads((768, 384)) == [20]

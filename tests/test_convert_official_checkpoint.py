@@ -1,5 +1,5 @@
-"""The official-checkpoint converter: a state dict in the official layout (/work/shared/reference/
-official_checkpoint.md), produced by a small slow re-implementation of the official computation written
+"""The official-checkpoint converter: a state dict in the official layout (the released
+checkpoints'), produced by a small slow re-implementation of the official computation written
 here, must give the same features, attribute embeddings, similarities and losses after conversion."""
 
 from __future__ import annotations

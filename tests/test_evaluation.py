@@ -1,4 +1,4 @@
-"""The retrieval protocol (DESIGN.md §3): one-pass per-round evaluation against encoding every
+"""The retrieval protocol: one-pass per-round evaluation against encoding every
 prefix separately, gallery de-duplication, sharding over two processes, report files and table."""
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from PIL import Image
 from diana.processing import build_processor
 from diana.processing.processing_diana import DialogueError, DiaNAProcessor, ImageInputError
 
-# DESIGN.md §1, typed out again here so a typo in the code cannot hide behind a shared constant.
+# The official system prompt, typed out again here so a typo in the code cannot hide behind a shared constant.
 SYSTEM = (
     "You are an intelligent system designed to retrieve pedestrian images from dialogues. Extract key attributes "
     "such as clothing, accessories, gender, and distinctive features from the conversation. Use the aggregated "
@@ -301,7 +301,7 @@ def test_pretrain_preset_keeps_a_56_word_caption_and_uses_mals_statistics(tokeni
     assert out["input_ids"][1, : out["attention_mask"][1].sum()].tolist() == ids_of(pre, short, truncation=False)
     assert out["round_truncated"].tolist() == [[True], [False]]
     assert out["round_end_positions"][:, 0].tolist() == [127, len(ids_of(pre, short, truncation=False)) - 1]
-    # DESIGN.md's literal 56-token limit still works per call, and shows why the preset is 128: the
+    # The paper's literal 56-token limit still works per call, and shows why the preset is 128: the
     # template alone fills it, so even a short caption is cut away (flagged, round end at 55).
     at56 = pre(dialogues=[caption, short], max_length=56, return_round_ends=True)
     assert at56["input_ids"].shape == (2, 56)

@@ -98,7 +98,7 @@ def test_stage1_writes_a_remote_code_folder_and_logs_its_loss_terms(stage1_dir):
     steps = [entry for entry in log_history(stage1_dir) if "loss" in entry]
     assert len(steps) == 2
     for entry in steps:
-        # Stage 1 = ITC on the global and the attribute similarity, no SDM (DESIGN.md §1).
+        # Stage 1 = ITC on the global and the attribute similarity, no SDM (as in the paper).
         assert {"itc_loss", "refiner_loss", "logit_scale"} <= entry.keys() and "sdm_loss" not in entry
         assert entry["loss"] == pytest.approx(entry["itc_loss"] + entry["refiner_loss"], rel=1e-3)
 

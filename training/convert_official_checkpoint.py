@@ -6,7 +6,7 @@
 The output folder also holds a `DiaNAProcessor` with the official tokenisation (`tokenization="official"`:
 every round prefix tokenised as one string, the ids the official weights were trained on).
 
-The official layout is described in /work/shared/reference/official_checkpoint.md: a `config.json` with
+The official layout (the released `byougert/DiaNA` checkpoints): a `config.json` with
 `model_type` "main" (`embed_dim`, `vision_config`, `llama_config`, `refiner_config`, `logit_scale`,
 `force_image_size`) next to `model.safetensors` or `pytorch_model.bin`.
 """

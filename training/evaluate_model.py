@@ -3,7 +3,7 @@
     python -m diana.training.evaluate_model --model outputs/main_job/stage2 \\
         --data outputs/main_job/synthpedes/chatpedes --split test --batch-size 64
 
-Prints the per-round table (DESIGN.md §3, every score mode) and writes `eval_results.json`,
+Prints the per-round table (every score mode) and writes `eval_results.json`,
 `per_round_curves.png` and `round_table.md` to `--output-dir`. The same protocol as
 `DiaNATrainer.evaluate`, without training.
 """

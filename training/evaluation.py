@@ -1,11 +1,11 @@
-"""The retrieval evaluation protocol of DESIGN.md §3.
+"""The retrieval evaluation protocol (README, Evaluate).
 
 Text -> image over one split: the gallery is every distinct image of the split, the queries are
 every dialogue, a hit is any gallery image of the query's person. Metrics for the first k rounds
 of every dialogue (k = 1..R, independent, as the paper), for the full dialogue, and the ChatIR
 cumulative Hits@10, for each score mode (global / attribute / fused).
 
-Cost model (DESIGN.md §6, ChatIR `eval.py`): the gallery is encoded once; every dialogue is
+Cost model (as ChatIR's `eval.py`): the gallery is encoded once; every dialogue is
 tokenised once and encoded once: the dialogue tower is causal and pools one position, so the
 vector of "the first k rounds" is read at the end of round k of the full dialogue
 (`round_end_positions`). With the processor's official tokenisation a prefix's ids are not a
@@ -408,7 +408,7 @@ def evaluate_retrieval(
     desc: str = "eval",
     on_bad_image: str = "error",
 ) -> dict[str, Any]:
-    """Text -> image retrieval on one split, per round, for every score mode (DESIGN.md §3).
+    """Text -> image retrieval on one split, per round, for every score mode.
 
     Args:
         model: a `DiaNAModel` (or anything with `encode_images`, `encode_dialogues`, `similarity`);

@@ -81,7 +81,7 @@ def stage_argvs(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
         stages.append(("stage 0", ["--config", args.stage0_config, "--data_dir", mals,
                                    "--output_dir", str(out / "stage0"), *args.extra]))
         # Stages 1 and 2 keep the pretrained tower fixed: contrastive gradients wear the features they
-        # do not need to tell a batch apart down (README, the main job's known limitation).
+        # do not need to tell a batch apart down (RESULTS.md).
         freeze = ["--freeze_vision_model", "true"]
         start_from = ["--model_name_or_path", str(out / "stage0"), *freeze]
     stages.append(("stage 1", ["--config", args.stage1_config, "--data_dir", mals, "--output_dir", str(out / "stage1"),

@@ -1,4 +1,4 @@
-"""Text-to-image retrieval metrics as pure tensor functions (DESIGN.md §3).
+"""Text-to-image retrieval metrics as pure tensor functions.
 
 Identity-level ranking in the IRRA style (`utils/metrics.py::rank`): a query's positives are every
 gallery item of the same person. Rankings sort each similarity row in descending order with a
@@ -84,7 +84,7 @@ def _ranked_matches(
             q = start + int(missing[0])
             raise ValueError(
                 f"query {q} (person id {int(query_ids[q])}) has no positive in the gallery: every query's "
-                "person must have at least one gallery image (DESIGN.md §3)"
+                "person must have at least one gallery image"
             )
         yield matches
 

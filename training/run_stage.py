@@ -1,6 +1,6 @@
 """Train one DiaNA stage: `accelerate launch training/run_stage.py --config <preset>.yaml [--flag value ...]`.
 
-Stage 1 pretrains on MALS, stage 2 fine-tunes on ChatPedes from the stage 1 folder (DESIGN.md §1).
+Stage 1 pretrains on MALS, stage 2 fine-tunes on ChatPedes from the stage 1 folder (as in the paper).
 Presets live in training/configs/ (paper recipe and small SynthPedes versions for a CPU). Runs on
 one CPU process, on several processes (ACCELERATE_USE_CPU=1 ... --multi_gpu) and on GPUs.
 """
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
     if model_args.lora_rank > 0:
         model = wrap_with_lora(model, model_args, training_args.output_dir)
     if not model_config_of(model).use_refiner_loss:
-        # The refiner gets no gradient; DDP must be told (../shared/notes/stack.md).
+        # The refiner gets no gradient; DDP must be told.
         training_args.ddp_find_unused_parameters = True
 
     if data_args.image_cache and not data_args.image_augmentation:
@@ -389,7 +389,7 @@ def build_model(model_args: ModelArguments) -> DiaNAModel:
         for key, value in overrides.items():
             setattr(config, key, value)
         if config.num_attribute_queries != old_k:
-            # Stage 1 uses K = 24, stage 2 K = 16: the queries cannot carry over (DESIGN.md §1).
+            # Stage 1 uses K = 24, stage 2 K = 16: the queries cannot carry over (as in the paper).
             logger.warning("attribute queries re-initialised: %s has K=%d, this stage uses K=%d",
                            model_args.model_name_or_path, old_k, config.num_attribute_queries)
         model = DiaNAModel.from_pretrained(

@@ -1,5 +1,5 @@
 """`DiaNATrainer`: the stock `Trainer` plus DiaNA's loss terms in the logs, the retrieval
-protocol (DESIGN.md §3) as `evaluate()`, exact resumption and checkpoints that are never half written."""
+protocol as `evaluate()`, exact resumption and checkpoints that are never half written."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ class DiaNATrainer(Trainer):
     """
 
     # The contrastive loss is a per-batch mean, not a sum over items: the Trainer must divide it
-    # by the accumulation steps itself (../shared/notes/stack.md).
+    # by the accumulation steps itself.
     loss_is_scaled_for_ga = False
 
     def __init__(self, *args, eval_score_modes: tuple[str, ...] = ("global", "attribute", "fused"),

@@ -1,6 +1,6 @@
 """Image-tower pretraining on MALS's own supervision (`--objective image_attributes`).
 
-DiaNA starts its image tower from an ImageNet-22k Swinv2 (DESIGN.md §1). A run that cannot load one
+DiaNA starts its image tower from an ImageNet-22k Swinv2 (as in the paper). A run that cannot load one
 (the SynthPedes presets: nothing is downloaded, everything starts random) first teaches the random
 tower to see, with the supervision every MALS record already carries:
 

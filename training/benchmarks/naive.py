@@ -6,7 +6,7 @@
 - plain towers: eager attention in Llama, an eager Swinv2, the default (for-each) AdamW.
 
 The prefix of k rounds is cut from the full dialogue's ids: the processor's tokenisation is
-prefix-consistent (DESIGN.md, processor contract), so this equals re-tokenising the prefix. With the
+prefix-consistent (the processor's contract), so this equals re-tokenising the prefix. With the
 official tokenisation it is not, and `encode_official_prefixes` tokenises every prefix on its own.
 """
 
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from diana.processing.tokenizer_setup import PAD_TOKEN_ID
 
-# The official fine-tuning length (DESIGN.md §1): every dialogue was padded to it.
+# The official fine-tuning length (the official code's template): every dialogue was padded to it.
 NAIVE_MAX_LENGTH = 400
 
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 from diana.processing.tokenizer_setup import BOS_TOKEN_ID, PAD_TOKEN_ID
 
-# ChatPedes' test split (DESIGN.md §2): 3,074 images of 1,000 people; every image has two dialogues
+# ChatPedes' test split (the MALS release's layout): 3,074 images of 1,000 people; every image has two dialogues
 # of ten rounds in the released annotations, hence ~6k queries.
 CHATPEDES_TEST_IMAGES = 3074
 CHATPEDES_IMAGES = 37128  # train + test: what the builder checks

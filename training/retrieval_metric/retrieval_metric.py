@@ -1,4 +1,4 @@
-"""`evaluate` metric module for identity-level text-to-image retrieval (DiaNA, DESIGN.md §3).
+"""`evaluate` metric module for identity-level text-to-image retrieval (DiaNA).
 
 Load it from its folder (offline): `evaluate.load("path/to/training/retrieval_metric")`.
 The numbers come from `diana.training.metrics.retrieval_metrics`, so the module needs the
