@@ -16,7 +16,7 @@ from PIL import Image
 
 from diana.hub_cards import export
 from diana.modeling_diana import DiaNAModel
-from diana.processing import search_cli, synthpedes
+from diana.processing import search_cli, synthpedes, tokenizer_setup
 from diana.processing.cli_errors import ArgumentParser, UserInputError, run_cli
 from diana.training import (
     attribute_probe, convert_official_checkpoint, evaluate_model, main_job, run_stage,
@@ -307,3 +307,23 @@ def test_export_main_job_synthpedes_convert_probe_and_benchmarks_refuse_bad_argu
         benchmarks_run.main(["--suite", "gpus", "--output", str(tmp_path / "b.json")])
     with pytest.raises(UserInputError, match=r"--device 'gpu': not a device"):
         benchmarks_run.main(["--device", "gpu", "--output", str(tmp_path / "b.json")])
+
+
+@pytest.mark.parametrize("name", [
+    "run_stage", "evaluate_model", "search_cli index", "search_cli search", "export", "main_job",
+    "synthpedes", "convert_official_checkpoint", "attribute_probe", "tokenizer_setup", "benchmarks",
+])
+def test_every_entry_point_prints_its_help(name, capsys):
+    """`--help` exits 0 and prints usage: a help text with a stray '%' made argparse raise instead."""
+    mains = {
+        "run_stage": run_stage.main, "evaluate_model": evaluate_model.main, "export": export.main,
+        "search_cli index": lambda argv: search_cli.main(["index", *argv]),
+        "search_cli search": lambda argv: search_cli.main(["search", *argv]),
+        "main_job": main_job.main, "synthpedes": synthpedes.main,
+        "convert_official_checkpoint": convert_official_checkpoint.main, "attribute_probe": attribute_probe.main,
+        "tokenizer_setup": tokenizer_setup.main, "benchmarks": benchmarks_run.main,
+    }
+    with pytest.raises(SystemExit) as exit_info:
+        mains[name](["--help"])
+    assert exit_info.value.code == 0
+    assert "usage:" in capsys.readouterr().out
