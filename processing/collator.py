@@ -319,6 +319,22 @@ class DiaNACollator:
         counts["rounds_kept"] += len(rounds)
         return rounds  # type: ignore[return-value]
 
+    def load_image_or_skip(self, row: Mapping[str, Any], where: str, counts: dict[str, int], batch_size: int) -> Any:
+        """The row's image, or None when it cannot be loaded and ``on_bad_image="skip"`` (then counted in
+        ``counts["images_skipped"]``, kept in `skipped_images` and logged with its file)."""
+        try:
+            return self.load_image(row["image"], where)
+        except ImageInputError as error:
+            if self.on_bad_image == "error":
+                raise
+            if counts["images_skipped"] == batch_size - 1:
+                raise ImageInputError(f"no image of the batch could be loaded (on_bad_image='skip' cannot "
+                                      f"return an empty batch); the last one: {error}") from error
+            counts["images_skipped"] += 1
+            self.skipped_images.append(str(error))
+            logger.warning("skipped a row whose image cannot be loaded (on_bad_image='skip'): %s", error)
+            return None
+
     def load_image(self, value: Any, where: str) -> Any:
         """The row's image for `pixel_values`: an RGB PIL image (`image_loading.load_rgb_pil`), or with
         ``image_cache`` its kept resized tensor (loaded and resized on first sight).
@@ -369,17 +385,8 @@ class DiaNACollator:
                 raise KeyError(f"{where}: the row has no 'image' column")
             rounds = self._rounds(row, where, generator, counts)
             person_id = self._person_id(row, where)
-            try:
-                image = self.load_image(row["image"], where)
-            except ImageInputError as error:
-                if self.on_bad_image == "error":
-                    raise
-                if counts["images_skipped"] == len(rows) - 1:
-                    raise ImageInputError(f"no image of the batch could be loaded (on_bad_image='skip' cannot "
-                                          f"return an empty batch); the last one: {error}") from error
-                counts["images_skipped"] += 1
-                self.skipped_images.append(str(error))
-                logger.warning("skipped a row whose image cannot be loaded (on_bad_image='skip'): %s", error)
+            image = self.load_image_or_skip(row, where, counts, len(rows))
+            if image is None:
                 continue
             dialogues.append(rounds)
             images.append(image)

@@ -244,6 +244,29 @@ def test_skip_policies_count_broken_files_and_keep_the_rest(tiny_processor, file
     assert loaded.tolist() == [True, False, False, False, True] and torch.equal(evaluated[loaded], reference)
 
 
+
+def test_stage0_collator_skips_and_counts_broken_files_or_names_them(tiny_processor, files, broken):
+    """Stage 0 reads MALS-layout rows (whose default check only stats the file): a file that fails there
+    is named, or under skip left out with its caption's targets and counted, like the retrieval collator."""
+    from diana.training.vision_pretraining import VisionPretrainingCollator
+
+    good = files[:2]
+    mixed = [good[0], *broken, good[1]]
+    captions = ["a red coat", "x", "y", "z", "a blue bag"]
+    rows = [{"image": {"path": p, "bytes": None}, "caption": c, "attributes": [i] * 27}
+            for i, (p, c) in enumerate(zip(mixed, captions))]
+    vocabulary = ["red", "blue", "bag"]
+    strict = VisionPretrainingCollator(tiny_processor, vocabulary, train=False, image_augmentation=False)
+    with pytest.raises(ImageInputError, match=rf"{broken[0]}, batch row 1"):
+        strict(rows)
+    collator = VisionPretrainingCollator(tiny_processor, vocabulary, train=False, image_augmentation=False,
+                                         on_bad_image="skip")
+    batch = collator(rows)
+    assert torch.equal(batch["pixel_values"], tiny_processor(images=good)["pixel_values"])
+    assert batch["ngram_targets"].tolist() == [[1, 0, 0], [0, 1, 1]]
+    assert batch["label_targets"][:, 0].tolist() == [0, 4]
+    assert collator.statistics.images_skipped == 3 and len(collator.skipped_images) == 3
+
 def test_index_command_skips_a_bomb_in_the_gallery_folder(tiny_processor, files, broken, tmp_path):
     import shutil
 

@@ -300,7 +300,8 @@ def run_vision_pretraining(model: DiaNAModel, processor, train_dataset, model_ar
     logger.info("image-tower heads: %s", ", ".join(readouts) + (f" ({num_tokens} final tokens)" if num_tokens else ""))
     collator = VisionPretrainingCollator(processor, vocabulary, image_augmentation=data_args.image_augmentation,
                                          seed=training_args.seed, image_cache=data_args.image_cache,
-                                         image_augmentation_kwargs={"erasing_probability": data_args.random_erasing})
+                                         image_augmentation_kwargs={"erasing_probability": data_args.random_erasing},
+                                         on_bad_image=data_args.on_missing_image)
     trainer = VisionPretrainingTrainer(model=trainee, args=training_args, data_collator=collator,
                                        train_dataset=train_dataset, processing_class=processor, callbacks=callbacks)
     train(trainer, training_args)

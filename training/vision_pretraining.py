@@ -193,10 +193,10 @@ class VisionPretrainingCollator(DiaNACollator):
 
     def __init__(self, processor: Any, vocabulary: Sequence[str], *, num_labels: int = 27, train: bool = True,
                  image_augmentation: bool = True, seed: int | None = None, image_cache: bool = False,
-                 image_augmentation_kwargs: Mapping[str, Any] | None = None):
+                 image_augmentation_kwargs: Mapping[str, Any] | None = None, on_bad_image: str = "error"):
         super().__init__(processor, train=train, round_retaining=False, token_masking=0.0,
                          image_augmentation=image_augmentation, mals_captions=True, seed=seed, image_cache=image_cache,
-                         image_augmentation_kwargs=image_augmentation_kwargs)
+                         image_augmentation_kwargs=image_augmentation_kwargs, on_bad_image=on_bad_image)
         self.vocabulary = list(vocabulary)
         self.index = {g: i for i, g in enumerate(self.vocabulary)}
         self.num_labels = num_labels
@@ -204,9 +204,8 @@ class VisionPretrainingCollator(DiaNACollator):
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         if isinstance(rows, Mapping) or not isinstance(rows, Sequence) or not rows:
             raise TypeError("VisionPretrainingCollator expects a non-empty list of row dicts")
-        images = []
-        ngrams = torch.zeros(len(rows), len(self.vocabulary))
-        labels = torch.full((len(rows), self.num_labels), -1, dtype=torch.long)
+        counts = {"images_skipped": 0}
+        images, kept = [], []
         for index, row in enumerate(rows):
             where = self._describe(row, index)
             for key in ("image", "caption"):
@@ -214,15 +213,24 @@ class VisionPretrainingCollator(DiaNACollator):
                     raise KeyError(f"{where}: the row has no {key!r} column (a MALS row is needed)")
             if not isinstance(row["caption"], str):
                 raise TypeError(f"{where}: 'caption' must be a str, got {type(row['caption']).__name__}")
-            images.append(self.load_image(row["image"], where))
-            for gram in caption_ngrams(row["caption"]):
-                if gram in self.index:
-                    ngrams[index, self.index[gram]] = 1.0
             if self.num_labels:
                 values = row.get("attributes")
                 if values is None or len(values) != self.num_labels:
                     raise ValueError(f"{where}: 'attributes' must hold {self.num_labels} labels, got {values!r}")
-                labels[index] = torch.as_tensor(values, dtype=torch.long)
+            image = self.load_image_or_skip(row, where, counts, len(rows))
+            if image is not None:
+                images.append(image)
+                kept.append(row)
+        self.statistics.update({"images_skipped": counts["images_skipped"]})
+        ngrams = torch.zeros(len(kept), len(self.vocabulary))
+        labels = torch.full((len(kept), self.num_labels), -1, dtype=torch.long)
+        for index, row in enumerate(kept):
+            for gram in caption_ngrams(row["caption"]):
+                if gram in self.index:
+                    ngrams[index, self.index[gram]] = 1.0
+            if self.num_labels:
+                labels[index] = torch.as_tensor(row["attributes"], dtype=torch.long)
+        # The augmentation's draws stay keyed to the whole batch's rows, so skipping does not move them.
         pixel_values = self.pixel_values(images, self._batch_generator(rows) if self.train else None)
         return {"pixel_values": pixel_values, "ngram_targets": ngrams, "label_targets": labels}
 
