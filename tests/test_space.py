@@ -15,7 +15,7 @@ from PIL import Image
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-from diana.hub_cards.space.app import DemoBackend, build_demo, default_model_id, find_example_galleries  # noqa: E402
+from diana.hub_cards.space.app import DemoBackend, build_demo, cli, default_model_id, find_example_galleries  # noqa: E402
 from diana.modeling_diana import DiaNAModel  # noqa: E402
 from diana.processing.search import GalleryIndex  # noqa: E402
 from tests.helpers import tiny_config  # noqa: E402
@@ -195,3 +195,14 @@ def test_prepared_space_folder_is_self_contained(tmp_path):
                             timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "(40, 20, 3)"
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--model", "m", "--top-k", "x"], "argument --top-k: invalid int value: 'x'"),
+    (["--model", "no/such/folder"], "--model: model folder not found: no/such/folder"),
+])
+def test_app_errors_are_one_line_exit_2(argv, says, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli(argv)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"error: {says}\n"

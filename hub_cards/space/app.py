@@ -152,14 +152,25 @@ def load_backend(model_ref: str, revision: str | None, examples: str | None, k: 
     """Load the model (a local folder or a Hub id) with its remote code."""
     from transformers import AutoModel, AutoProcessor
 
+    looks_local = model_ref.startswith((".", "/", "~")) or model_ref.count("/") != 1
+    if looks_local and not Path(model_ref).expanduser().is_dir():
+        raise FileNotFoundError(f"--model: model folder not found: {model_ref}")
     model = AutoModel.from_pretrained(model_ref, trust_remote_code=True, revision=revision)
     processor = AutoProcessor.from_pretrained(model_ref, trust_remote_code=True, revision=revision)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     return DemoBackend(model, processor, find_example_galleries(examples), k=k)
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Argument errors as one `error: ...` line, exit status 2 (the project's commands do the same)."""
+
+    def error(self, message: str):
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="DiaNA chat search demo")
+    parser = _OneLineParser(description="DiaNA chat search demo")
     parser.add_argument("--model", default=os.environ.get("MODEL_ID") or default_model_id(),
                         help="exported folder or Hub id (default: env MODEL_ID, else README models[0])")
     parser.add_argument("--revision", default=os.environ.get("MODEL_REVISION"), help="Hub revision (env MODEL_REVISION)")
@@ -174,5 +185,17 @@ def main(argv: list[str] | None = None) -> None:
     demo.launch(server_name=args.host, server_port=args.port)
 
 
+def cli(argv: list[str] | None = None) -> None:
+    """`main` with a user's mistake (a missing model or gallery folder, an unreadable image) as one
+    `error: ...` line and exit status 2; DIANA_DEBUG=1 keeps the traceback."""
+    try:
+        main(argv)
+    except (OSError, ValueError) as error:
+        if os.environ.get("DIANA_DEBUG"):
+            raise
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 if __name__ == "__main__":
-    main()
+    cli()
