@@ -127,16 +127,25 @@ def single_core() -> Any:
 
 
 # ----------------------------------------------------------------------------------- 1. per-round eval
-@torch.no_grad()
-def bench_per_round_eval(processor, settings: CpuSettings, config: DiaNAConfig) -> dict[str, Any]:
-    """Per-round dialogue encoding: one pass with round ends vs re-encoding every prefix."""
+def _eval_model_and_dialogues(settings: CpuSettings, config: DiaNAConfig) -> tuple[DiaNAModel, list[Any]]:
+    """The per-round benchmarks' model (seed 0, SDPA text tower, eval mode) and their dialogues."""
     torch.manual_seed(0)
     model = DiaNAModel(config).eval()
     model.text_model.set_attn_implementation("sdpa")
-    dialogues = workloads.make_dialogues(settings.eval_dialogues, rounds=settings.rounds, seed=0)
+    return model, workloads.make_dialogues(settings.eval_dialogues, rounds=settings.rounds, seed=0)
+
+
+def _batch_slices(n: int, size: int) -> list[slice]:
+    return [slice(i, i + size) for i in range(0, n, size)]
+
+
+@torch.no_grad()
+def bench_per_round_eval(processor, settings: CpuSettings, config: DiaNAConfig) -> dict[str, Any]:
+    """Per-round dialogue encoding: one pass with round ends vs re-encoding every prefix."""
+    model, dialogues = _eval_model_and_dialogues(settings, config)
     enc = processor(dialogues=dialogues, return_round_ends=True, return_tensors="pt")
     ids, mask, ends = enc["input_ids"], enc["attention_mask"], enc["round_end_positions"]
-    batches = [slice(i, i + settings.eval_batch) for i in range(0, ids.shape[0], settings.eval_batch)]
+    batches = _batch_slices(ids.shape[0], settings.eval_batch)
 
     def one_pass_rounds() -> None:
         for b in batches:
@@ -190,13 +199,10 @@ def bench_official_per_round_eval(processor, settings: CpuSettings, config: DiaN
 
     official = copy.copy(processor)
     official.tokenization = "official"
-    torch.manual_seed(0)
-    model = DiaNAModel(config).eval()
-    model.text_model.set_attn_implementation("sdpa")
-    dialogues = workloads.make_dialogues(settings.eval_dialogues, rounds=settings.rounds, seed=0)
+    model, dialogues = _eval_model_and_dialogues(settings, config)
     enc = official(dialogues=dialogues, return_round_ends=True, return_tensors="pt")
     ids, mask, views = enc["input_ids"], enc["attention_mask"], enc["round_token_mask"]
-    batches = [slice(i, i + settings.eval_batch) for i in range(0, ids.shape[0], settings.eval_batch)]
+    batches = _batch_slices(ids.shape[0], settings.eval_batch)
 
     def one_pass_packed() -> None:
         for b in batches:
