@@ -327,3 +327,31 @@ def test_every_entry_point_prints_its_help(name, capsys):
         mains[name](["--help"])
     assert exit_info.value.code == 0
     assert "usage:" in capsys.readouterr().out
+
+
+def test_diana_command_routes_each_subcommand_to_its_command(capsys, monkeypatch):
+    """`diana SUB args` runs that command's main on args (index/search with their own subcommand first);
+    an unknown or missing subcommand is one line with exit status 2."""
+    from diana.training import cli
+
+    assert set(cli.SUBCOMMANDS) >= {"train", "evaluate", "probe", "export", "index", "search", "synthpedes",
+                                     "convert", "benchmark"}
+    seen = {}
+    monkeypatch.setattr(search_cli, "main", lambda argv: seen.setdefault("search_cli", argv) and 0)
+    monkeypatch.setattr(synthpedes, "main", lambda argv: seen.setdefault("synthpedes", argv) and 0)
+    assert cli.dispatch(["search", "--index", "g.safetensors"]) == 0
+    cli.dispatch(["synthpedes", "--persons", "3"])
+    assert seen == {"search_cli": ["search", "--index", "g.safetensors"], "synthpedes": ["--persons", "3"]}
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    listing = capsys.readouterr().out
+    assert exit_info.value.code == 0 and all(f"  {name} " in listing for name in cli.SUBCOMMANDS)
+    for argv, says in ((["trian"], "unknown subcommand 'trian'"), ([], "a subcommand is needed")):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.startswith(f"error: {says}") and err.count("\n") == 1
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["evaluate", "--help"])
+    assert exit_info.value.code == 0 and "--split" in capsys.readouterr().out

@@ -1,0 +1,72 @@
+"""The `diana` command: one entry point whose subcommands are the project's commands.
+
+    diana train --config stage2_synthpedes_small ...   (= python training/run_stage.py; for several
+                                                        processes: accelerate launch training/run_stage.py)
+    diana evaluate --model_name_or_path DIR ...        (= python -m diana.training.evaluate_model)
+    diana index ... / diana search ...                 (= python -m diana.processing.search_cli index|search)
+
+Each subcommand hands the rest of the line to that command's own parser, so `diana SUB --help` shows
+its flags, and its errors are the command's one-line errors (exit status 2).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any, Callable, Sequence
+
+from diana.processing.cli_errors import UserInputError, run_cli
+
+# subcommand -> (module whose `main(argv)` runs it, arguments put before the user's, what it does)
+SUBCOMMANDS: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "train": ("diana.training.run_stage", (), "train one stage (stage 0, 1 or 2) from a preset"),
+    "evaluate": ("diana.training.evaluate_model", (), "per-round retrieval evaluation of a model folder"),
+    "probe": ("diana.training.attribute_probe", (), "attribute probe of a model's embeddings (SynthPedes)"),
+    "index": ("diana.processing.search_cli", ("index",), "index a folder of photos or a data set split"),
+    "search": ("diana.processing.search_cli", ("search",), "chat with an indexed gallery"),
+    "export": ("diana.hub_cards.export", (), "export a Hub-ready folder (card, code, checks), optionally push"),
+    "convert": ("diana.training.convert_official_checkpoint", (), "convert an official DiaNA checkpoint"),
+    "synthpedes": ("diana.processing.synthpedes", (), "generate SynthPedes data in both layouts"),
+    "main-job": ("diana.training.main_job", (), "the whole SynthPedes job of `make main`"),
+    "benchmark": ("diana.training.benchmarks.run", (), "the CPU / GPU benchmark suites"),
+    "setup-tokenizer": ("diana.processing.tokenizer_setup", (), "fetch and convert the Llama-3.2 tokenizer"),
+}
+# Errors that a subcommand raises only for what the user can fix, beyond the shared ones.
+_ALSO_USER_ERRORS: dict[str, tuple[type[BaseException], ...]] = {"setup-tokenizer": (RuntimeError,)}
+
+
+def usage() -> str:
+    """The `diana --help` text: one line per subcommand."""
+    width = max(map(len, SUBCOMMANDS))
+    lines = [f"  {name:<{width}}  {about}" for name, (_, _, about) in SUBCOMMANDS.items()]
+    return "usage: diana SUBCOMMAND [ARGS ...]   (diana SUBCOMMAND --help for its flags)\n\nsubcommands:\n" + "\n".join(lines)
+
+
+def resolve(argv: Sequence[str]) -> tuple[Callable[[list[str]], Any], list[str]]:
+    """(the subcommand's `main`, the argument list for it) for `diana argv...`."""
+    if not argv:
+        raise UserInputError(f"a subcommand is needed: one of {', '.join(SUBCOMMANDS)} (diana --help)")
+    name, *rest = argv
+    if name not in SUBCOMMANDS:
+        raise UserInputError(f"unknown subcommand {name!r}: one of {', '.join(SUBCOMMANDS)}")
+    module, prefix, _ = SUBCOMMANDS[name]
+    return importlib.import_module(module).main, [*prefix, *rest]
+
+
+def dispatch(argv: list[str]) -> Any:
+    """Runs `diana argv...`: the subcommand's `main` on the rest of the line; returns its result."""
+    command, rest = resolve(argv)
+    return command(rest)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console-script entry point (setup.cfg): `diana SUBCOMMAND ...`; exits like the subcommand."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["-h"], ["--help"]):
+        print(usage())
+        sys.exit(0)
+    run_cli(dispatch, argv, also=_ALSO_USER_ERRORS.get(argv[0] if argv else "", ()))
+
+
+if __name__ == "__main__":
+    main()
