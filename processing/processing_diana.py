@@ -62,7 +62,7 @@ BOS_TOKEN = "<|begin_of_text|>"
 TOKENIZATIONS = ("rounds", "official")
 PAD_TOKEN = "<|finetune_right_pad_id|>"
 
-# Image statistics (the official code's template): CUHK-PEDES for ChatPedes fine-tuning, MALS for pretraining.
+# Image statistics (the official code's): CUHK-PEDES for ChatPedes fine-tuning, MALS for pretraining.
 CUHK_PEDES_MEAN = (0.38901, 0.36516, 0.34836)
 CUHK_PEDES_STD = (0.24344, 0.23739, 0.23369)
 MALS_MEAN = (0.44168, 0.41813, 0.42375)

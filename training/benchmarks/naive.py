@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from diana.processing.tokenizer_setup import PAD_TOKEN_ID
 
-# The official fine-tuning length (the official code's template): every dialogue was padded to it.
+# The official fine-tuning length (the official code's): every dialogue was padded to it.
 NAIVE_MAX_LENGTH = 400
 
 
