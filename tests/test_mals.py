@@ -123,14 +123,18 @@ def test_missing_image_error_or_counted_skip(data, tmp_path):
     assert cached.report.total_skipped == 1
 
 
-def test_the_default_check_refuses_a_zero_byte_image(data, tmp_path):
+def test_the_default_check_refuses_zero_byte_and_cut_off_images(data, tmp_path):
     records = _records(data, "synth_part1.json")
     (data / records[2]["image"]).write_bytes(b"")
+    cut = data / records[3]["image"]
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])  # a copy that stopped half way
     with pytest.raises(MissingImageError, match=f"synth_part1.json: entry 2: image '{records[2]['image']}'.* empty file"):
         load_mals(str(data), cache_dir=str(tmp_path / "c1"))
     ds, report = load_mals(str(data), cache_dir=str(tmp_path / "c2"), on_missing_image="skip", return_report=True)
     assert records[2]["image_id"] not in ds["train"]["image_id"]
-    assert report.skipped["train"][0]["reason"] == "unreadable: empty file (0 bytes)"
+    assert records[3]["image_id"] not in ds["train"]["image_id"]
+    reasons = [entry["reason"] for entry in report.skipped["train"]]
+    assert reasons[0] == "unreadable: empty file (0 bytes)" and len(reasons) == 2 and reasons[1].startswith("unreadable")
 
 
 def test_cache_notices_changed_annotation_files(data, tmp_path):
