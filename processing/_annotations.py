@@ -19,7 +19,7 @@ from typing import Any
 import datasets
 from PIL import Image
 
-from .image_loading import ImageInputError, load_rgb_image
+from .image_loading import ImageInputError, exceeds_pixel_limit, load_rgb_image
 
 logger = logging.getLogger(__name__)
 
@@ -148,8 +148,7 @@ def check_image(path: str, mode: str) -> str | None:
         with Image.open(path) as im:
             if im.width <= 0 or im.height <= 0:
                 return "unreadable: empty image"
-            limit = Image.MAX_IMAGE_PIXELS  # PIL itself only warns up to twice this; the loader refuses
-            if limit is not None and im.width * im.height > limit:
+            if exceeds_pixel_limit(im.width, im.height):
                 return f"unreadable: possible decompression bomb ({im.width}x{im.height} pixels)"
             image_format = im.format
     except Exception as e:  # UnidentifiedImageError, DecompressionBombError, OSError, SyntaxError...

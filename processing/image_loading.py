@@ -110,13 +110,18 @@ def _array_to_rgb(array: np.ndarray, what: str, channels_first: bool) -> np.ndar
     return np.ascontiguousarray(array)
 
 
-def _check_pixel_count(image: PIL.Image.Image, what: str) -> None:
-    # PIL raises only above twice its limit and merely warns in between; we refuse at the limit.
+def exceeds_pixel_limit(width: int, height: int) -> bool:
+    """Whether an image of this size is refused as a possible decompression bomb: PIL raises only
+    above twice `PIL.Image.MAX_IMAGE_PIXELS` and merely warns in between; DiaNA refuses at the limit."""
     limit = PIL.Image.MAX_IMAGE_PIXELS
-    if limit is not None and image.width * image.height > limit:
+    return limit is not None and width * height > limit
+
+
+def _check_pixel_count(image: PIL.Image.Image, what: str) -> None:
+    if exceeds_pixel_limit(image.width, image.height):
         raise ImageInputError(
             f"{what} is refused as a possible decompression bomb: {image.width}x{image.height} = "
-            f"{image.width * image.height} pixels, more than PIL.Image.MAX_IMAGE_PIXELS = {limit}"
+            f"{image.width * image.height} pixels, more than PIL.Image.MAX_IMAGE_PIXELS = {PIL.Image.MAX_IMAGE_PIXELS}"
         )
 
 
@@ -213,4 +218,6 @@ def load_rgb_pil(image: Any, index: int | None = None, *, where: str | None = No
     return PIL.Image.fromarray(load_rgb_image(image, index, where=where))
 
 
-__all__ = ["BACKGROUND", "ImageInputError", "composite_on_background", "load_rgb_image", "load_rgb_pil"]
+__all__ = [
+    "BACKGROUND", "ImageInputError", "composite_on_background", "exceeds_pixel_limit", "load_rgb_image", "load_rgb_pil",
+]
