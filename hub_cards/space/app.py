@@ -191,7 +191,8 @@ def cli(argv: list[str] | None = None) -> None:
     try:
         main(argv)
     except (OSError, ValueError) as error:
-        if os.environ.get("DIANA_DEBUG"):
+        # The rule of diana.processing.cli_errors.debug_requested (this file cannot import the project).
+        if os.environ.get("DIANA_DEBUG", "").strip().lower() not in ("", "0", "false", "no"):
             raise
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         raise SystemExit(2) from None
