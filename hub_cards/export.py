@@ -29,13 +29,25 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
+import diana.processing
+from diana.hub_cards.convert_official_checkpoint import convert
+from diana.hub_cards.merge_lora import load_and_merge
 from diana.hub_cards.model_card import (
-    Evaluation, load_evaluation, load_run_args, render_model_card, write_model_card,
+    Evaluation,
+    load_evaluation,
+    load_run_args,
+    render_model_card,
+    write_model_card,
 )
+from diana.modeling_diana import DiaNAModel
+from diana.processing import build_processor
 from diana.processing.cli_errors import ArgumentParser, UserInputError, require_path, run_cli
+from diana.processing.processing_diana import DiaNAProcessor
+from diana.processing.search import list_images
 
 CURVE_NAMES = ("per_round_curves.png",)
 REQUIRED_FILES = (
@@ -97,8 +109,6 @@ class ExportCheckError(RuntimeError):
 
 
 def _load_processor(folder: Path | None, config: Any, tokenizer_dir: str | None) -> Any:
-    from diana.processing import build_processor
-    from diana.processing.processing_diana import DiaNAProcessor
 
     if folder is not None and (folder / "processor_config.json").is_file():
         return DiaNAProcessor.from_pretrained(str(folder))
@@ -123,7 +133,6 @@ def load_for_export(
     official checkpoint), an adapter + base pair (LoRA merged with ``merge_and_unload``), or an
     official release folder (converted on the fly).
     """
-    from diana.modeling_diana import DiaNAModel
 
     sources = [checkpoint is not None, adapter is not None or base is not None, official is not None]
     if sum(sources) != 1:
@@ -135,7 +144,6 @@ def load_for_export(
         model = DiaNAModel.from_pretrained(str(folder))
         return model, _load_processor(folder, model.config, tokenizer_dir), folder
     if official is not None:
-        from diana.training.convert_official_checkpoint import convert
 
         model = convert(official)
         return model, _load_processor(None, model.config, tokenizer_dir), Path(official)
@@ -143,7 +151,6 @@ def load_for_export(
         raise ValueError("--adapter and --base go together (a LoRA adapter folder and the model it adapts)")
     if not (Path(adapter) / "adapter_config.json").is_file():
         raise FileNotFoundError(f"--adapter {adapter}: no adapter_config.json (not a peft adapter folder)")
-    from diana.training.lora import load_and_merge
 
     model = load_and_merge(base, adapter)
     processor_folder = Path(adapter) if (Path(adapter) / "processor_config.json").is_file() else Path(base)
@@ -430,6 +437,13 @@ def push_to_hub(
 # --------------------------------------------------------------------------------------------
 
 SPACE_DIR = Path(__file__).resolve().parent / "space"
+PROCESSING_DIR = Path(diana.processing.__file__).resolve().parent
+# The part of `diana.processing` the Space app imports, copied under `diana/processing/` next to it
+# (the Space does not install this project; its model code comes from the Hub with the weights).
+SPACE_RUNTIME = (
+    "__init__.py", "image_loading.py", "processing_diana.py", "search/__init__.py", "search/contact_sheet.py",
+    "search/fingerprints.py", "search/index.py", "search/session.py", "search/topk.py",
+)
 
 
 def prepare_space(
@@ -441,9 +455,8 @@ def prepare_space(
     overwrite: bool = False,
 ) -> Path:
     """Write a Hub Space folder for the demo: ``app.py``, ``README.md`` (its ``models:`` entry set
-    to ``model_repo``, which the app loads), ``requirements.txt``, ``search.py`` and
-    ``image_loading.py`` (copied from ``diana.processing``: the Space does not install this
-    project) and ``examples/``.
+    to ``model_repo``, which the app loads), ``requirements.txt``, ``diana/processing/`` (the
+    modules of ``SPACE_RUNTIME``: the Space does not install this project) and ``examples/``.
 
     Args:
         output_dir: the folder to create.
@@ -453,12 +466,6 @@ def prepare_space(
         max_images: images per example gallery.
         overwrite: replace an existing non-empty ``output_dir``.
     """
-    import yaml
-
-    from diana.processing import image_loading as image_loading_module
-    from diana.processing import search as search_module
-    from diana.processing.search import list_images
-
     output = Path(output_dir)
     if output.exists() and any(output.iterdir()):
         if not overwrite:
@@ -467,8 +474,10 @@ def prepare_space(
     output.mkdir(parents=True)
     shutil.copyfile(SPACE_DIR / "app.py", output / "app.py")
     shutil.copyfile(SPACE_DIR / "requirements.txt", output / "requirements.txt")
-    shutil.copyfile(search_module.__file__, output / "search.py")
-    shutil.copyfile(image_loading_module.__file__, output / "image_loading.py")
+    for name in SPACE_RUNTIME:
+        target = output / "diana" / "processing" / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(PROCESSING_DIR / name, target)
     _, header, body = (SPACE_DIR / "README.md").read_text(encoding="utf-8").split("---", 2)
     metadata = yaml.safe_load(header)
     metadata["models"] = [model_repo]

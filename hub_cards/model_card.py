@@ -25,6 +25,10 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
 
+from diana.modeling_diana.configuration_diana import SCORE_MODES
+
+from .evaluation_report import CUMULATIVE_KEY, TABLE_METRICS
+
 TEMPLATE_PATH = Path(__file__).resolve().parent / "templates" / "model_card.md"
 PAPER_BASE_MODELS = ("microsoft/swinv2-base-patch4-window12-192-22k", "meta-llama/Llama-3.2-1B")
 # The shipped tokenizer (and any Llama-initialised weights) fall under Meta's licence.
@@ -33,7 +37,6 @@ DEFAULT_TAGS = (
     "diana", "person-retrieval", "text-to-image-retrieval", "chat-based-retrieval", "dialogue",
     "swinv2", "llama", "custom_code",
 )
-TABLE_METRICS = ("R@1", "R@5", "R@10", "mAP", "mINP", "mFR")
 INDEX_METRICS = (("R@1", "recall@1"), ("R@5", "recall@5"), ("R@10", "recall@10"), ("mAP", "map"))
 # Display names and Hub data set ids of the data sets a run can name (run_args data.dataset).
 DATASETS = {
@@ -82,8 +85,6 @@ class Evaluation:
         return DATASETS.get(self.dataset, (self.dataset, self.dataset))[1]
 
 
-SCORE_MODES = ("global", "attribute", "fused")
-CUMULATIVE_KEY = "cumulative_hits@10"
 _ROUND = re.compile(r"^round_(\d+)$")
 
 
@@ -91,7 +92,7 @@ def parse_eval_results(
     results: Mapping[str, Any], *, dataset: str = "chatpedes", split: str = "test", curve: str | None = None,
     source: str = "eval_results",
 ) -> Evaluation:
-    """Read ``diana.training.evaluation``'s report (``eval_results.json``) into :class:`Evaluation`.
+    """Read an evaluation report (``eval_results.json``) into :class:`Evaluation`.
 
     Layout: ``{mode: {"round_1": {"R@1", …}, …, "full": {…}, "cumulative_hits@10": [per round]},
     "meta": {"num_queries", "num_gallery", …}}`` for the evaluated modes of global / attribute /

@@ -1,16 +1,24 @@
-"""DiaNA: chat-based person retrieval. Data side: processor, tokenizer set-up, datasets.
-
-Importing the package stays cheap: `build_processor` imports transformers only when called.
-"""
+"""DiaNA's data side: the processor that ships with the weights (`processing_diana`), the one image
+loader (`image_loading`), the tokenizer set-up, the data set builders (`data/`), gallery search
+(`search/`), model loading for inference and the command-line conventions (`cli_errors`)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from .processing_diana import DiaNAProcessor
+from transformers import AutoTokenizer, ViTImageProcessor
+
+from .processing_diana import (
+    CUHK_PEDES_MEAN,
+    CUHK_PEDES_STD,
+    DIALOGUE_CHAT_TEMPLATE,
+    MALS_MEAN,
+    MALS_STD,
+    PAD_TOKEN,
+    DiaNAProcessor,
+)
+from .tokenizer_setup import default_tokenizer_dir, missing_tokenizer_message
 
 PRESETS = {
     # As in the paper: ChatPedes fine-tuning uses CUHK-PEDES statistics and 400 tokens. MALS
@@ -28,7 +36,7 @@ def build_processor(
     preset: str = "finetune",
     image_size: tuple[int, int] = (384, 192),
     tokenization: str = "rounds",
-) -> "DiaNAProcessor":
+) -> DiaNAProcessor:
     """Build DiaNA's processor from a Llama-3.2 tokenizer folder.
 
     Args:
@@ -44,13 +52,6 @@ def build_processor(
     Returns:
         A `DiaNAProcessor` (right padding with `<|finetune_right_pad_id|>`, DiaNA chat template).
     """
-    from transformers import AutoTokenizer, ViTImageProcessor
-
-    from .processing_diana import (
-        CUHK_PEDES_MEAN, CUHK_PEDES_STD, DIALOGUE_CHAT_TEMPLATE, MALS_MEAN, MALS_STD, PAD_TOKEN, DiaNAProcessor,
-    )
-    from .tokenizer_setup import default_tokenizer_dir, missing_tokenizer_message
-
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
     height, width = (int(v) for v in image_size)

@@ -23,7 +23,6 @@ A second run only verifies the saved folder. Nothing touches the network once it
 
 from __future__ import annotations
 
-import argparse
 import ast
 import base64
 import hashlib

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from diana.processing.synthpedes import ATTRIBUTE_NAMES, generate
-from diana.training.attribute_probe import fit_probe, load_synthpedes_split, main, majority_rate
+from diana.processing.data.synthpedes import ATTRIBUTE_NAMES, generate
+from diana.training.evaluation.attribute_probe import fit_probe, load_synthpedes_split, main, majority_rate
 
 
 def test_probe_reads_a_planted_attribute_and_not_noise():

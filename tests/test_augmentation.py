@@ -12,7 +12,7 @@ import torch
 from torchvision.transforms import v2
 from transformers import ViTImageProcessor
 
-from diana.processing.augmentation import (
+from diana.training.data.augmentation import (
     MALS_QUESTIONS,
     MASK_TOKEN,
     PedestrianImageAugmentation,

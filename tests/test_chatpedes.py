@@ -10,9 +10,9 @@ from pathlib import Path
 import datasets
 import pytest
 
-from diana.processing._annotations import AnnotationError, MissingImageError
-from diana.processing.chatpedes import ChatPedes, load_chatpedes, parse_chats
-from diana.processing.synthpedes import generate
+from diana.processing.data.annotations import AnnotationError, MissingImageError
+from diana.processing.data.chatpedes import ChatPedes, load_chatpedes, parse_chats
+from diana.processing.data.synthpedes import generate
 from tests.helpers import write_png_bomb
 
 
@@ -209,7 +209,7 @@ def _corrupt_inside(path: Path) -> None:
     ("full", {"empty", "truncated", "bomb", "corrupt inside"}),
 ])
 def test_each_check_refuses_what_it_promises_and_the_default_decodes_every_image(data, tmp_path, mode, refused):
-    from diana.processing._annotations import check_image
+    from diana.processing.data.annotations import check_image
     from diana.processing.image_loading import ImageInputError, load_rgb_image
 
     entries = _entries(data, "test")
@@ -303,7 +303,7 @@ def test_dataset_card_lists_the_builder_fields():
     import yaml
 
     import diana.hub_cards
-    from diana.processing.chatpedes import FEATURES
+    from diana.processing.data.chatpedes import FEATURES
 
     card = Path(diana.hub_cards.__file__).parent / "dataset_cards" / "chatpedes.md"
     meta = yaml.safe_load(card.read_text().split("---")[1])
@@ -321,7 +321,7 @@ def test_header_check_tells_a_cut_jpeg_from_one_with_trailing_data(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from diana.processing._annotations import check_image
+    from diana.processing.data.annotations import check_image
 
     buffer = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 48, 3), dtype=np.uint8)).save(buffer, "JPEG")

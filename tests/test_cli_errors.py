@@ -16,11 +16,13 @@ from PIL import Image
 
 from diana.hub_cards import export
 from diana.modeling_diana import DiaNAModel
-from diana.processing import search_cli, synthpedes, tokenizer_setup
+from diana.processing import tokenizer_setup
+from diana.processing.data import synthpedes
+from diana.processing.search import cli as search_cli
 from diana.processing.cli_errors import ArgumentParser, UserInputError, run_cli
-from diana.training import (
-    attribute_probe, convert_official_checkpoint, evaluate_model, main_job, run_stage,
-)
+from diana.hub_cards import convert_official_checkpoint
+from diana.training import main_job, run_stage
+from diana.training.evaluation import attribute_probe, evaluate_model
 from diana.training.arguments import parse_args
 from diana.training.benchmarks import run as benchmarks_run
 from tests.helpers import tiny_config
@@ -201,7 +203,7 @@ def test_evaluate_model_module_prints_one_line(folders, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     env.pop("DIANA_DEBUG", None)
     missing = folders["root"] / "no_model"
-    proc = subprocess.run([sys.executable, "-m", "diana.training.evaluate_model", "--model", str(missing),
+    proc = subprocess.run([sys.executable, "-m", "diana.training.evaluation.evaluate_model", "--model", str(missing),
                            "--data", str(folders["data"])], capture_output=True, text=True, env=env, cwd=tmp_path,
                           timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

@@ -12,9 +12,9 @@ import PIL.Image
 import pytest
 import torch
 
-from diana.processing.augmentation import MALS_QUESTIONS, build_train_image_transform
+from diana.training.data.augmentation import MALS_QUESTIONS, build_train_image_transform
 from diana.processing.image_loading import ImageInputError
-from diana.processing.collator import DiaNACollator, add_length_column, dialogue_length, with_undecoded_images
+from diana.training.data.collator import DiaNACollator, add_length_column, dialogue_length, with_undecoded_images
 from tests.helpers import BOS_ID, PAD_ID, TINY_IMAGE_SIZE
 
 ANSWERS = ["A woman in a red coat.", "Yes, a black backpack.", "She wears white shoes!", "Long dark hair."]
@@ -260,7 +260,7 @@ def test_image_augmentation_switch(tiny_processor, chatpedes):
 
 def test_augmentation_pipeline_off_matches_the_real_processor(tiny_processor, chatpedes):
     """Grey and transparent images included: both paths must start from the same RGB pixels."""
-    from diana.processing.augmentation import image_processor_geometry
+    from diana.training.data.augmentation import image_processor_geometry
     from diana.processing.image_loading import load_rgb_pil
 
     size, mean, std, _ = image_processor_geometry(tiny_processor.image_processor)
@@ -286,7 +286,7 @@ def test_corrupt_image_error_names_the_file_and_row(tiny_processor, chatpedes, t
 
 
 def test_image_cache_gives_the_same_batches_and_decodes_each_image_once(tiny_processor, chatpedes, monkeypatch):
-    import diana.processing.collator as collator_module
+    import diana.training.data.collator as collator_module
 
     loads = Counter()
     real_load = collator_module.load_rgb_pil

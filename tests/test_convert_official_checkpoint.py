@@ -18,7 +18,7 @@ from transformers import LlamaConfig, LlamaModel, Swinv2Model
 
 from diana.modeling_diana import DiaNAModel
 from diana.processing.processing_diana import DiaNAProcessor
-from diana.training.convert_official_checkpoint import convert, main
+from diana.hub_cards.convert_official_checkpoint import convert, main
 from tests.helpers import PAD_ID, TINY_IMAGE_SIZE, slow_attribute_similarity, slow_diana_losses, tiny_vision_config
 
 DIM, NUM_QUERY = 128, 3  # D = 128 gives the official D / 64 = 2 heads

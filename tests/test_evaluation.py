@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from diana.training.evaluation import CURVES_FILE, RESULTS_FILE, evaluate_retrieval, format_round_table
-from diana.training.metrics import cumulative_hits_at_k, retrieval_metrics_and_first_hit_ranks
+from diana.training.evaluation.metrics import cumulative_hits_at_k, retrieval_metrics_and_first_hit_ranks
 from tests.helpers import launch_two_cpu_processes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -440,7 +440,7 @@ def test_a_bad_dialogue_is_located_in_the_split(tiny_processor):
 @pytest.fixture(scope="module")
 def saved_tiny(tmp_path_factory, tiny_model, tiny_processor):
     """A saved tiny model folder (weights, remote code, processor) and a tiny SynthPedes."""
-    from diana.processing.synthpedes import generate
+    from diana.processing.data.synthpedes import generate
 
     root = tmp_path_factory.mktemp("evaluate_model")
     tiny_model.save_pretrained(root / "model")
@@ -451,8 +451,8 @@ def saved_tiny(tmp_path_factory, tiny_model, tiny_processor):
 
 
 def test_evaluate_model_command_end_to_end(saved_tiny, tiny_model, tiny_processor, capsys):
-    from diana.processing.chatpedes import load_chatpedes
-    from diana.training.evaluate_model import main
+    from diana.processing.data.chatpedes import load_chatpedes
+    from diana.training.evaluation.evaluate_model import main
 
     root, summary = saved_tiny
     out = root / "report"
@@ -480,7 +480,7 @@ def test_evaluate_model_command_end_to_end(saved_tiny, tiny_model, tiny_processo
 
 
 def test_evaluate_folder_on_mals_with_remote_code_and_no_processor_files(saved_tiny, tiny_model, tokenizer_dir):
-    from diana.training.evaluate_model import evaluate_folder
+    from diana.training.evaluation.evaluate_model import evaluate_folder
 
     root, summary = saved_tiny
     # A bare weights folder (as a converter may write): the processor is built at the model's size.

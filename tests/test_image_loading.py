@@ -17,7 +17,7 @@ import torch
 from PIL import ExifTags
 from transformers import PretrainedConfig
 
-from diana.processing.collator import DiaNACollator
+from diana.training.data.collator import DiaNACollator
 from diana.processing.image_loading import BACKGROUND, ImageInputError, load_rgb_image, load_rgb_pil
 from diana.processing.search import GalleryIndex
 from tests.helpers import TINY_IMAGE_SIZE, write_png_bomb
@@ -271,7 +271,7 @@ def test_index_command_skips_a_bomb_in_the_gallery_folder(tiny_processor, files,
     import shutil
 
     from diana.modeling_diana import DiaNAModel
-    from diana.processing import search_cli
+    from diana.processing.search import cli as search_cli
     from tests.helpers import tiny_config
 
     folder = tmp_path / "model"

@@ -15,9 +15,9 @@ import torch
 
 from diana.modeling_diana import DiaNAModel
 from diana.processing import build_processor
-from diana.processing.collator import DiaNACollator
-from diana.processing.mals import load_mals
-from diana.processing.synthpedes import generate
+from diana.training.data.collator import DiaNACollator
+from diana.processing.data.mals import load_mals
+from diana.processing.data.synthpedes import generate
 from diana.training.run_stage import main as run_stage
 
 pytestmark = pytest.mark.xdist_group("learning")  # ~80 s of one worker

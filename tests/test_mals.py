@@ -10,9 +10,9 @@ from pathlib import Path
 import datasets
 import pytest
 
-from diana.processing._annotations import AnnotationError, MissingImageError
-from diana.processing.mals import MALS, load_mals
-from diana.processing.synthpedes import generate
+from diana.processing.data.annotations import AnnotationError, MissingImageError
+from diana.processing.data.mals import MALS, load_mals
+from diana.processing.data.synthpedes import generate
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +151,7 @@ def test_dataset_card_lists_the_builder_fields():
     import yaml
 
     import diana.hub_cards
-    from diana.processing.mals import FEATURES
+    from diana.processing.data.mals import FEATURES
 
     card = Path(diana.hub_cards.__file__).parent / "dataset_cards" / "mals.md"
     meta = yaml.safe_load(card.read_text().split("---")[1])

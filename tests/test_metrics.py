@@ -10,7 +10,7 @@ import evaluate
 import pytest
 import torch
 
-from diana.training.metrics import (
+from diana.training.evaluation.metrics import (
     cumulative_hits_at_k,
     first_hit_ranks,
     metric_keys,

@@ -12,7 +12,7 @@ from huggingface_hub.repocard_data import model_index_to_eval_results
 from diana.hub_cards.model_card import (
     PAPER_BASE_MODELS, check_model_card, load_evaluation, load_run_args, parse_eval_results, render_model_card,
 )
-from diana.training.metrics import cumulative_hits_at_k, retrieval_metrics_and_first_hit_ranks
+from diana.training.evaluation.metrics import cumulative_hits_at_k, retrieval_metrics_and_first_hit_ranks
 from tests.helpers import tiny_config
 
 ROUNDS = 3

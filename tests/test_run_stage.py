@@ -19,7 +19,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from transformers.trainer_utils import get_last_checkpoint
 
-from diana.processing.synthpedes import generate
+from diana.processing.data.synthpedes import generate
 from diana.training.run_stage import main as run_stage
 from diana.training.trainer import DiaNATrainer
 from tests.helpers import launch_two_cpu_processes
@@ -450,7 +450,7 @@ def test_two_processes_gather_negatives_and_evaluate_like_one(synth, stage1_dir,
     for term in ("loss", "itc_loss", "sdm_loss", "refiner_loss"):
         assert step_two[term] == pytest.approx(step_one[term], rel=1e-4, abs=1e-4), term
 
-    from diana.training.evaluate_model import evaluate_folder
+    from diana.training.evaluation.evaluate_model import evaluate_folder
 
     two = json.loads((out / "eval_results.json").read_text())
     single = evaluate_folder(out, synth / "chatpedes", split="validation", cache_dir=str(synth / "cache"),

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from diana.modeling_diana import DiaNAModel
-from diana.processing import search_cli
+from diana.processing.search import cli as search_cli
 from diana.processing.search import (
     ChatSearchSession, GalleryIndex, IndexMismatchError, exact_topk, list_images, model_fingerprint,
 )

@@ -149,50 +149,52 @@ def test_space_in_headless_chromium(space, browser, tmp_path):
 
 def test_prepared_space_folder_is_self_contained(tmp_path):
     import ast
+    import subprocess
+    import sys
 
     import yaml
 
-    from diana.hub_cards.export import prepare_space
-    from diana.processing import image_loading, search
+    import diana.processing
+    from diana.hub_cards.export import SPACE_RUNTIME, prepare_space
 
     examples = tmp_path / "imgs"
     examples.mkdir()
     for i in range(5):
         Image.fromarray(np.full((40, 20, 3), 50 * i, np.uint8)).save(examples / f"{i}.png")
     space_dir = prepare_space(tmp_path / "space", "someone/diana-small", examples=examples, max_images=3)
-    assert sorted(p.name for p in space_dir.iterdir()) == ["README.md", "app.py", "examples", "image_loading.py", "requirements.txt", "search.py"]
+    assert sorted(p.name for p in space_dir.iterdir()) == ["README.md", "app.py", "diana", "examples", "requirements.txt"]
     header = yaml.safe_load((space_dir / "README.md").read_text().split("---", 2)[1])
     assert header["models"] == ["someone/diana-small"] and header["sdk"] == "gradio"
     assert default_model_id(space_dir / "README.md") == "someone/diana-small"
     assert find_example_galleries(space_dir / "examples") == {
         "imgs": [str((space_dir / "examples" / "imgs" / f"{i}.png").resolve()) for i in range(3)]
     }
-    assert (space_dir / "search.py").read_bytes() == Path(search.__file__).read_bytes()
-    # The Space does not install this project: its copied module may import only what
-    # requirements.txt provides.
-    import sys
-
-    # faiss and datasets are imported lazily, only by the FAISS back end and add_dataset.
+    source = Path(diana.processing.__file__).parent
+    copied = sorted(str(p.relative_to(space_dir / "diana" / "processing")) for p in space_dir.rglob("*.py")
+                    if p.name != "app.py")
+    assert copied == sorted(SPACE_RUNTIME)
+    for name in SPACE_RUNTIME:
+        assert (space_dir / "diana" / "processing" / name).read_bytes() == (source / name).read_bytes()
+    # The Space does not install this project: the copy may import only what requirements.txt provides
+    # (faiss and datasets lazily, only by the FAISS back end and add_dataset) and itself.
     allowed = set(sys.stdlib_module_names) | {"numpy", "torch", "PIL", "safetensors", "tqdm", "matplotlib",
-                                              "transformers", "faiss", "datasets"}
-    assert (space_dir / "image_loading.py").read_bytes() == Path(image_loading.__file__).read_bytes()
-    allowed.add("image_loading")  # the sibling copied next to search.py
+                                              "transformers", "faiss", "datasets", "diana", "yaml"}
     imported = set()
-    for name in ("search.py", "image_loading.py"):
-        for node in ast.walk(ast.parse((space_dir / name).read_text())):
+    for path in [space_dir / "app.py", *(space_dir / "diana").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 imported |= {alias.name.split(".")[0] for alias in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0:
                 imported.add(node.module.split(".")[0])
-    assert imported <= allowed, imported - allowed
-    # The flat copies import each other as they are, outside any package.
-    import subprocess
-
-    script = ("import search, image_loading; assert search.load_rgb_image is image_loading.load_rgb_image; "
-              "print(search.load_rgb_image(search.list_images('examples')[0]).shape)")
+    assert imported <= allowed | {"gradio"}, imported - allowed
+    # Run from the Space folder with the project not importable: the copy is what gets imported.
+    script = ("import diana.processing.search as s, diana.processing.image_loading as il; "
+              "assert s.__file__.startswith('{root}'), s.__file__; "
+              "print(il.load_rgb_image(s.list_images('examples')[0]).shape)").format(root=space_dir)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    result = subprocess.run([sys.executable, "-c", script], cwd=space_dir, env=env, capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run([sys.executable, "-S", "-c", "import sys; sys.path[:0] = ['', *" + repr(
+        [p for p in sys.path if "site-packages" in p]) + "]; exec(" + repr(script) + ")"],
+        cwd=space_dir, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "(40, 20, 3)"
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from diana.processing.chatpedes import load_chatpedes, parse_chats
-from diana.processing.mals import load_mals
-from diana.processing.synthpedes import (
+from diana.processing.data.chatpedes import load_chatpedes, parse_chats
+from diana.processing.data.mals import load_mals
+from diana.processing.data.synthpedes import (
     ATTRIBUTES,
     DESCRIBE_QUESTION,
     MALS_LABELS,

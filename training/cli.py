@@ -2,8 +2,8 @@
 
     diana train --config stage2_synthpedes_small ...   (= python training/run_stage.py; for several
                                                         processes: accelerate launch training/run_stage.py)
-    diana evaluate --model_name_or_path DIR ...        (= python -m diana.training.evaluate_model)
-    diana index ... / diana search ...                 (= python -m diana.processing.search_cli index|search)
+    diana evaluate --model_name_or_path DIR ...        (= python -m diana.training.evaluation.evaluate_model)
+    diana index ... / diana search ...                 (= python -m diana.processing.search.cli index|search)
 
 Each subcommand hands the rest of the line to that command's own parser, so `diana SUB --help` shows
 its flags, and its errors are the command's one-line errors (exit status 2).
@@ -20,13 +20,13 @@ from diana.processing.cli_errors import UserInputError, run_cli
 # subcommand -> (module whose `main(argv)` runs it, arguments put before the user's, what it does)
 SUBCOMMANDS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "train": ("diana.training.run_stage", (), "train one stage (stage 0, 1 or 2) from a preset"),
-    "evaluate": ("diana.training.evaluate_model", (), "per-round retrieval evaluation of a model folder"),
-    "probe": ("diana.training.attribute_probe", (), "attribute probe of a model's embeddings (SynthPedes)"),
-    "index": ("diana.processing.search_cli", ("index",), "index a folder of photos or a data set split"),
-    "search": ("diana.processing.search_cli", ("search",), "chat with an indexed gallery"),
+    "evaluate": ("diana.training.evaluation.evaluate_model", (), "per-round retrieval evaluation of a model folder"),
+    "probe": ("diana.training.evaluation.attribute_probe", (), "attribute probe of a model's embeddings (SynthPedes)"),
+    "index": ("diana.processing.search.cli", ("index",), "index a folder of photos or a data set split"),
+    "search": ("diana.processing.search.cli", ("search",), "chat with an indexed gallery"),
     "export": ("diana.hub_cards.export", (), "export a Hub-ready folder (card, code, checks), optionally push"),
-    "convert": ("diana.training.convert_official_checkpoint", (), "convert an official DiaNA checkpoint"),
-    "synthpedes": ("diana.processing.synthpedes", (), "generate SynthPedes data in both layouts"),
+    "convert": ("diana.hub_cards.convert_official_checkpoint", (), "convert an official DiaNA checkpoint"),
+    "synthpedes": ("diana.processing.data.synthpedes", (), "generate SynthPedes data in both layouts"),
     "main-job": ("diana.training.main_job", (), "the whole SynthPedes job of `make main`"),
     "benchmark": ("diana.training.benchmarks.run", (), "the CPU / GPU benchmark suites"),
     "setup-tokenizer": ("diana.processing.tokenizer_setup", (), "fetch and convert the Llama-3.2 tokenizer"),

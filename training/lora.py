@@ -3,8 +3,6 @@ directly; transformers' built-in adapter methods need peft >= 0.22)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from diana.modeling_diana import DiaNAModel
@@ -34,10 +32,4 @@ def apply_lora(model: DiaNAModel, rank: int, alpha: float | None = None, dropout
     return get_peft_model(model, config)
 
 
-def load_and_merge(base: str | Path | DiaNAModel, adapter_dir: str | Path) -> DiaNAModel:
-    """Base folder (or model) + adapter folder -> a plain `DiaNAModel` with the adapters merged in."""
-    base_model = base if isinstance(base, DiaNAModel) else DiaNAModel.from_pretrained(base)
-    merged = PeftModel.from_pretrained(base_model, str(adapter_dir)).merge_and_unload()
-    if not isinstance(merged, DiaNAModel):
-        raise TypeError(f"merging gave {type(merged).__name__}, expected DiaNAModel")
-    return merged
+__all__ = ["FULLY_TRAINED_MODULES", "TEXT_TOWER_TARGETS", "apply_lora"]

@@ -21,8 +21,16 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from diana.hub_cards.evaluation_report import format_round_table
+from diana.hub_cards.export import main as export
 from diana.processing.cli_errors import ArgumentParser, UserInputError, require_range, run_cli
+from diana.processing.data.synthpedes import generate
 from diana.training.arguments import load_yaml_preset, parse_args
+from diana.training.evaluation.attribute_probe import format_table
+from diana.training.evaluation.attribute_probe import run as attribute_probe
+from diana.training.evaluation.evaluate_model import evaluate_folder
+from diana.training.run_stage import main as run_stage
+from diana.training.run_stage import validate_arguments
 
 logger = logging.getLogger("diana.main_job")
 
@@ -62,7 +70,6 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
             load_yaml_preset(getattr(args, flag), f"--{flag}")
     # Each stage's arguments (--extra included) are checked now, not after the stages before it have run;
     # their folders are made by the job, so only their existence is left to the stage.
-    from diana.training.run_stage import validate_arguments
 
     for name, stage_argv in stage_argvs(args):
         try:
@@ -98,7 +105,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     start = time.time()
 
     # 1. Data and the ceiling any model can reach on it.
-    from diana.processing.synthpedes import generate
 
     summary = generate(str(out / "synthpedes"), persons=args.persons, images_per_person=args.images_per_person,
                        rounds=args.rounds, seed=args.seed, mals_images=args.mals_images,
@@ -108,15 +114,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     logger.info("SynthPedes written to %s in %.0f s", out / "synthpedes", time.time() - start)
 
     # 2-3. The stages, exactly as `accelerate launch training/run_stage.py` runs them.
-    from diana.training.run_stage import main as run_stage
 
     for name, stage_argv in stage_argvs(args):
         run_stage(stage_argv)
         logger.info("%s done at %.0f s", name, time.time() - start)
 
     # 4. Held-out test persons, every round count, beside the oracle.
-    from diana.training.evaluate_model import evaluate_folder
-    from diana.training.evaluation import format_round_table
 
     results = evaluate_folder(out / "stage2", out / "synthpedes" / "chatpedes", split="test",
                               output_dir=out / "test_eval", reference=oracle)
@@ -124,7 +127,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(format_round_table(results, reference=oracle))
 
     # The oracle assumes every stated attribute is perceived; the probe shows which ones the model reads.
-    from diana.training.attribute_probe import format_table, run as attribute_probe
 
     probe = attribute_probe(out / "stage2", out / "synthpedes" / "chatpedes", out / "attribute_probe")
     print("\nLinear probes of the trained embeddings per attribute (test persons; majority = always the most "
@@ -132,7 +134,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(format_table(probe))
 
     # 5. A Hub-ready folder, checked by loading it in a fresh process.
-    from diana.hub_cards.export import main as export
 
     export(["--checkpoint", str(out / "stage2"), "--eval-results", str(out / "test_eval" / "eval_results.json"),
             "--run-args", str(out / "stage2" / "run_args.json"), "--dataset", "synthpedes", "--split", "test",

@@ -18,18 +18,37 @@ import transformers
 from transformers import set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
+from diana.hub_cards.merge_lora import load_and_merge
 from diana.modeling_diana import DiaNAConfig, DiaNAModel
 from diana.modeling_diana.configuration_diana import ATTRIBUTE_REDUCTIONS, SCORE_MODES
 from diana.processing import PRESETS, build_processor
-from diana.processing._annotations import MISSING_IMAGE_POLICIES
-from diana.processing.augmentation import image_processor_geometry
 from diana.processing.cli_errors import (
-    UserInputError, require_choice, require_choices, require_model_folder, require_path, require_range, run_cli,
+    UserInputError,
+    require_choice,
+    require_choices,
+    require_model_folder,
+    require_path,
+    require_range,
+    run_cli,
 )
-from diana.processing.collator import DiaNACollator, add_length_column, with_undecoded_images
+from diana.processing.data.annotations import MISSING_IMAGE_POLICIES
+from diana.processing.data.chatpedes import load_chatpedes
+from diana.processing.data.mals import load_mals
 from diana.training.arguments import DataArguments, ModelArguments, parse_args
 from diana.training.checkpointing import check_resumable
+from diana.training.data.augmentation import image_processor_geometry
+from diana.training.data.collator import DiaNACollator, add_length_column, with_undecoded_images
+from diana.training.lora import apply_lora
 from diana.training.trainer import DiaNATrainer
+from diana.training.vision_pretraining import (
+    VisionPretrainingCollator,
+    VisionPretrainingModel,
+    VisionPretrainingTrainer,
+    count_ngrams,
+    readouts_problem,
+    save_vocabulary,
+    select_ngrams,
+)
 
 logger = logging.getLogger("diana.run_stage")
 
@@ -119,7 +138,6 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> dict:
     # 7. Save: safetensors + processor + remote-code files (+ a merged plain folder under LoRA).
     trainer.save_model(training_args.output_dir)
     if model_args.lora_rank > 0 and trainer.is_world_process_zero():
-        from diana.training.lora import load_and_merge
 
         merged = load_and_merge(Path(training_args.output_dir) / "base", training_args.output_dir)
         merged.save_pretrained(Path(training_args.output_dir) / "merged")
@@ -169,7 +187,6 @@ def check_objective(model_args: ModelArguments, data_args: DataArguments, traini
         problems.append(f"--dataset {data_args.dataset} (its targets are MALS captions and labels: --dataset mals)")
     if data_args.eval_data_dir or training_args.eval_strategy != "no":
         problems.append("an evaluation (it has no retrieval to evaluate: no --eval_data_dir, --eval_strategy no)")
-    from diana.training.vision_pretraining import readouts_problem
 
     if problem := readouts_problem(data_args.pretraining_readouts):
         problems.append(f"--pretraining_readouts: {problem}")
@@ -277,10 +294,6 @@ def run_vision_pretraining(model: DiaNAModel, processor, train_dataset, model_ar
                            data_args: DataArguments, training_args, data_report: dict, callbacks: list | None) -> dict:
     """`--objective image_attributes`: trains `model.vision_model` (shared, not copied) to predict its
     MALS caption's n-grams and its labels, then saves the whole DiaNA folder for stage 1."""
-    from diana.training.vision_pretraining import (
-        VisionPretrainingCollator, VisionPretrainingModel, VisionPretrainingTrainer, count_ngrams, save_vocabulary,
-        select_ngrams,
-    )
 
     # One pass over the captions (1.5M in MALS): the counts give the vocabulary and, being counts of
     # captions, the mean number of its n-grams on per caption.
@@ -332,8 +345,6 @@ def prepare_image_cache(train_dataset, data_args: DataArguments, processor, memo
 def load_data(data_args: DataArguments):
     """(train, eval or None, data report). The report lists what the builders skipped under
     `--on_missing_image skip` (never a silent drop)."""
-    from diana.processing.chatpedes import load_chatpedes
-    from diana.processing.mals import load_mals
 
     if data_args.data_dir is None:
         raise ValueError("--data_dir is required")
@@ -433,7 +444,6 @@ def build_run_processor(model_args: ModelArguments, data_args: DataArguments, co
 def wrap_with_lora(model: DiaNAModel, model_args: ModelArguments, output_dir: str):
     """LoRA on the dialogue tower; the starting weights are saved under output_dir/base so that the
     adapters can always be reloaded and merged, even onto a randomly initialised model."""
-    from diana.training.lora import apply_lora
 
     if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("RANK", "0")) == 0:
         model.save_pretrained(Path(output_dir) / "base")

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diana.processing.augmentation import clean_caption
-from diana.processing.collator import DiaNACollator
+from diana.training.data.augmentation import clean_caption
+from diana.training.data.collator import DiaNACollator
 
 from .trainer import DiaNATrainer
 

@@ -20,14 +20,14 @@ import gradio as gr
 import torch
 from PIL import Image
 
-try:  # the project installed (local runs, tests) ...
-    from diana.processing.search import ChatSearchSession, GalleryIndex, list_images, load_rgb_pil
-except ImportError:  # ... or search.py and image_loading.py copied next to this file (the Space)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from search import ChatSearchSession, GalleryIndex, list_images, load_rgb_pil
+# The installed project (local runs, tests), or on the Space the `diana/processing/` copy that
+# `diana export --space` puts next to this file (Python puts the script's folder first on sys.path).
+from diana.processing.image_loading import load_rgb_pil
+from diana.processing.processing_diana import DEFAULT_FIRST_QUESTION
+from diana.processing.search import ChatSearchSession, GalleryIndex, list_images
 
 HERE = Path(__file__).resolve().parent
-FIRST_QUESTION = "Please describe the person you saw."
+FIRST_QUESTION = DEFAULT_FIRST_QUESTION
 UPLOADED = "(my uploaded images)"
 
 

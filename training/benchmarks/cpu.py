@@ -34,8 +34,14 @@ from typing import Any
 import torch
 
 from diana.modeling_diana import DiaNAConfig, DiaNAModel
+from diana.modeling_diana.configuration_diana import DEFAULT_TEXT_CONFIG
+from diana.processing import build_processor
+from diana.processing.data.annotations import IMAGE_CHECKS, check_image
+from diana.processing.tokenizer_setup import BOS_TOKEN_ID, EOS_TOKEN_ID, PAD_TOKEN_ID
 from diana.training.benchmarks import harness, naive, workloads
 from diana.training.benchmarks.harness import fmt
+from diana.training.data.collator import DiaNACollator, with_undecoded_images
+from diana.training.evaluation.metrics import retrieval_metrics
 
 
 @dataclass
@@ -77,7 +83,6 @@ def tiny_model_config(**overrides) -> DiaNAConfig:
     """The test suite's tiny shapes (hidden 32, odd sizes, 64x32 images) with the real vocabulary."""
     from transformers import LlamaConfig, Swinv2Config
 
-    from diana.processing.tokenizer_setup import BOS_TOKEN_ID, EOS_TOKEN_ID, PAD_TOKEN_ID
 
     vision = Swinv2Config(image_size=[64, 32], patch_size=4, embed_dim=16, depths=[1, 2], num_heads=[2, 4],
                           window_size=4, mlp_ratio=2.0, drop_path_rate=0.0)
@@ -96,7 +101,6 @@ def small_text_config(hidden: int, layers: int) -> DiaNAConfig:
     real vocabulary and RoPE), refiner as the paper (K = 16), a tiny image tower (unused here)."""
     from transformers import LlamaConfig, Swinv2Config
 
-    from diana.modeling_diana.configuration_diana import DEFAULT_TEXT_CONFIG
 
     heads = max(1, hidden // 64)
     text = dict(DEFAULT_TEXT_CONFIG)
@@ -287,8 +291,6 @@ def bench_collation(settings: CpuSettings, tokenizer_dir: str | None = None) -> 
     import numpy as np
     from PIL import Image
 
-    from diana.processing import build_processor
-    from diana.processing.collator import DiaNACollator, with_undecoded_images
 
     processor = build_processor(tokenizer_dir=tokenizer_dir, preset="finetune", image_size=(64, 32))
     dialogues = workloads.make_dialogues(settings.collate_rows, rounds=5, seed=4)
@@ -347,7 +349,6 @@ def bench_image_check(settings: CpuSettings) -> dict[str, Any]:
     import numpy as np
     from PIL import Image
 
-    from diana.processing._annotations import IMAGE_CHECKS, check_image
 
     rng = np.random.default_rng(6)
     rows, cols = np.mgrid[0:384, 0:128]
@@ -378,7 +379,6 @@ def bench_image_check(settings: CpuSettings) -> dict[str, Any]:
 @torch.no_grad()
 def bench_metrics(settings: CpuSettings) -> dict[str, Any]:
     """Scoring + `retrieval_metrics` for every round of a ChatPedes-sized test split."""
-    from diana.training.metrics import retrieval_metrics
 
     gen = torch.Generator().manual_seed(0)
     q, g, r, d = settings.metric_queries, settings.metric_gallery, settings.metric_rounds, settings.metric_dim
@@ -444,7 +444,6 @@ def bench_padding(processor, settings: CpuSettings) -> dict[str, Any]:
 
 def run_cpu_suite(*, tiny: bool = False, settings: CpuSettings | None = None, tokenizer_dir: str | None = None) -> dict[str, Any]:
     """Runs the CPU suite; returns JSON-ready results (see the module docstring)."""
-    from diana.processing import build_processor
 
     settings = settings or (CpuSettings.tiny() if tiny else CpuSettings())
     processor = build_processor(tokenizer_dir=tokenizer_dir)

@@ -27,17 +27,20 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import math
 import time
-from dataclasses import asdict, dataclass, replace
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
 
 from diana.modeling_diana import DiaNAConfig, DiaNAModel
+from diana.processing import build_processor
+from diana.training import evaluation
 from diana.training.benchmarks import harness, naive, workloads
+from diana.training.benchmarks.cpu import tiny_model_config
 from diana.training.benchmarks.harness import fmt
+from diana.training.evaluation.metrics import retrieval_metrics_and_first_hit_ranks
 
 # The official fine-tuning batch is 128 over several GPUs; 32 per GPU fits without checkpointing.
 DEFAULT_TRAIN_BATCH = 32
@@ -394,8 +397,6 @@ def measure_evaluation(model, processor, settings: GpuSettings, device, compiled
     on `naive_eval_dialogues` dialogues, scaled linearly to the full count; its gallery and metric
     stages are the same as the fast path's.
     """
-    from diana.training import evaluation
-    from diana.training.metrics import retrieval_metrics_and_first_hit_ranks
 
     model.eval()
     set_text_attention(model, True)
@@ -518,7 +519,6 @@ def run_gpu_suite(*, tiny: bool = False, device: str | None = None, settings: Gp
         checkpoint: called with the partial results after every stage (run.py rewrites its JSON, so
             a run cut short by a time limit keeps what it measured).
     """
-    from diana.processing import build_processor
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     settings = settings or (GpuSettings.tiny() if tiny else GpuSettings())
@@ -534,7 +534,6 @@ def run_gpu_suite(*, tiny: bool = False, device: str | None = None, settings: Gp
         variants = list(dict.fromkeys(replace(v, compile_vision=False, bf16=False) for v in variants))
         fast = replace(fast, compile_vision=False, bf16=False)
     if tiny:
-        from diana.training.benchmarks.cpu import tiny_model_config
 
         config = tiny_model_config()
     else:

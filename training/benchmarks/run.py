@@ -22,10 +22,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from diana.processing.cli_errors import ArgumentParser, require_device, require_path, require_range, run_cli  # noqa: E402
+from diana.training.benchmarks import cpu, gpu, harness
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from diana.training.benchmarks import gpu
 
     parser = ArgumentParser(prog="python -m diana.training.benchmarks.run", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,7 +38,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from diana.training.benchmarks import cpu, gpu, harness
 
     args = build_parser().parse_args(argv)
     require_range("--train-batch", args.train_batch, 1)

@@ -1,7 +1,7 @@
 """`evaluate` metric module for identity-level text-to-image retrieval (DiaNA).
 
 Load it from its folder (offline): `evaluate.load("path/to/training/retrieval_metric")`.
-The numbers come from `diana.training.metrics.retrieval_metrics`, so the module needs the
+The numbers come from `diana.training.evaluation.metrics.retrieval_metrics`, so the module needs the
 `diana-chatpr` package installed. (`evaluate` parses this file's imports line by line: one import
 per line.)
 """
@@ -9,7 +9,8 @@ per line.)
 import datasets
 import evaluate
 import torch
-from diana.training.metrics import retrieval_metrics
+
+from diana.training.evaluation.metrics import retrieval_metrics
 
 _DESCRIPTION = """
 Identity-level text-to-image retrieval metrics, as in IRRA / DiaNA (CVPR 2025). Each example is one

@@ -1,6 +1,6 @@
 """Evaluation only: a saved or converted DiaNA folder + a dataset folder -> the per-round report.
 
-    python -m diana.training.evaluate_model --model outputs/main_job/stage2 \\
+    python -m diana.training.evaluation.evaluate_model --model outputs/main_job/stage2 \\
         --data outputs/main_job/synthpedes/chatpedes --split test --batch-size 64
 
 Prints the per-round table (every score mode) and writes `eval_results.json`,
@@ -20,12 +20,27 @@ from typing import Any
 
 import torch
 
+from diana.hub_cards.evaluation_report import format_round_table, write_results
+from diana.modeling_diana import DiaNAModel
+from diana.modeling_diana.configuration_diana import SCORE_MODES
+from diana.processing import build_processor
 from diana.processing.cli_errors import (
-    UserInputError, require_choice, require_choices, require_device, require_model_folder, require_path, require_range,
+    UserInputError,
+    require_choice,
+    require_choices,
+    require_device,
+    require_model_folder,
+    require_path,
+    require_range,
     run_cli,
 )
+from diana.processing.data.chatpedes import load_chatpedes
+from diana.processing.data.mals import load_mals
+from diana.processing.processing_diana import DiaNAProcessor
+from diana.training.arguments import OneLineHfArgumentParser
+from diana.training.data.augmentation import caption_to_dialogue
 
-from .evaluation import SCORE_MODES, evaluate_retrieval, format_round_table, write_results
+from .protocol import evaluate_retrieval
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +60,7 @@ def _arg(default: Any = MISSING, help: str = "", **metadata: Any) -> Any:  # noq
 
 @dataclass
 class EvaluateModelArguments:
-    """Arguments of `python -m diana.training.evaluate_model` (`--batch-size` = `--batch_size`, etc.)."""
+    """Arguments of `python -m diana.training.evaluation.evaluate_model` (`--batch-size` = `--batch_size`, etc.)."""
 
     model: str = _arg(help="A DiaNA folder written by save_pretrained (training output, converted official "
                            "checkpoint, Hub export).", aliases=["--model_name_or_path"])
@@ -102,7 +117,6 @@ def load_model_and_processor(
 
         model = AutoModel.from_pretrained(model_dir, trust_remote_code=True, **kwargs)
     else:
-        from diana.modeling_diana import DiaNAModel
 
         model = DiaNAModel.from_pretrained(model_dir, **kwargs)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -116,11 +130,9 @@ def load_model_and_processor(
 
             processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
         else:
-            from diana.processing.processing_diana import DiaNAProcessor
 
             processor = DiaNAProcessor.from_pretrained(model_dir)
     else:
-        from diana.processing import build_processor
 
         size = model.config.vision_config.image_size
         height, width = (size, size) if isinstance(size, int) else tuple(size)
@@ -147,7 +159,6 @@ def load_split(
     person, so a query's only positive is its own image.
     """
     if dataset == "chatpedes":
-        from diana.processing.chatpedes import load_chatpedes
 
         split = split or "test"
         kwargs = {k: v for k, v in chatpedes_kwargs.items() if v is not None}
@@ -157,7 +168,6 @@ def load_split(
             kwargs.setdefault("validation_persons", 0)
         splits = load_chatpedes(str(data_dir), cache_dir=cache_dir, **kwargs)
     elif dataset == "mals":
-        from diana.processing.mals import load_mals
 
         split = split or "train"
         splits = load_mals(str(data_dir), cache_dir=cache_dir)
@@ -171,7 +181,6 @@ def load_split(
     if dataset == "mals":
         import datasets
 
-        from diana.processing.augmentation import caption_to_dialogue
 
         rows = rows.map(
             lambda captions: {
@@ -265,7 +274,6 @@ def read_reference(path: str) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Parses the arguments, evaluates, prints the table; returns the results."""
-    from diana.training.arguments import OneLineHfArgumentParser
 
     # 1. Arguments, all checked before the model and the data are loaded.
     (args,) = OneLineHfArgumentParser(EvaluateModelArguments).parse_args_into_dataclasses(args=argv)

@@ -26,9 +26,9 @@ from typing import Any
 import datasets
 from tqdm.auto import tqdm
 
-from ._annotations import (
-    ReportingBuilder,
+from .annotations import (
     AnnotationError,
+    ReportingBuilder,
     SkipReport,
     fingerprint,
     load_json_list,

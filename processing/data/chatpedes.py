@@ -34,9 +34,9 @@ import datasets
 import numpy as np
 from tqdm.auto import tqdm
 
-from ._annotations import (
-    ReportingBuilder,
+from .annotations import (
     AnnotationError,
+    ReportingBuilder,
     SkipReport,
     fingerprint,
     load_json_list,

@@ -16,7 +16,7 @@ keeps its ground truth in an extra `synthpedes` field (the builders ignore extra
 The attribute oracle ranks the test gallery by the number of attributes stated in the first k
 rounds that match the image's person: the ceiling a model can reach on this data.
 
-    python -m diana.processing.synthpedes --out DIR --persons 200 --images-per-person 3 --rounds 6 --seed 0
+    python -m diana.processing.data.synthpedes --out DIR --persons 200 --images-per-person 3 --rounds 6 --seed 0
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from .cli_errors import ArgumentParser, UserInputError, require_range, run_cli
+from ..cli_errors import ArgumentParser, UserInputError, require_range, run_cli
 
 DESCRIBE_QUESTION = "Please describe the person you saw."
 # The smallest (height, width) the figures can be drawn at (smaller ones leave no room for a limb).
@@ -630,7 +630,7 @@ def validate_arguments(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = ArgumentParser(prog="python -m diana.processing.synthpedes", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m diana.processing.data.synthpedes", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--persons", type=int, default=200, help="identities (train + test)")
     parser.add_argument("--images-per-person", type=int, default=3)

@@ -19,7 +19,7 @@ from typing import Any
 import datasets
 from PIL import Image
 
-from .image_loading import ImageInputError, exceeds_pixel_limit, load_rgb_image
+from ..image_loading import ImageInputError, exceeds_pixel_limit, load_rgb_image
 
 logger = logging.getLogger(__name__)
 

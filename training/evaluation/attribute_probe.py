@@ -6,7 +6,7 @@ its accuracy on the test persons, for the image embeddings (every test image) an
 embeddings (full dialogues that state the attribute), beside the majority-class rate. An attribute
 near its majority rate on both sides is one the model cannot use to rank, whatever the oracle says.
 
-    python -m diana.training.attribute_probe --model outputs/main_job/stage2 \\
+    python -m diana.training.evaluation.attribute_probe --model outputs/main_job/stage2 \\
         --data outputs/main_job/synthpedes/chatpedes --output outputs/main_job/attribute_probe
 
 Writes attribute_probe.json and attribute_probe.png (bars per attribute). SynthPedes only: it
@@ -28,6 +28,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from diana.processing.cli_errors import ArgumentParser, require_model_folder, require_path, require_range, run_cli
+from diana.processing.data.annotations import load_json_list
+from diana.processing.data.chatpedes import find_images_dir, parse_entries
+from diana.processing.image_loading import load_rgb_image
+from diana.training.evaluation.evaluate_model import load_model_and_processor
+
+from .protocol import encode_queries, tokenize_dialogues
 
 logger = logging.getLogger("diana.attribute_probe")
 
@@ -70,8 +76,6 @@ def majority_rate(train_y: Sequence[str], test_y: Sequence[str]) -> float:
 
 def load_synthpedes_split(data_dir: str | os.PathLike, split: str, max_entries: int | None) -> list[dict[str, Any]]:
     """Entries of `{split}_reid.json` with their SynthPedes record, dialogues as question/answer lists."""
-    from diana.processing._annotations import load_json_list
-    from diana.processing.chatpedes import parse_entries
 
     path = os.path.join(data_dir, f"{split}_reid.json")
     raw = load_json_list(path)  # read once: validated by parse_entries, the 'synthpedes' records kept here
@@ -91,9 +95,6 @@ def load_synthpedes_split(data_dir: str | os.PathLike, split: str, max_entries: 
 @torch.inference_mode()
 def embed(model, processor, data_dir, entries, *, batch_size: int = 128, desc: str = "") -> tuple[torch.Tensor, torch.Tensor]:
     """(image embeddings (E, D) one per entry, full-dialogue embeddings (N, D) in entry/dialogue order)."""
-    from diana.processing.chatpedes import find_images_dir
-    from diana.processing.image_loading import load_rgb_image
-    from diana.training.evaluation import encode_queries, tokenize_dialogues
 
     param = next(model.parameters())
     images_dir = find_images_dir(os.fspath(data_dir))
@@ -179,7 +180,6 @@ def run(model_dir: str | os.PathLike, data_dir: str | os.PathLike, output_dir: s
         train_entries: int | None = 2000, batch_size: int = 128, device: str | None = None) -> dict[str, Any]:
     """Loads a model folder, probes it on a SynthPedes ChatPedes-layout folder and, with `output_dir`,
     writes attribute_probe.json and attribute_probe.png there. Returns the report."""
-    from diana.training.evaluate_model import load_model_and_processor
 
     model, processor = load_model_and_processor(model_dir, device=device)
     report = probe_model(model, processor, data_dir, train_entries=train_entries, batch_size=batch_size)
@@ -193,7 +193,7 @@ def run(model_dir: str | os.PathLike, data_dir: str | os.PathLike, output_dir: s
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = ArgumentParser(prog="python -m diana.training.attribute_probe", description=__doc__,
+    parser = ArgumentParser(prog="python -m diana.training.evaluation.attribute_probe", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a saved DiaNA folder")
     parser.add_argument("--data", required=True, help="a SynthPedes ChatPedes-layout folder")

@@ -1,7 +1,7 @@
 """Convert an official DiaNA checkpoint folder (byougert/DiaNA, byougert/DiaNA-Pretrain) into a Hub-loadable
 `DiaNAModel` folder (config.json + model.safetensors + the remote-code files).
 
-    python -m diana.training.convert_official_checkpoint --input OFFICIAL_DIR --output DIR [--no-sdm]
+    python -m diana.hub_cards.convert_official_checkpoint --input OFFICIAL_DIR --output DIR [--no-sdm]
 
 The output folder also holds a `DiaNAProcessor` with the official tokenisation (`tokenization="official"`:
 every round prefix tokenised as one string, the ids the official weights were trained on).
@@ -223,7 +223,7 @@ def official_processor(config: DiaNAConfig, tokenizer_dir: str | Path | None = N
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = ArgumentParser(prog="python -m diana.training.convert_official_checkpoint",
+    parser = ArgumentParser(prog="python -m diana.hub_cards.convert_official_checkpoint",
                             description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", required=True, help="official DiaNA folder (config.json + weights)")
     parser.add_argument("--output", required=True, help="folder to write the Hub-loadable DiaNAModel to")

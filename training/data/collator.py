@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from diana.processing.image_loading import ImageInputError, load_rgb_pil
+
 from .augmentation import (
     MALS_MAX_WORDS,
     PedestrianImageAugmentation,
@@ -36,7 +38,6 @@ from .augmentation import (
     clean_caption,
     sample_retained_rounds,
 )
-from .image_loading import ImageInputError, load_rgb_pil
 
 logger = logging.getLogger(__name__)
 BAD_IMAGE_POLICIES = ("error", "skip")
@@ -121,10 +122,10 @@ class DiaNACollator:
 
     Rows are dicts as `datasets` yields them:
 
-    - ChatPedes (`diana.processing.chatpedes`): ``image``, ``dialogue`` (list of
+    - ChatPedes (`diana.processing.data.chatpedes`): ``image``, ``dialogue`` (list of
       ``{"question", "answer"}``, or any form `DiaNAProcessor.normalize_dialogue` accepts),
       ``person_index`` / ``person_id``;
-    - MALS (`diana.processing.mals`, needs ``mals_captions=True``): ``image``, ``caption``,
+    - MALS (`diana.processing.data.mals`, needs ``mals_captions=True``): ``image``, ``caption``,
       ``person_id``.
 
     ``image`` may be a decoded PIL image, a ``{"path", "bytes"}`` dict (``Image(decode=False)``,

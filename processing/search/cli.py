@@ -1,13 +1,13 @@
 """Terminal front end of the chat search: build / extend a gallery index, then search it by dialogue.
 
     # encode a folder of photos once (or a data set split), then add more later
-    python -m diana.processing.search_cli index --model MODEL_DIR --images photos/ --output gallery.safetensors
-    python -m diana.processing.search_cli index --model MODEL_DIR --images more/ --output gallery.safetensors --add
-    python -m diana.processing.search_cli index --model MODEL_DIR --chatpedes DATA_DIR --split test --output test.safetensors
+    python -m diana.processing.search.cli index --model MODEL_DIR --images photos/ --output gallery.safetensors
+    python -m diana.processing.search.cli index --model MODEL_DIR --images more/ --output gallery.safetensors --add
+    python -m diana.processing.search.cli index --model MODEL_DIR --chatpedes DATA_DIR --split test --output test.safetensors
 
     # chat interactively (stdin), or replay dialogues from a JSON file
-    python -m diana.processing.search_cli search --model MODEL_DIR --index gallery.safetensors
-    python -m diana.processing.search_cli search --model MODEL_DIR --index gallery.safetensors \
+    python -m diana.processing.search.cli search --model MODEL_DIR --index gallery.safetensors
+    python -m diana.processing.search.cli search --model MODEL_DIR --index gallery.safetensors \
         --dialogue dialogue.json --top-k 8 --contact-sheet top.png
 
 The ranking is printed after every round; ``--contact-sheet`` saves a picture with one row per
@@ -24,47 +24,28 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-import torch
-
-from .cli_errors import (
-    ArgumentParser, UserInputError, looks_like_hub_id, require_device, require_model_folder, require_path, require_range,
+from ..cli_errors import (
+    ArgumentParser,
+    UserInputError,
+    require_device,
+    require_model_folder,
+    require_path,
+    require_range,
     run_cli,
 )
-from .search import ChatSearchSession, GalleryIndex, RoundResult, faiss_available, save_contact_sheet
+from ..data.chatpedes import load_chatpedes
+from ..model_loading import load_model_and_processor
+from ..processing_diana import normalize_dialogue
+from .contact_sheet import save_contact_sheet
+from .index import GalleryIndex
+from .session import ChatSearchSession, RoundResult
+from .topk import faiss_available
 
 CHATPEDES_SPLITS = ("train", "validation", "test")
 
 
-def load_model_and_processor(model_dir: str, tokenizer_dir: str | None = None, device: str | None = None,
-                             dtype: str = "float32", revision: str | None = None) -> tuple[Any, Any]:
-    """A DiaNA model (eval mode) and processor from a local folder or a Hub repository id.
-
-    A folder without processor files (e.g. a converted official checkpoint) gets the default
-    fine-tuning processor at the model's image size.
-    """
-    from diana.modeling_diana import DiaNAModel
-
-    from . import build_processor
-    from .processing_diana import DiaNAProcessor
-
-    folder = Path(model_dir)
-    require_model_folder("--model", model_dir, allow_hub_id=True)
-    is_hub_id = looks_like_hub_id(model_dir)
-    model = DiaNAModel.from_pretrained(model_dir, dtype=getattr(torch, dtype), revision=revision).eval()
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
-    if is_hub_id or (folder / "processor_config.json").is_file():
-        processor = DiaNAProcessor.from_pretrained(model_dir, revision=revision)
-    else:
-        size = model.config.vision_config.image_size
-        processor = build_processor(tokenizer_dir=tokenizer_dir, image_size=tuple(size) if isinstance(size, (list, tuple)) else (size, size))
-    return model, processor
-
-
 def read_dialogues(path: str | Path) -> list[Any]:
     """Dialogues of a JSON file: one dialogue, or ``{"dialogues": [...]}``; each is checked."""
-    from .processing_diana import normalize_dialogue
-
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -152,7 +133,7 @@ def chat_loop(session: ChatSearchSession, contact_sheet: str | None, stdin: Text
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="python -m diana.processing.search_cli", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m diana.processing.search.cli", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     def common(sub: argparse.ArgumentParser) -> None:
@@ -190,104 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="FAISS index factory: Flat (exact) or e.g. IVF4096,Flat / HNSW32 for millions of images")
     search.add_argument("--contact-sheet", help="PNG with the top-k photos of every round")
     search.add_argument("--output-json", help="write every round's ranking to this JSON file")
-    bench = commands.add_parser("benchmark", help="print timings: exact vs FAISS top-k, cached rounds vs re-encoding")
-    bench.add_argument("--model", help="DiaNA folder (default: a random model with a mid-size Llama tower)")
-    bench.add_argument("--tokenizer-dir", help="tokenizer folder for the random model")
-    bench.add_argument("--device", help="cpu / cuda (default: cuda if available)")
-    bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    bench.add_argument("--gallery-size", type=int, default=200_000)
-    bench.add_argument("--dim", type=int, default=768, help="embedding width of the random gallery")
-    bench.add_argument("--top-k", type=int, default=10)
-    bench.add_argument("--repeats", type=int, default=5)
     return parser
-
-
-def benchmark(args: argparse.Namespace, out: TextIO) -> None:
-    """Print the two speed claims of the search module as measured figures."""
-    import platform
-    import time
-
-    # The benchmark suite's timer: median of timed calls after a warm-up, CUDA synchronised around each.
-    from diana.training.benchmarks.harness import synchronize, time_fn
-
-    from .search import exact_topk, faiss_available
-
-    device = "cpu"  # the random gallery below lives on the host
-
-    def timed(function) -> float:
-        return time_fn(function, device=device, warmup=1, repeats=args.repeats, max_seconds=float("inf")).median_s
-
-    torch.manual_seed(0)
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-          f"torch {torch.__version__}", file=out)
-    gallery = torch.nn.functional.normalize(torch.randn(args.gallery_size, args.dim), dim=-1)
-    query = torch.nn.functional.normalize(torch.randn(1, args.dim), dim=-1)
-    index = GalleryIndex(gallery, [str(i) for i in range(args.gallery_size)], "benchmark", "benchmark")
-    exact = timed(lambda: exact_topk(query, gallery, args.top_k))
-    print(f"exact top-{args.top_k} over {args.gallery_size:,} x {args.dim}: {exact * 1e3:.1f} ms / query", file=out)
-    if faiss_available():
-        index.search(query, args.top_k, backend="faiss")  # builds the FAISS index once
-        flat = timed(lambda: index.search(query, args.top_k, backend="faiss"))
-        same = torch.equal(index.search(query, args.top_k, backend="faiss")[1], exact_topk(query, gallery, args.top_k)[1])
-        print(f"FAISS IndexFlatIP top-{args.top_k}: {flat * 1e3:.1f} ms / query (same ranking: {same})", file=out)
-
-    if args.model:
-        model, processor = load_model_and_processor(args.model, args.tokenizer_dir, args.device, args.dtype)
-    else:
-        from transformers import LlamaConfig, Swinv2Config
-
-        from diana.modeling_diana import DiaNAConfig, DiaNAModel
-
-        from . import build_processor
-
-        # Tiny image tower (unused here), a mid-size dialogue tower: the round cost is the Llama pass.
-        config = DiaNAConfig(
-            vision_config=Swinv2Config(image_size=[64, 32], embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=4),
-            text_config=LlamaConfig(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
-                                    num_key_value_heads=4, vocab_size=128256, max_position_embeddings=1024,
-                                    bos_token_id=128000, eos_token_id=128001, pad_token_id=128004),
-            projection_dim=128, num_attribute_queries=4, refiner_num_heads=4,
-        )
-        model = DiaNAModel(config).eval()
-        processor = build_processor(tokenizer_dir=args.tokenizer_dir, image_size=(64, 32))
-    from .search import model_fingerprint, processor_fingerprint
-
-    index = GalleryIndex(torch.nn.functional.normalize(torch.randn(1000, model.config.projection_dim), dim=-1),
-                         [str(i) for i in range(1000)], model_fingerprint(model), processor_fingerprint(processor))
-    rounds = [("Please describe the person you saw.", "A woman in her thirties wearing a long red wool coat, black "
-               "trousers and black ankle boots, walking quickly.")] + [
-        (f"Question {r}: what else did you notice about her?", f"Detail {r}: she had a small black leather backpack, "
-         "long brown hair tied in a ponytail, and white headphones around her neck.") for r in range(2, 9)]
-    device = next(model.parameters()).device
-    print(f"dialogue tower: hidden {model.config.text_config.hidden_size}, {model.config.text_config.num_hidden_layers} "
-          f"layers, {args.dtype} on {device}", file=out)
-    print("round  tokens(total/new)  cached round ms  re-encode ms", file=out)
-    session = ChatSearchSession(model, processor, index, k=args.top_k, mode="global", check_index=False)
-    for number in range(1, len(rounds) + 1):
-        def cached_round():
-            session.reset()
-            for question, answer in rounds[: number - 1]:
-                session.add_round(question, answer)
-        cached_round()
-        times = []
-        for _ in range(args.repeats):
-            cached_round()  # replay the earlier rounds untimed; time only the new one
-            synchronize(device)
-            start = time.perf_counter()
-            result = session.add_round(*rounds[number - 1])
-            synchronize(device)
-            times.append(time.perf_counter() - start)
-        cached = sorted(times)[len(times) // 2]
-        batch = processor(dialogues=[rounds[:number]], return_tensors="pt")
-        batch = {k: v.to(device) for k, v in batch.items()}
-
-        def full() -> None:
-            with torch.no_grad():
-                encoding = model.encode_dialogues(batch["input_ids"], batch["attention_mask"])
-                index.search(encoding.text_embeds.float(), args.top_k)
-        rebuild = timed(full)
-        total = int(batch["attention_mask"].sum())
-        print(f"{number:>5}  {total:>6}/{result.new_tokens:<10} {cached * 1e3:>15.1f}  {rebuild * 1e3:>12.1f}", file=out)
 
 
 def validate_arguments(args: argparse.Namespace) -> None:
@@ -300,14 +184,6 @@ def validate_arguments(args: argparse.Namespace) -> None:
     require_device("--device", args.device)
     if args.command != "index":
         require_range("--top-k", args.top_k, 1)
-    if args.command == "benchmark":
-        require_range("--gallery-size", args.gallery_size, max(1, args.top_k))
-        require_range("--dim", args.dim, 1)
-        require_range("--repeats", args.repeats, 1)
-        if args.model:
-            require_model_folder("--model", args.model, allow_hub_id=True)
-        require_path("--tokenizer-dir", args.tokenizer_dir, "folder")
-        return
     require_model_folder("--model", args.model, allow_hub_id=True)
     require_path("--tokenizer-dir", args.tokenizer_dir, "folder")
     if args.command == "index":
@@ -336,9 +212,6 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None, out: TextIO
     args = build_parser().parse_args(argv)
     stdin, out = stdin or sys.stdin, out or sys.stdout
     validate_arguments(args)
-    if args.command == "benchmark":
-        benchmark(args, out)
-        return 0
     output = Path(args.output) if args.command == "index" else None
     dialogues = read_dialogues(args.dialogue) if args.command == "search" and args.dialogue else None
     model, processor = load_model_and_processor(args.model, args.tokenizer_dir, args.device, args.dtype, args.revision)
@@ -350,8 +223,6 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None, out: TextIO
         if args.images:
             report = index.add_images(args.images, model, processor, batch_size=args.batch_size, on_bad_image=args.on_bad_image)
         else:
-            from .chatpedes import load_chatpedes
-
             splits = load_chatpedes(args.chatpedes, validation_persons=args.validation_persons,
                                     validation_seed=args.validation_seed)
             if args.split not in splits:

@@ -21,7 +21,6 @@ computes the same numbers; only the main process writes files.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -35,18 +34,14 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from diana.hub_cards.evaluation_report import CUMULATIVE_K, CUMULATIVE_KEY, flatten_results, write_results
+from diana.modeling_diana.configuration_diana import SCORE_MODES
 from diana.processing.image_loading import ImageInputError, load_rgb_pil
 
 from .metrics import cumulative_hits_at_k, retrieval_metrics_and_first_hit_ranks
 
 logger = logging.getLogger(__name__)
 
-SCORE_MODES = ("global", "attribute", "fused")
-TABLE_METRICS = ("R@1", "R@5", "R@10", "mAP", "mINP", "mFR")
-CUMULATIVE_K = 10
-CUMULATIVE_KEY = f"cumulative_hits@{CUMULATIVE_K}"
-RESULTS_FILE = "eval_results.json"
-CURVES_FILE = "per_round_curves.png"
 
 # Entries of one (query chunk, gallery) score block: bounds the refiner's (T, G, K) intermediate.
 _SCORE_BLOCK_ELEMENTS = 1 << 24
@@ -557,111 +552,12 @@ def evaluate_retrieval(
     return results
 
 
-def flatten_results(results: Mapping[str, Any]) -> dict[str, float]:
-    """Slash-joined keys for logging: "global/full/R@1", "global/round_2/mAP",
-    "global/cumulative_hits@10/round_3"."""
-    flat: dict[str, float] = {}
-    for mode in SCORE_MODES:
-        if mode not in results:
-            continue
-        for key, value in results[mode].items():
-            if key == CUMULATIVE_KEY:
-                flat.update({f"{mode}/{key}/round_{r + 1}": v for r, v in enumerate(value)})
-            else:
-                flat.update({f"{mode}/{key}/{name}": v for name, v in value.items()})
-    return flat
-
-
-def write_results(
-    results: Mapping[str, Any],
-    output_dir: str | os.PathLike,
-    *,
-    reference: Mapping[str, Any] | None = None,
-    reference_label: str = "oracle",
-) -> None:
-    """Writes `eval_results.json` (the results, their flat copy, the reference if any) and
-    `per_round_curves.png`."""
-    from .plots import plot_round_curves
-
-    os.makedirs(output_dir, exist_ok=True)
-    payload = dict(results)
-    if reference is not None:
-        payload["reference"] = {"label": reference_label, **reference}
-    with open(os.path.join(output_dir, RESULTS_FILE), "w") as f:
-        json.dump(payload, f, indent=2)
-    plot_round_curves(
-        results, os.path.join(output_dir, CURVES_FILE), reference=reference, reference_label=reference_label
-    )
-    logger.info("wrote %s and %s to %s", RESULTS_FILE, CURVES_FILE, output_dir)
-
-
-def reference_rounds(reference: Mapping[str, Any]) -> dict[str, Any]:
-    """A reference curve in one mode's layout ({"round_k": {...}, "full": {...}}).
-
-    Accepts that layout itself or the SynthPedes oracle's ({"rounds": [{"round": k, "R@1": ...}],
-    "full": {...}}, `diana.processing.synthpedes.attribute_oracle`).
-    """
-    out = {k: v for k, v in reference.items() if (k.startswith("round_") or k == "full") and isinstance(v, Mapping)}
-    for row in reference.get("rounds", []) or []:
-        out.setdefault(f"round_{int(row['round'])}", {k: v for k, v in row.items() if k != "round"})
-    return out
-
-
-def _round_keys(per_mode: Mapping[str, Any]) -> list[str]:
-    rounds = sorted((k for k in per_mode if k.startswith("round_")), key=lambda k: int(k.split("_")[1]))
-    return rounds + (["full"] if "full" in per_mode else [])
-
-
-def format_round_table(
-    results: Mapping[str, Any],
-    reference: Mapping[str, Any] | None = None,
-    *,
-    metrics: Sequence[str] = TABLE_METRICS,
-    reference_metrics: Sequence[str] = ("R@1", "R@10", "mAP"),
-    reference_label: str = "oracle",
-) -> str:
-    """Markdown table per score mode: one row per round count and the full dialogue, the
-    cumulative Hits@10, and (with `reference`) the reference's numbers side by side."""
-    lines: list[str] = []
-    meta = results.get("meta", {})
-    reference = reference_rounds(reference) if reference is not None else None
-    for mode in SCORE_MODES:
-        if mode not in results:
-            continue
-        per_mode = results[mode]
-        header = ["rounds", *metrics, "Hits@10 (cum.)"]
-        if reference is not None:
-            header += [f"{reference_label} {m}" for m in reference_metrics]
-        title = f"**{mode}**"
-        if meta:
-            title += (f" ({meta.get('num_queries')} dialogues, {meta.get('num_gallery')} images, "
-                      f"{meta.get('num_persons')} persons)")
-        lines += [title, "", "| " + " | ".join(header) + " |", "|" + "|".join("---:" for _ in header) + "|"]
-        cumulative = per_mode.get(CUMULATIVE_KEY, [])
-        for key in _round_keys(per_mode):
-            row = [key.replace("round_", "")]
-            row += [f"{per_mode[key][m]:.2f}" if m in per_mode[key] else "" for m in metrics]
-            r = int(key.split("_")[1]) - 1 if key != "full" else None
-            row.append(f"{cumulative[r]:.2f}" if r is not None and r < len(cumulative) else "")
-            if reference is not None:
-                ref = reference.get(key, {})
-                row += [f"{ref[m]:.2f}" if m in ref else "" for m in reference_metrics]
-            lines.append("| " + " | ".join(row) + " |")
-        lines.append("")
-    return "\n".join(lines).rstrip() + "\n"
-
-
 __all__ = [
-    "SCORE_MODES",
     "TokenizedDialogues",
     "build_gallery",
     "encode_gallery",
     "encode_queries",
     "evaluate_retrieval",
-    "flatten_results",
-    "reference_rounds",
-    "format_round_table",
     "score",
     "tokenize_dialogues",
-    "write_results",
 ]
