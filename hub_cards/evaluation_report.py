@@ -118,7 +118,7 @@ def format_round_table(
     return "\n".join(lines).rstrip() + "\n"
 
 
-_MODE_STYLE = {"global": "tab:blue", "attribute": "tab:orange", "fused": "tab:green"}
+_MODE_STYLE = dict(zip(SCORE_MODES, ("tab:blue", "tab:orange", "tab:green"), strict=True))
 
 
 def _curve(per_mode: Mapping[str, Any], metric: str) -> tuple[list[int], list[float]]:

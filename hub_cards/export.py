@@ -35,6 +35,7 @@ from safetensors.torch import load_file
 
 import diana.processing
 from diana.hub_cards.convert_official_checkpoint import convert
+from diana.hub_cards.evaluation_report import CURVES_FILE
 from diana.hub_cards.merge_lora import load_and_merge
 from diana.hub_cards.model_card import (
     Evaluation,
@@ -46,16 +47,16 @@ from diana.hub_cards.model_card import (
 from diana.modeling_diana import DiaNAModel
 from diana.processing import build_processor
 from diana.processing.cli_errors import ArgumentParser, UserInputError, require_path, run_cli
-from diana.processing.processing_diana import DiaNAProcessor
+from diana.processing.processing_diana import DEFAULT_FIRST_QUESTION, DiaNAProcessor
 from diana.processing.search import list_images
 
-CURVE_NAMES = ("per_round_curves.png",)
+CURVE_NAMES = (CURVES_FILE,)
 REQUIRED_FILES = (
     "config.json", "model.safetensors", "configuration_diana.py", "modeling_diana.py", "processing_diana.py",
     "image_loading.py", "processor_config.json", "tokenizer.json", "tokenizer_config.json", "README.md",
 )
 PROBE_DIALOGUES = [
-    [("Please describe the person you saw.", "A man in a grey hoodie and blue jeans."),
+    [(DEFAULT_FIRST_QUESTION, "A man in a grey hoodie and blue jeans."),
      ("Is he carrying anything?", "A red umbrella in his left hand."),
      ("What shoes?", "White sneakers.")],
     "A young woman with a long black skirt and a white shirt.",

@@ -18,7 +18,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput, logging
 
-from .configuration_diana import DiaNAConfig
+from .configuration_diana import SCORE_MODES, DiaNAConfig
 from .loss_diana import attribute_similarity, diana_loss, gather_no_grad, gather_with_grad
 
 logger = logging.get_logger(__name__)
@@ -622,8 +622,8 @@ class DiaNAModel(DiaNAPreTrainedModel):
                 `config.attribute_reduction`) or "fused" (their sum); None = `config.score_mode`.
         """
         mode = mode or self.config.score_mode
-        if mode not in ("global", "attribute", "fused"):
-            raise ValueError(f"Unknown similarity mode {mode!r}; expected 'global', 'attribute' or 'fused'.")
+        if mode not in SCORE_MODES:
+            raise ValueError(f"Unknown similarity mode {mode!r}; expected one of {SCORE_MODES}.")
         scores = None
         if mode in ("global", "fused"):
             scores = text_embeds @ image_embeds.t()

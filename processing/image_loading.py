@@ -35,6 +35,8 @@ import torch
 from PIL import ExifTags
 
 BACKGROUND = 255  # the grey level transparent pixels are composited onto (white)
+# What a loader may do with an image it cannot read: raise naming it, or leave it out and count it.
+BAD_IMAGE_POLICIES = ("error", "skip")
 
 
 class ImageInputError(ValueError):
@@ -219,5 +221,5 @@ def load_rgb_pil(image: Any, index: int | None = None, *, where: str | None = No
 
 
 __all__ = [
-    "BACKGROUND", "ImageInputError", "composite_on_background", "exceeds_pixel_limit", "load_rgb_image", "load_rgb_pil",
+    "BACKGROUND", "BAD_IMAGE_POLICIES", "ImageInputError", "composite_on_background", "exceeds_pixel_limit", "load_rgb_image", "load_rgb_pil",
 ]

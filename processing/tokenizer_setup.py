@@ -36,7 +36,10 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from diana.modeling_diana.configuration_diana import DEFAULT_TEXT_CONFIG
+
 from .cli_errors import ArgumentParser, run_cli
+from .processing_diana import BOS_TOKEN, PAD_TOKEN
 
 LLAMA_MODELS_VERSION = "0.3.0"
 WHEEL_NAME = f"llama_models-{LLAMA_MODELS_VERSION}-py3-none-any.whl"
@@ -48,11 +51,10 @@ TOKENIZER_PY_SHA256 = "03651bf842642adf7ae2fcb5afe4cd211c7fdb23180babc42a9c635d4
 
 NUM_BASE_TOKENS = 128_000
 NUM_SPECIAL_TOKENS = 256
-BOS_TOKEN = "<|begin_of_text|>"
 EOS_TOKEN = "<|end_of_text|>"
-PAD_TOKEN = "<|finetune_right_pad_id|>"
 MASK_TOKEN = "<|reserved_special_token_0|>"
-BOS_TOKEN_ID, EOS_TOKEN_ID, PAD_TOKEN_ID, MASK_TOKEN_ID = 128_000, 128_001, 128_004, 128_002
+BOS_TOKEN_ID, EOS_TOKEN_ID, PAD_TOKEN_ID = (DEFAULT_TEXT_CONFIG[f"{name}_token_id"] for name in ("bos", "eos", "pad"))
+MASK_TOKEN_ID = 128_002
 
 SETUP_COMMAND = "python -m diana.processing.tokenizer_setup"
 STAMP_FILE = "diana_tokenizer_setup.json"

@@ -13,6 +13,8 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, rotate_checkpoints
 from transformers.utils import logging
 
+from diana.modeling_diana.configuration_diana import SCORE_MODES
+
 from .checkpointing import (
     capture_random_state,
     epoch_start_state_path,
@@ -54,7 +56,7 @@ class DiaNATrainer(Trainer):
     # by the accumulation steps itself.
     loss_is_scaled_for_ga = False
 
-    def __init__(self, *args, eval_score_modes: tuple[str, ...] = ("global", "attribute", "fused"),
+    def __init__(self, *args, eval_score_modes: tuple[str, ...] = SCORE_MODES,
                  eval_reference: dict[str, Any] | None = None, eval_on_bad_image: str = "error", **kwargs):
         super().__init__(*args, **kwargs)
         self.eval_score_modes = tuple(eval_score_modes)

@@ -19,13 +19,13 @@ from typing import Any
 import datasets
 from PIL import Image
 
-from ..image_loading import ImageInputError, exceeds_pixel_limit, load_rgb_image
+from ..image_loading import BAD_IMAGE_POLICIES, ImageInputError, exceeds_pixel_limit, load_rgb_image
 
 logger = logging.getLogger(__name__)
 
 REPORT_FILENAME = "diana_report.json"
 IMAGE_CHECKS = ("exists", "header", "full")
-MISSING_IMAGE_POLICIES = ("error", "skip")
+MISSING_IMAGE_POLICIES = BAD_IMAGE_POLICIES  # a missing file is handled like an unreadable one
 
 
 class AnnotationError(ValueError):

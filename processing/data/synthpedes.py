@@ -36,8 +36,9 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from ..cli_errors import ArgumentParser, UserInputError, require_range, run_cli
+from ..processing_diana import DEFAULT_FIRST_QUESTION
 
-DESCRIBE_QUESTION = "Please describe the person you saw."
+DESCRIBE_QUESTION = DEFAULT_FIRST_QUESTION
 # The smallest (height, width) the figures can be drawn at (smaller ones leave no room for a limb).
 MIN_IMAGE_SIZE = (16, 8)
 

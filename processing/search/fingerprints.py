@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..processing_diana import DEFAULT_FIRST_QUESTION
+
 # Config keys that change when the same model is saved, reloaded or cast, without changing what it
 # computes; the fingerprint must survive save_pretrained -> from_pretrained and a dtype change.
 _VOLATILE_CONFIG_KEYS = frozenset({
@@ -25,7 +27,7 @@ _VOLATILE_CONFIG_KEYS = frozenset({
 # A fixed dialogue and a fixed picture whose processed form identifies a processor by behaviour
 # (resize, normalisation statistics, template, vocabulary) rather than by its config key names.
 _PROBE_DIALOGUE = [
-    ("Please describe the person you saw.", "A woman in a red coat with a black backpack."),
+    (DEFAULT_FIRST_QUESTION, "A woman in a red coat with a black backpack."),
     ("Is she wearing glasses?", "No, but she has long brown hair."),
 ]
 

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..image_loading import ImageInputError, load_rgb_image
+from ..image_loading import BAD_IMAGE_POLICIES, ImageInputError, load_rgb_image
 from .fingerprints import model_fingerprint, processor_fingerprint
 from .topk import FaissSearcher, exact_topk
 
@@ -192,7 +192,7 @@ class GalleryIndex:
             How many images were added and how many were skipped (already indexed by path,
             duplicates within ``paths`` included, or unreadable).
         """
-        if on_bad_image not in ("error", "skip"):
+        if on_bad_image not in BAD_IMAGE_POLICIES:
             raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
         self.check_compatible(model, processor)
         if isinstance(paths, (str, os.PathLike)):

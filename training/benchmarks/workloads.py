@@ -13,6 +13,7 @@ import random
 import numpy as np
 from PIL import Image
 
+from diana.processing.processing_diana import DEFAULT_FIRST_QUESTION
 from diana.processing.tokenizer_setup import BOS_TOKEN_ID, PAD_TOKEN_ID
 
 # ChatPedes' test split (the MALS release's layout): 3,074 images of 1,000 people; every image has two dialogues
@@ -22,7 +23,7 @@ CHATPEDES_IMAGES = 37128  # train + test: what the builder checks
 CHATPEDES_TEST_PERSONS = 1000
 CHATPEDES_TEST_DIALOGUES = 6148
 CHATPEDES_ROUNDS = 10
-FIRST_QUESTION = "Please describe the person you saw."
+FIRST_QUESTION = DEFAULT_FIRST_QUESTION
 
 _COLOURS = ["black", "white", "red", "blue", "dark blue", "grey", "green", "yellow", "brown", "pink", "purple", "beige"]
 _GARMENTS = ["t-shirt", "jacket", "coat", "sweater", "shirt", "hoodie", "dress", "blouse", "vest", "cardigan"]

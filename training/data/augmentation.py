@@ -27,12 +27,13 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-MASK_TOKEN = "<|reserved_special_token_0|>"
+from diana.processing.processing_diana import DEFAULT_FIRST_QUESTION
+from diana.processing.tokenizer_setup import MASK_TOKEN
 
 # As in the paper: the pool a MALS caption's question is drawn from; the first one is ChatPedes'
 # fixed round-1 question, used whenever no random draw is wanted (evaluation, lengths).
 MALS_QUESTIONS: tuple[str, ...] = (
-    "Please describe the person you saw.",
+    DEFAULT_FIRST_QUESTION,
     "What is the person wearing in the picture?",
     "Can you detail the clothing and accessories of the person?",
     "Describe the appearance of the individual in the image.",

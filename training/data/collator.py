@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from diana.processing.image_loading import ImageInputError, load_rgb_pil
+from diana.processing.image_loading import BAD_IMAGE_POLICIES, ImageInputError, load_rgb_pil
 
 from .augmentation import (
     MALS_MAX_WORDS,
@@ -40,7 +40,6 @@ from .augmentation import (
 )
 
 logger = logging.getLogger(__name__)
-BAD_IMAGE_POLICIES = ("error", "skip")
 
 # Row fields that identify a row in error messages, in the order they are most useful.
 _ROW_KEYS = ("file_path", "person_index", "person_id", "entry_index", "dialogue_index", "image_id")

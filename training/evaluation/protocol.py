@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from diana.hub_cards.evaluation_report import CUMULATIVE_K, CUMULATIVE_KEY, flatten_results, write_results
 from diana.modeling_diana.configuration_diana import SCORE_MODES
-from diana.processing.image_loading import ImageInputError, load_rgb_pil
+from diana.processing.image_loading import BAD_IMAGE_POLICIES, ImageInputError, load_rgb_pil
 
 from .metrics import cumulative_hits_at_k, retrieval_metrics_and_first_hit_ranks
 
@@ -446,7 +446,7 @@ def evaluate_retrieval(
         raise ValueError(f"the evaluation split lacks column(s) {missing}; it has {dataset.column_names}")
     if len(dataset) == 0:
         raise ValueError("the evaluation split is empty")
-    if on_bad_image not in ("error", "skip"):
+    if on_bad_image not in BAD_IMAGE_POLICIES:
         raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
     if accelerator is not None:
         model = accelerator.unwrap_model(model)
