@@ -411,7 +411,7 @@ class DiaNAProcessor(ProcessorMixin):
         """See `render_dialogue`."""
         return render_dialogue(dialogue, max_rounds=max_rounds)
 
-    def encode_dialogues(
+    def dialogue_token_ids(
         self,
         dialogues: Any,
         max_rounds: int | None = None,
@@ -419,6 +419,9 @@ class DiaNAProcessor(ProcessorMixin):
         truncation: bool = True,
     ) -> tuple[list[list[int]], list[list[int]], list[list[bool]]]:
         """Token ids (BOS first, no EOS, unpadded), round end positions and round truncation flags.
+
+        The lists `__call__(..., return_round_ends=True, padding=False)` builds its rows from, without
+        padding or tensors (`DiaNAModel.encode_dialogues` turns such rows into vectors).
 
         Returns:
             (ids, round_ends, round_truncated) per dialogue; `round_ends[b][k]` is the index of the

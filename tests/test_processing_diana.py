@@ -151,6 +151,21 @@ def test_round_prefixes_are_exact_id_prefixes(processor):
     assert ends[-1] == len(full) - 1
 
 
+@pytest.mark.parametrize("tokenization", ["rounds", "official"])
+def test_dialogue_token_ids_are_the_rows_of_the_call(processor, tokenization):
+    """The unpadded lists and the processor call give the same ids, round ends and truncation flags."""
+    processor = copy.copy(processor)
+    processor.tokenization = tokenization
+    dialogues = [PAIRS, long_pairs(25), "A man in a grey hoodie."]
+    ids, ends, truncated = processor.dialogue_token_ids(dialogues)
+    out = processor(dialogues=dialogues, return_round_ends=True, return_tensors=None, padding=False)
+    assert ids == out["input_ids"] and len(ids[1]) >= 400
+    assert [e + [e[-1]] * (25 - len(e)) for e in ends] == out["round_end_positions"]
+    assert [t + [t[-1]] * (25 - len(t)) for t in truncated] == out["round_truncated"]
+    assert [len(e) for e in ends] == out["num_rounds"] == [3, 25, 1]
+    assert truncated[1][-1] and not any(truncated[0])
+
+
 # ---------------------------------------------------------------- user text never a control token
 
 

@@ -411,7 +411,7 @@ def bench_padding(processor, settings: CpuSettings) -> dict[str, Any]:
     dialogues and under R3 (each draw keeps its first r rounds, r uniform in 1..R), where grouping
     by the full dialogue's length (the `length` column of `add_length_column`) is only an upper bound."""
     dialogues = workloads.make_dialogues(settings.padding_dialogues, rounds=workloads.CHATPEDES_ROUNDS, seed=3)
-    ids, ends, _ = processor.encode_dialogues(dialogues)
+    ids, ends, _ = processor.dialogue_token_ids(dialogues)
     lengths = torch.tensor([len(x) for x in ids])
     b = settings.padding_batch
     gen = torch.Generator().manual_seed(0)
