@@ -6,7 +6,8 @@
     ... [--eval-results FILE] [--run-args FILE] [--repo-id NAME] [--push-to-hub REPO [--dry-run]]
 
 The folder holds ``config.json`` (with ``auto_map``), the remote-code files (``modeling_diana.py``,
-``configuration_diana.py``, ``loss_diana.py``, ``processing_diana.py``, ``image_loading.py``), the processor files
+``configuration_diana.py``, ``loss_diana.py``, ``processing_diana.py`` and its siblings ``image_loading.py``,
+``dialogue_template.py``, ``round_tokenization.py``), the processor files
 (``processor_config.json``, ``tokenizer.json``, ``tokenizer_config.json``, ``chat_template.jinja``),
 ``model.safetensors``, ``README.md`` (the model card), ``eval_results.json``, ``run_args.json``
 and the per-round curve picture. Before it is declared ready, a fresh Python process in which
@@ -53,7 +54,8 @@ from diana.processing.search import list_images
 CURVE_NAMES = (CURVES_FILE,)
 REQUIRED_FILES = (
     "config.json", "model.safetensors", "configuration_diana.py", "modeling_diana.py", "processing_diana.py",
-    "image_loading.py", "processor_config.json", "tokenizer.json", "tokenizer_config.json", "README.md",
+    "image_loading.py", "dialogue_template.py", "round_tokenization.py", "processor_config.json", "tokenizer.json",
+    "tokenizer_config.json", "README.md",
 )
 PROBE_DIALOGUES = [
     [(DEFAULT_FIRST_QUESTION, "A man in a grey hoodie and blue jeans."),
@@ -442,7 +444,8 @@ PROCESSING_DIR = Path(diana.processing.__file__).resolve().parent
 # The part of `diana.processing` the Space app imports, copied under `diana/processing/` next to it
 # (the Space does not install this project; its model code comes from the Hub with the weights).
 SPACE_RUNTIME = (
-    "__init__.py", "image_loading.py", "processing_diana.py", "search/__init__.py", "search/contact_sheet.py",
+    "__init__.py", "image_loading.py", "dialogue_template.py", "round_tokenization.py", "processing_diana.py",
+    "search/__init__.py", "search/contact_sheet.py",
     "search/fingerprints.py", "search/index.py", "search/session.py", "search/topk.py",
 )
 

@@ -221,5 +221,6 @@ def load_rgb_pil(image: Any, index: int | None = None, *, where: str | None = No
 
 
 __all__ = [
-    "BACKGROUND", "BAD_IMAGE_POLICIES", "ImageInputError", "composite_on_background", "exceeds_pixel_limit", "load_rgb_image", "load_rgb_pil",
+    "BACKGROUND", "BAD_IMAGE_POLICIES", "ImageInputError", "composite_on_background", "exceeds_pixel_limit",
+    "load_rgb_image", "load_rgb_pil",
 ]

@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -574,7 +573,8 @@ def test_remote_code_round_trip_without_the_project(tiny_processor, tmp_path):
         "AutoProcessor": "processing_diana.DiaNAProcessor"
     }
     assert (folder / "processing_diana.py").is_file() and (folder / "chat_template.jinja").is_file()
-    assert (folder / "image_loading.py").is_file()  # its relative import, copied along by save_pretrained
+    for sibling in ("image_loading.py", "dialogue_template.py", "round_tokenization.py"):
+        assert (folder / sibling).is_file(), sibling  # its relative imports, copied along by save_pretrained
     for name in ("a.png", "b.png"):
         Image.new("RGBA", (30, 70), (10, 200, 30, 120)).save(tmp_path / name)
     args = {
