@@ -1,5 +1,6 @@
-"""Retrieval evaluation: the protocol (`protocol`), its metrics (`metrics`), the `diana evaluate`
-command (`evaluate_model`) and the attribute probe (`attribute_probe`). The report it writes
+"""Retrieval evaluation: the protocol (`protocol`), the split's encoding it runs on (`encoding`), its
+metrics (`metrics`), the `diana evaluate` command (`evaluate_model`) and the attribute probe
+(`attribute_probe`). The report it writes
 (`eval_results.json`, curves, tables) is `diana.hub_cards.evaluation_report`, which the model card
 reads too."""
 
@@ -13,16 +14,9 @@ from diana.hub_cards.evaluation_report import (
     write_results,
 )
 
+from .encoding import TokenizedDialogues, build_gallery, encode_gallery, encode_queries, tokenize_dialogues
 from .metrics import cumulative_hits_at_k, retrieval_metrics, retrieval_metrics_and_first_hit_ranks
-from .protocol import (
-    TokenizedDialogues,
-    build_gallery,
-    encode_gallery,
-    encode_queries,
-    evaluate_retrieval,
-    score,
-    tokenize_dialogues,
-)
+from .protocol import evaluate_retrieval, score
 
 __all__ = [
     "CUMULATIVE_KEY", "CURVES_FILE", "RESULTS_FILE", "TokenizedDialogues", "build_gallery", "cumulative_hits_at_k",
