@@ -12,17 +12,16 @@ import torch
 from torchvision.transforms import v2
 from transformers import ViTImageProcessor
 
+from diana.processing.tokenizer_setup import MASK_TOKEN
 from diana.training.data.augmentation import (
     MALS_QUESTIONS,
-    MASK_TOKEN,
-    PedestrianImageAugmentation,
     TokenMasker,
-    build_train_image_transform,
     caption_to_dialogue,
     clean_caption,
     retain_random_rounds,
     sample_retained_rounds,
 )
+from diana.training.data.image_augmentation import PedestrianImageAugmentation, build_train_image_transform
 from tests.helpers import BOS_ID, EOS_ID, PAD_ID, TINY_IMAGE_SIZE
 
 CUHK_MEAN = (0.38901, 0.36516, 0.34836)

@@ -12,9 +12,11 @@ import PIL.Image
 import pytest
 import torch
 
-from diana.training.data.augmentation import MALS_QUESTIONS, build_train_image_transform
 from diana.processing.image_loading import ImageInputError
-from diana.training.data.collator import DiaNACollator, add_length_column, dialogue_length, with_undecoded_images
+from diana.training.data.augmentation import MALS_QUESTIONS
+from diana.training.data.collator import DiaNACollator
+from diana.training.data.dataset_columns import add_length_column, dialogue_length, with_undecoded_images
+from diana.training.data.image_augmentation import build_train_image_transform
 from tests.helpers import BOS_ID, PAD_ID, TINY_IMAGE_SIZE
 
 ANSWERS = ["A woman in a red coat.", "Yes, a black backpack.", "She wears white shoes!", "Long dark hair."]
@@ -260,8 +262,8 @@ def test_image_augmentation_switch(tiny_processor, chatpedes):
 
 def test_augmentation_pipeline_off_matches_the_real_processor(tiny_processor, chatpedes):
     """Grey and transparent images included: both paths must start from the same RGB pixels."""
-    from diana.training.data.augmentation import image_processor_geometry
     from diana.processing.image_loading import load_rgb_pil
+    from diana.training.data.image_augmentation import image_processor_geometry
 
     size, mean, std, _ = image_processor_geometry(tiny_processor.image_processor)
     assert size == TINY_IMAGE_SIZE

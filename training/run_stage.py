@@ -36,8 +36,9 @@ from diana.processing.data.chatpedes import load_chatpedes
 from diana.processing.data.mals import load_mals
 from diana.training.arguments import DataArguments, ModelArguments, parse_args
 from diana.training.checkpointing import check_resumable
-from diana.training.data.augmentation import image_processor_geometry
-from diana.training.data.collator import DiaNACollator, add_length_column, with_undecoded_images
+from diana.training.data.collator import DiaNACollator
+from diana.training.data.dataset_columns import add_length_column, with_undecoded_images
+from diana.training.data.image_augmentation import image_processor_geometry
 from diana.training.lora import apply_lora
 from diana.training.trainer import DiaNATrainer
 from diana.training.vision_pretraining import (

@@ -40,7 +40,8 @@ from diana.processing.data.annotations import IMAGE_CHECKS, check_image
 from diana.processing.tokenizer_setup import BOS_TOKEN_ID, EOS_TOKEN_ID, PAD_TOKEN_ID
 from diana.training.benchmarks import harness, naive, workloads
 from diana.training.benchmarks.harness import fmt
-from diana.training.data.collator import DiaNACollator, with_undecoded_images
+from diana.training.data.collator import DiaNACollator
+from diana.training.data.dataset_columns import with_undecoded_images
 from diana.training.evaluation.metrics import retrieval_metrics
 
 

@@ -1,7 +1,8 @@
 """Turns ChatPedes / MALS dataset rows into DiaNA model inputs, with the training-time augmentation
 of the paper behind explicit switches (all off when ``train=False``).
 
-Typical use with the Trainer (``remove_unused_columns=False`` so the rows keep their columns)::
+Typical use with the Trainer (``remove_unused_columns=False`` so the rows keep their columns;
+`add_length_column` and `with_undecoded_images` are `dataset_columns`')::
 
     train = with_undecoded_images(add_length_column(dataset["train"], processor))
     collator = DiaNACollator(processor, train=True, round_retaining=True, token_masking=0.15,
@@ -23,85 +24,21 @@ import hashlib
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import torch
 
 from diana.processing.image_loading import BAD_IMAGE_POLICIES, ImageInputError, load_rgb_pil
 
-from .augmentation import (
-    MALS_MAX_WORDS,
-    PedestrianImageAugmentation,
-    TokenMasker,
-    caption_to_dialogue,
-    clean_caption,
-    sample_retained_rounds,
-)
+from .augmentation import MALS_MAX_WORDS, TokenMasker, caption_to_dialogue, clean_caption, sample_retained_rounds
+from .collator_statistics import CollatorStatistics
+from .image_augmentation import PedestrianImageAugmentation
 
 logger = logging.getLogger(__name__)
 
 # Row fields that identify a row in error messages, in the order they are most useful.
 _ROW_KEYS = ("file_path", "person_index", "person_id", "entry_index", "dialogue_index", "image_id")
-
-
-@dataclass
-class CollatorStatistics:
-    """Running counts of what the collator did, for logging (reset with `DiaNACollator.reset_statistics`).
-
-    Counts are per process: with DataLoader workers each worker holds its own copy, so use
-    ``return_statistics=True`` to receive per-batch counts in the batch instead.
-
-    Attributes:
-        batches: Batches collated.
-        samples: Rows collated.
-        rounds_available: Rounds in the drawn dialogues before R3.
-        rounds_kept: Rounds after R3 (equal to `rounds_available` when R3 is off).
-        dialogues_truncated: Dialogues whose tokens were cut at `max_length` (right truncation:
-            the tail of the last kept round is lost; the paper's policy).
-        rounds_truncated: Rounds (of kept dialogues) cut, wholly or in part, by `max_length`.
-        captions: MALS captions wrapped as dialogues.
-        captions_cut: Captions longer than 56 words, cut to 56 (APTM's policy).
-        tokens_eligible: Attended, non-special token positions seen by token masking.
-        tokens_selected: Positions selected for noise.
-        tokens_masked: Selected positions set to the mask token.
-        tokens_randomized: Selected positions set to a random id.
-        images_augmented: Images that went through the training image pipeline.
-        images_skipped: Rows left out of their batch because their image could not be loaded
-            (``on_bad_image="skip"``; each one is also logged with its file).
-    """
-
-    batches: int = 0
-    samples: int = 0
-    rounds_available: int = 0
-    rounds_kept: int = 0
-    dialogues_truncated: int = 0
-    rounds_truncated: int = 0
-    captions: int = 0
-    captions_cut: int = 0
-    tokens_eligible: int = 0
-    tokens_selected: int = 0
-    tokens_masked: int = 0
-    tokens_randomized: int = 0
-    images_augmented: int = 0
-    images_skipped: int = 0
-
-    def update(self, other: Mapping[str, int]) -> None:
-        """Adds per-batch counts."""
-        for key, value in other.items():
-            setattr(self, key, getattr(self, key) + int(value))
-
-    def as_dict(self) -> dict[str, float]:
-        """The counts plus derived rates (NaN-free: a rate with an empty denominator is 0)."""
-        counts: dict[str, float] = dict(asdict(self))
-
-        def rate(num: int, den: int) -> float:
-            return num / den if den else 0.0
-
-        counts["truncated_fraction"] = rate(self.dialogues_truncated, self.samples)
-        counts["rounds_kept_fraction"] = rate(self.rounds_kept, self.rounds_available)
-        counts["token_selection_rate"] = rate(self.tokens_selected, self.tokens_eligible)
-        return counts
 
 
 def _dialogue_rows(
@@ -145,7 +82,7 @@ class DiaNACollator:
         token_masking: Selection probability of token masking (0.15 in DiaNA; 0 = off); selected
             positions go 80% mask token, 10% random id, 10% unchanged.
         image_augmentation: The torchvision.transforms.v2 pipeline of
-            `augmentation.build_train_image_transform` (flip, pad + crop, random erasing).
+            `image_augmentation.build_train_image_transform` (flip, pad + crop, random erasing).
         mals_captions: Rows carry a MALS ``caption``: clean it (lower-case, strip ``.!"()*#:;~``,
             56 words; in both modes) and wrap it with a question drawn from the pool (train) or
             the first question (eval).
@@ -375,7 +312,32 @@ class DiaNACollator:
         counts = {key: 0 for key in asdict(CollatorStatistics())}
         counts["batches"], counts["samples"] = 1, len(rows)
         generator = self._batch_generator(rows) if self.train else None
+        dialogues, images, person_ids = self._usable_rows(rows, generator, counts)
+        text = self._text_batch(dialogues, generator, counts)
+        pixel_values = self.pixel_values(images, generator)
+        if generator is not None and self.image_transform is not None:
+            counts["images_augmented"] = len(images)
 
+        self.statistics.update(counts)
+        batch: dict[str, Any] = {
+            "pixel_values": pixel_values,
+            "input_ids": text["input_ids"],
+            "attention_mask": text["attention_mask"],
+            "person_ids": torch.tensor(person_ids, dtype=torch.long),
+        }
+        if self.return_round_ends:
+            batch["round_end_positions"] = text["round_end_positions"]
+            batch["round_truncated"] = text["round_truncated"]
+            batch["num_rounds"] = text["num_rounds"]
+        if self.return_statistics:
+            batch["collator_statistics"] = {key: torch.tensor(value) for key, value in counts.items()}
+        return batch
+
+    def _usable_rows(
+        self, rows: Sequence[Mapping[str, Any]], generator: torch.Generator | None, counts: dict[str, int]
+    ) -> tuple[list[list[tuple[str, str]]], list[Any], list[int]]:
+        """(dialogues after caption wrapping and R3, images, person ids) of the rows whose image loads
+        (all rows unless ``on_bad_image="skip"``); sets ``counts["samples"]``."""
         dialogues, images, person_ids = [], [], []
         for index, row in enumerate(rows):
             if not isinstance(row, Mapping):
@@ -392,7 +354,13 @@ class DiaNACollator:
             images.append(image)
             person_ids.append(person_id)
         counts["samples"] = len(images)
+        return dialogues, images, person_ids
 
+    def _text_batch(
+        self, dialogues: list[list[tuple[str, str]]], generator: torch.Generator | None, counts: dict[str, int]
+    ) -> dict[str, torch.Tensor]:
+        """The dialogues tokenised, right-padded and truncated (the dialogue alone per row), with token
+        noise when training: ``input_ids``, ``attention_mask`` and the processor's round fields."""
         text = self.processor(
             dialogues=dialogues, return_round_ends=True, padding="longest", max_length=self.max_length,
             truncation=True, return_tensors="pt",
@@ -417,25 +385,10 @@ class DiaNACollator:
             counts["tokens_selected"] = int(result.selected.sum())
             counts["tokens_masked"] = int(result.masked.sum())
             counts["tokens_randomized"] = int(result.randomized.sum())
-
-        pixel_values = self.pixel_values(images, generator)
-        if generator is not None and self.image_transform is not None:
-            counts["images_augmented"] = len(images)
-
-        self.statistics.update(counts)
-        batch: dict[str, Any] = {
-            "pixel_values": pixel_values,
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "person_ids": torch.tensor(person_ids, dtype=torch.long),
+        return {
+            "input_ids": input_ids, "attention_mask": attention_mask, "round_end_positions": text["round_end_positions"],
+            "round_truncated": round_truncated, "num_rounds": num_rounds,
         }
-        if self.return_round_ends:
-            batch["round_end_positions"] = text["round_end_positions"]
-            batch["round_truncated"] = round_truncated
-            batch["num_rounds"] = num_rounds
-        if self.return_statistics:
-            batch["collator_statistics"] = {key: torch.tensor(value) for key, value in counts.items()}
-        return batch
 
     def __repr__(self) -> str:
         return (
@@ -443,11 +396,6 @@ class DiaNACollator:
             f"token_masking={self.token_masking}, image_augmentation={self.image_augmentation}, "
             f"mals_captions={self.mals_captions}, max_length={self.max_length}, seed={self.seed})"
         )
-
-
-# --------------------------------------------------------------------------------------------
-# Lengths for group_by_length, undecoded images
-# --------------------------------------------------------------------------------------------
 
 
 def _image_key(value: Any) -> str | None:
@@ -463,82 +411,4 @@ def _image_key(value: Any) -> str | None:
     return "path:" + filename if filename else None
 
 
-def _length_dialogue(row: Mapping[str, Any]) -> Any:
-    # Captions are measured with the first question (deterministic): lengths are
-    # a grouping key, a few tokens of question-pool variation do not matter.
-    if row.get("dialogue") is not None:
-        return row["dialogue"]
-    if row.get("caption") is not None:
-        return caption_to_dialogue(row["caption"])
-    raise KeyError("a row needs a 'dialogue' or a 'caption' column to measure its length")
-
-
-def _token_lengths(dialogues: list[Any], processor: Any, max_length: int | None) -> list[int]:
-    encoded = processor(dialogues=dialogues, padding="longest", max_length=max_length, truncation=True,
-                        return_tensors="pt")
-    return encoded["attention_mask"].sum(dim=1).tolist()
-
-
-def dialogue_length(row: Mapping[str, Any], processor: Any, max_length: int | None = None) -> int:
-    """Token count (BOS included, after truncation) of a row's full dialogue or wrapped caption.
-
-    Args:
-        row: A ChatPedes row (``dialogue``) or MALS row (``caption``).
-        processor: The `DiaNAProcessor`.
-        max_length: Truncation limit; None uses the processor's.
-    """
-    return _token_lengths([_length_dialogue(row)], processor, max_length)[0]
-
-
-def add_length_column(
-    dataset: Any,
-    processor: Any,
-    *,
-    column: str = "length",
-    max_length: int | None = None,
-    batch_size: int = 1000,
-    num_proc: int | None = None,
-) -> Any:
-    """Adds the token count of every row's full dialogue (or wrapped caption) as `column`.
-
-    The Trainer's ``train_sampling_strategy="group_by_length"`` reads it (``length_column_name``)
-    instead of tokenising on start-up, so batches are padded to similar lengths.
-    With R3 the drawn dialogue is a prefix, so the column is an upper bound of the collated length.
-    Only the text column is read: images are not decoded.
-
-    Args:
-        dataset: A `datasets.Dataset` or `DatasetDict` with a ``dialogue`` or ``caption`` column.
-        processor: The `DiaNAProcessor`.
-        column: Name of the new column.
-        max_length: Truncation limit; None uses the processor's.
-        batch_size: Rows tokenised per call.
-        num_proc: Processes for `Dataset.map`.
-
-    Returns:
-        The dataset with the extra column.
-    """
-    names = dataset.column_names
-    names = next(iter(names.values())) if isinstance(names, Mapping) else names
-    text_column = "dialogue" if "dialogue" in names else "caption" if "caption" in names else None
-    if text_column is None:
-        raise KeyError(f"add_length_column needs a 'dialogue' or 'caption' column, got {names}")
-
-    def lengths(values: list[Any]) -> dict[str, list[int]]:
-        return {column: _token_lengths([_length_dialogue({text_column: v}) for v in values], processor, max_length)}
-
-    return dataset.map(lengths, batched=True, batch_size=batch_size, input_columns=[text_column],
-                       num_proc=num_proc, desc="Token lengths")
-
-
-def with_undecoded_images(dataset: Any, column: str = "image") -> Any:
-    """Casts the image column to ``Image(decode=False)`` so rows carry ``{"path", "bytes"}``.
-
-    Decoding then happens in the collator (`image_loading.load_rgb_image`), whose error names the file;
-    `datasets` decodes on row access, where a truncated file fails without saying which one.
-    """
-    import datasets
-
-    return dataset.cast_column(column, datasets.Image(decode=False))
-
-
-__all__ = ["CollatorStatistics", "DiaNACollator", "dialogue_length", "add_length_column", "with_undecoded_images"]
+__all__ = ["DiaNACollator"]
