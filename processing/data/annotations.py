@@ -313,3 +313,11 @@ class ReportingBuilder(datasets.GeneratorBasedBuilder):
             self._report.save(self._output_dir)
         else:
             self._report = SkipReport.load(self._output_dir)
+
+    def prepared_splits(
+        self, return_report: bool = False
+    ) -> datasets.DatasetDict | tuple[datasets.DatasetDict, SkipReport | None]:
+        """Builds (or reads from the cache) the splits; with `return_report` also the skip report."""
+        self.download_and_prepare()
+        splits = self.as_dataset()
+        return (splits, self.report) if return_report else splits

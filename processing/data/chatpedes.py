@@ -311,10 +311,7 @@ def load_chatpedes(
     Returns:
         DatasetDict with train / validation / test (and the SkipReport when asked).
     """
-    builder = ChatPedes(data_dir=data_dir, cache_dir=cache_dir, **kwargs)
-    builder.download_and_prepare()
-    ds = builder.as_dataset()
-    return (ds, builder.report) if return_report else ds
+    return ChatPedes(data_dir=data_dir, cache_dir=cache_dir, **kwargs).prepared_splits(return_report)
 
 
 __all__ = ["ChatPedes", "ChatPedesConfig", "FEATURES", "IMAGE_FOLDERS", "find_images_dir", "load_chatpedes",

@@ -197,10 +197,7 @@ def load_mals(
     """
     if files is not None:
         kwargs["files"] = sorted(files) if not isinstance(files, str) else [files]
-    builder = MALS(data_dir=data_dir, cache_dir=cache_dir, **kwargs)
-    builder.download_and_prepare()
-    ds = builder.as_dataset()
-    return (ds, builder.report) if return_report else ds
+    return MALS(data_dir=data_dir, cache_dir=cache_dir, **kwargs).prepared_splits(return_report)
 
 
 __all__ = ["MALS", "MALSConfig", "FEATURES", "NUM_ATTRIBUTES", "load_mals", "parse_record"]
