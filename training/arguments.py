@@ -150,7 +150,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
             raise UserInputError(f"--config needs a preset name or YAML file (presets: {', '.join(preset_names())})")
         defaults = load_yaml_preset(argv[i + 1])
         del argv[i : i + 2]
-    parser = OneLineHfArgumentParser((ModelArguments, DataArguments, DiaNATrainingArguments))
+    parser = OneLineHfArgumentParser((ModelArguments, DataArguments, DiaNATrainingArguments),
+                                     prog="training/run_stage.py --config PRESET")
     # A nested mapping cannot be a command-line flag: it bypasses the parser.
     model_config = defaults.pop("model_config", None) if isinstance(defaults.get("model_config"), dict) else None
     known = {a.dest for a in parser._actions}

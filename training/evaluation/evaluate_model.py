@@ -222,7 +222,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Parses the arguments, evaluates, prints the table; returns the results."""
 
     # 1. Arguments, all checked before the model and the data are loaded.
-    (args,) = OneLineHfArgumentParser(EvaluateModelArguments).parse_args_into_dataclasses(args=argv)
+    parser = OneLineHfArgumentParser(EvaluateModelArguments, prog="python -m diana.training.evaluation.evaluate_model")
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
     split = args.split or SPLITS[args.dataset][0]
     validate_arguments(args, split)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
