@@ -1,4 +1,4 @@
-"""Image-tower pretraining on MALS captions' n-grams and labels (training/vision_pretraining.py): the
+"""Stage 0, the image tower trained on MALS captions' n-grams and labels (training/vision_pretraining.py): the
 targets, the masked loss, the collator's errors. The run through run_stage is in test_run_stage.py."""
 
 from __future__ import annotations
