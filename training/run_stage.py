@@ -149,7 +149,7 @@ def run_vision_pretraining(model: DiaNAModel, processor, train_dataset, model_ar
     counts, total = count_ngrams(train_dataset["caption"])
     vocabulary = select_ngrams(counts, total)
     ngrams_per_caption = sum(counts[g] for g in vocabulary) / total
-    logger.info("image-tower targets: %d caption n-grams (%.1f on per caption, most frequent: %s) + 27 MALS labels",
+    logger.info("stage 0 targets: %d caption n-grams (%.1f on per caption, most frequent: %s) + 27 MALS labels",
                 len(vocabulary), ngrams_per_caption, ", ".join(vocabulary[:8]))
     readouts = list(data_args.pretraining_readouts)
     num_tokens = None
@@ -159,7 +159,7 @@ def run_vision_pretraining(model: DiaNAModel, processor, train_dataset, model_ar
             num_tokens = model.vision_model(pixel_values=torch.zeros(1, 3, height, width)).last_hidden_state.shape[1]
     trainee = VisionPretrainingModel(model.vision_model, len(vocabulary), 27, ngrams_per_caption,
                                      readouts=readouts, num_tokens=num_tokens)
-    logger.info("image-tower heads: %s", ", ".join(readouts) + (f" ({num_tokens} final tokens)" if num_tokens else ""))
+    logger.info("stage 0 heads: %s", ", ".join(readouts) + (f" ({num_tokens} final tokens)" if num_tokens else ""))
     collator = VisionPretrainingCollator(processor, vocabulary, image_augmentation=data_args.image_augmentation,
                                          seed=training_args.seed, image_cache=data_args.image_cache,
                                          image_augmentation_kwargs={"erasing_probability": data_args.random_erasing},
