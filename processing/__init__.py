@@ -82,4 +82,4 @@ def build_processor(
     )
 
 
-__all__ = ["build_processor", "PROCESSOR_PROFILES"]
+__all__ = ["PROCESSOR_PROFILES", "build_processor"]
