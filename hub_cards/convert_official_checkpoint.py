@@ -1,7 +1,7 @@
 """Convert an official DiaNA checkpoint folder (byougert/DiaNA, byougert/DiaNA-Pretrain) into a Hub-loadable
 `DiaNAModel` folder (config.json + model.safetensors + the remote-code files).
 
-    python -m diana.hub_cards.convert_official_checkpoint --input OFFICIAL_DIR --output DIR [--no-sdm]
+    python -m diana.hub_cards.convert_official_checkpoint --official_dir OFFICIAL_DIR --output_dir DIR [--no_sdm]
 
 The output folder also holds a `DiaNAProcessor` with the official tokenisation (`tokenization="official"`:
 every round prefix tokenised as one string, the ids the official weights were trained on).
@@ -216,7 +216,7 @@ def convert(
 
 
 def official_processor(config: DiaNAConfig, tokenizer_dir: str | Path | None = None):
-    """The processor of a converted model: its image size, the fine-tuning preset, official tokenisation."""
+    """The processor of a converted model: its image size, the fine-tuning processor profile, official tokenisation."""
     size = config.vision_config.image_size
     height, width = (size, size) if isinstance(size, int) else size
     return build_processor(tokenizer_dir=tokenizer_dir, image_size=(height, width), tokenization="official")
@@ -225,34 +225,34 @@ def official_processor(config: DiaNAConfig, tokenizer_dir: str | Path | None = N
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(prog="python -m diana.hub_cards.convert_official_checkpoint",
                             description=__doc__.split("\n\n")[0])
-    parser.add_argument("--input", required=True, help="official DiaNA folder (config.json + weights)")
-    parser.add_argument("--output", required=True, help="folder to write the Hub-loadable DiaNAModel to")
+    parser.add_argument("--official_dir", required=True, help="official DiaNA folder (config.json + weights)")
+    parser.add_argument("--output_dir", required=True, help="folder to write the Hub-loadable DiaNAModel to")
     sdm = parser.add_mutually_exclusive_group()
-    sdm.add_argument("--enable-sdm", dest="enable_sdm", action="store_true", default=None, help="SDM loss on")
-    sdm.add_argument("--no-sdm", dest="enable_sdm", action="store_false", help="SDM loss off (pretraining checkpoint)")
+    sdm.add_argument("--enable_sdm", dest="enable_sdm", action="store_true", default=None, help="SDM loss on")
+    sdm.add_argument("--no_sdm", dest="enable_sdm", action="store_false", help="SDM loss off (pretraining checkpoint)")
     refiner = parser.add_mutually_exclusive_group()
-    refiner.add_argument("--enable-refiner", dest="enable_refiner", action="store_true", default=None)
-    refiner.add_argument("--no-refiner", dest="enable_refiner", action="store_false")
+    refiner.add_argument("--enable_refiner", dest="enable_refiner", action="store_true", default=None)
+    refiner.add_argument("--no_refiner", dest="enable_refiner", action="store_false")
     parser.add_argument(
-        "--num-attribute-queries", type=int, default=None,
+        "--num_attribute_queries", type=int, default=None,
         help="K of the converted model; a K different from the checkpoint's re-initialises the queries",
     )
     parser.add_argument(
-        "--tokenizer-dir", default=None,
+        "--tokenizer_dir", default=None,
         help="Llama-3.2 tokenizer folder for the saved processor (default: the one scripts/setup.sh makes)",
     )
     args = parser.parse_args(argv)
-    require_path("--input", args.input, "folder")
-    require_range("--num-attribute-queries", args.num_attribute_queries, 1)
-    require_path("--tokenizer-dir", args.tokenizer_dir, "folder")
-    if Path(args.output).is_file():
-        raise FileExistsError(f"--output {args.output} is a file, not a folder")
+    require_path("--official_dir", args.official_dir, "folder")
+    require_range("--num_attribute_queries", args.num_attribute_queries, 1)
+    require_path("--tokenizer_dir", args.tokenizer_dir, "folder")
+    if Path(args.output_dir).is_file():
+        raise FileExistsError(f"--output_dir {args.output_dir} is a file, not a folder")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     model = convert(
-        args.input, args.output, args.enable_sdm, args.enable_refiner, args.num_attribute_queries, args.tokenizer_dir
+        args.official_dir, args.output_dir, args.enable_sdm, args.enable_refiner, args.num_attribute_queries, args.tokenizer_dir
     )
     logger.info(
-        "wrote %s (projection_dim %d, K %d, reduction %s, sdm %s, refiner %s)", args.output,
+        "wrote %s (projection_dim %d, K %d, reduction %s, sdm %s, refiner %s)", args.output_dir,
         model.config.projection_dim, model.config.num_attribute_queries, model.config.attribute_reduction,
         model.config.use_sdm_loss, model.config.use_refiner_loss,
     )

@@ -1,9 +1,9 @@
 """Turn a trained DiaNA model into a Hub-ready folder, check it loads on its own, push it.
 
-    python -m diana.hub_cards.export --checkpoint DIR --output DIR
-    python -m diana.hub_cards.export --adapter DIR --base DIR --output DIR
-    python -m diana.hub_cards.export --official DIR --output DIR        # authors' release
-    ... [--eval-results FILE] [--run-args FILE] [--repo-id NAME] [--push-to-hub REPO [--dry-run]]
+    python -m diana.hub_cards.export --model_name_or_path DIR --output_dir DIR
+    python -m diana.hub_cards.export --adapter_dir DIR --base_model_name_or_path DIR --output_dir DIR
+    python -m diana.hub_cards.export --official_dir DIR --output_dir DIR        # the authors' release
+    ... [--eval_results_file FILE] [--run_args_file FILE] [--repo_id NAME] [--push_to_hub REPO [--dry_run]]
 
 The folder holds ``config.json`` (with ``auto_map``), the remote-code files (``modeling_diana.py``,
 ``configuration_diana.py``, ``loss_diana.py``, ``processing_diana.py`` and its siblings ``image_loading.py``,
@@ -12,7 +12,7 @@ The folder holds ``config.json`` (with ``auto_map``), the remote-code files (``m
 ``model.safetensors``, ``README.md`` (the model card), ``eval_results.json``, ``run_args.json``
 and the per-round curve picture. Before it is declared ready, a fresh Python process in which
 the ``diana`` package cannot be imported loads it with ``AutoModel`` / ``AutoProcessor``
-(``trust_remote_code=True``, offline) and must reproduce this process's features.
+(``trust_remote_code=True``, offline) and must reproduce this process's features (`export_check`).
 """
 
 from __future__ import annotations
@@ -21,34 +21,20 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
-import sys
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 import yaml
-from PIL import Image
-from safetensors.torch import load_file
 
 import diana.processing
-from diana.hub_cards.convert_official_checkpoint import convert
+from diana.hub_cards.convert_official_checkpoint import convert, official_processor
 from diana.hub_cards.evaluation_report import CURVES_FILE
+from diana.hub_cards.export_check import PROBE_DIALOGUES, ExportCheckError, compare_features, verify_folder
+from diana.hub_cards.hub_upload import UploadPlan, push_to_hub, upload_plan
 from diana.hub_cards.merge_lora import load_and_merge
-from diana.hub_cards.model_card import (
-    Evaluation,
-    load_evaluation,
-    load_run_args,
-    render_model_card,
-    write_model_card,
-)
-from diana.modeling_diana import DiaNAModel
-from diana.processing import build_processor
-from diana.processing.cli_errors import ArgumentParser, UserInputError, require_path, run_cli
-from diana.processing.processing_diana import DEFAULT_FIRST_QUESTION, DiaNAProcessor
+from diana.hub_cards.model_card import Evaluation, load_evaluation, load_run_args, render_model_card, write_model_card
+from diana.processing.cli_errors import ArgumentParser, UserInputError, require_model_folder, require_path, run_cli
+from diana.processing.model_loading import has_processor_files, load_model_and_processor, load_processor
 from diana.processing.search import list_images
 
 CURVE_NAMES = (CURVES_FILE,)
@@ -57,53 +43,6 @@ REQUIRED_FILES = (
     "image_loading.py", "dialogue_template.py", "round_tokenization.py", "processor_config.json", "tokenizer.json",
     "tokenizer_config.json", "README.md",
 )
-PROBE_DIALOGUES = [
-    [(DEFAULT_FIRST_QUESTION, "A man in a grey hoodie and blue jeans."),
-     ("Is he carrying anything?", "A red umbrella in his left hand."),
-     ("What shoes?", "White sneakers.")],
-    "A young woman with a long black skirt and a white shirt.",
-]
-
-# Run in a fresh interpreter: anything importable from this project would hide a missing file.
-_VERIFY_SCRIPT = r"""
-import importlib.abc, json, sys
-class _Blocker(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "diana" or name.startswith("diana.") or name == "tests" or name.startswith("tests."):
-            raise ModuleNotFoundError(f"blocked by the export check: {name}")
-        return None
-sys.meta_path.insert(0, _Blocker())
-folder, probe_dir, out_file = sys.argv[1:4]
-import torch
-from PIL import Image
-from safetensors.torch import save_file
-from transformers import AutoModel, AutoProcessor
-model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
-processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-probe = json.load(open(f"{probe_dir}/probe.json"))
-images = [Image.open(f"{probe_dir}/{name}").convert("RGB") for name in probe["images"]]
-with torch.no_grad():
-    pixels = processor(images=images, return_tensors="pt")["pixel_values"]
-    text = processor(dialogues=probe["dialogues"], return_round_ends=True, return_tensors="pt")
-    image_enc = model.encode_images(pixels.to(model.dtype))
-    text_enc = model.encode_dialogues(
-        text["input_ids"], text["attention_mask"], text["round_end_positions"], text.get("round_token_mask")
-    )
-save_file({
-    "pixel_values": pixels.float().contiguous(), "input_ids": text["input_ids"].contiguous(),
-    "image_embeds": image_enc.image_embeds.float().contiguous(),
-    "text_embeds": text_enc.text_embeds.float().contiguous(),
-}, out_file)
-print(json.dumps({
-    "model_class": f"{type(model).__module__}.{type(model).__name__}",
-    "processor_class": f"{type(processor).__module__}.{type(processor).__name__}",
-    "diana_imported": sorted(m for m in sys.modules if m == "diana" or m.startswith("diana.")),
-}))
-"""
-
-
-class ExportCheckError(RuntimeError):
-    """The exported folder does not load on its own or gives other features."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,53 +50,38 @@ class ExportCheckError(RuntimeError):
 # --------------------------------------------------------------------------------------------
 
 
-def _load_processor(folder: Path | None, config: Any, tokenizer_dir: str | None) -> Any:
-
-    if folder is not None and (folder / "processor_config.json").is_file():
-        return DiaNAProcessor.from_pretrained(str(folder))
-    # A converted official checkpoint or a bare model folder has no processor: build the default
-    # fine-tuning one at the model's own image size.
-    size = getattr(config.vision_config, "image_size", (384, 192))
-    size = tuple(size) if isinstance(size, (list, tuple)) else (size, size)
-    return build_processor(tokenizer_dir=tokenizer_dir, image_size=size)
-
-
 def load_for_export(
-    checkpoint: str | None = None,
+    model_name_or_path: str | None = None,
     *,
-    adapter: str | None = None,
-    base: str | None = None,
-    official: str | None = None,
+    adapter_dir: str | None = None,
+    base_model_name_or_path: str | None = None,
+    official_dir: str | None = None,
     tokenizer_dir: str | None = None,
 ) -> tuple[Any, Any, Path | None]:
-    """(plain ``DiaNAModel``, ``DiaNAProcessor``, folder the run files are looked up in).
+    """(plain ``DiaNAModel`` on the CPU, its ``DiaNAProcessor``, folder the run files are looked up in).
 
     Exactly one source: a DiaNA folder (a training output, a ``checkpoint-N`` or a converted
     official checkpoint), an adapter + base pair (LoRA merged with ``merge_and_unload``), or an
-    official release folder (converted on the fly).
+    official release folder (converted on the fly, with the official tokenisation).
     """
-
-    sources = [checkpoint is not None, adapter is not None or base is not None, official is not None]
-    if sum(sources) != 1:
-        raise ValueError("give exactly one of --checkpoint, --adapter with --base, or --official")
-    if checkpoint is not None:
-        folder = Path(checkpoint)
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"--checkpoint {folder}: no config.json (not a DiaNA model folder)")
-        model = DiaNAModel.from_pretrained(str(folder))
-        return model, _load_processor(folder, model.config, tokenizer_dir), folder
-    if official is not None:
-
-        model = convert(official)
-        return model, _load_processor(None, model.config, tokenizer_dir), Path(official)
-    if adapter is None or base is None:
-        raise ValueError("--adapter and --base go together (a LoRA adapter folder and the model it adapts)")
-    if not (Path(adapter) / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"--adapter {adapter}: no adapter_config.json (not a peft adapter folder)")
-
-    model = load_and_merge(base, adapter)
-    processor_folder = Path(adapter) if (Path(adapter) / "processor_config.json").is_file() else Path(base)
-    return model, _load_processor(processor_folder, model.config, tokenizer_dir), Path(adapter)
+    adapter_pair = adapter_dir is not None or base_model_name_or_path is not None
+    if sum([model_name_or_path is not None, adapter_pair, official_dir is not None]) != 1:
+        raise UserInputError("give exactly one of --model_name_or_path, --adapter_dir with --base_model_name_or_path, "
+                             "or --official_dir")
+    if model_name_or_path is not None:
+        model, processor = load_model_and_processor(model_name_or_path, tokenizer_dir, "cpu", "auto")
+        return model, processor, Path(model_name_or_path)
+    if official_dir is not None:
+        model = convert(official_dir)
+        return model, official_processor(model.config, tokenizer_dir), Path(official_dir)
+    if adapter_dir is None or base_model_name_or_path is None:
+        raise UserInputError("--adapter_dir and --base_model_name_or_path go together (a LoRA adapter folder and the "
+                             "model it adapts)")
+    if not (Path(adapter_dir) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"--adapter_dir {adapter_dir}: no adapter_config.json (not a peft adapter folder)")
+    model = load_and_merge(base_model_name_or_path, adapter_dir)
+    processor_source = adapter_dir if has_processor_files(adapter_dir) else base_model_name_or_path
+    return model, load_processor(processor_source, model.config, tokenizer_dir), Path(adapter_dir)
 
 
 def find_run_files(folder: Path | None) -> tuple[Path | None, Path | None, Path | None]:
@@ -217,7 +141,7 @@ def export_folder(
     output = Path(output_dir)
     if output.exists() and any(output.iterdir()):
         if not overwrite:
-            raise FileExistsError(f"--output {output} exists and is not empty (use --overwrite)")
+            raise FileExistsError(f"--output_dir {output} exists and is not empty (use --overwrite)")
         shutil.rmtree(output)
     output.mkdir(parents=True, exist_ok=True)
     if type(model).__name__ != "DiaNAModel":
@@ -254,187 +178,6 @@ def export_folder(
     return output
 
 
-def _write_probe(folder: Path, image_size: tuple[int, int]) -> list[str]:
-    names = []
-    height, width = image_size
-    for i in range(3):
-        yy, xx = np.mgrid[0:height * 2, 0:width * 2]
-        pixels = np.stack([(yy * (3 + i)) % 256, (xx * (5 + 2 * i)) % 256, ((yy + xx) * (7 - i)) % 256], -1)
-        name = f"probe_{i}.png"
-        Image.fromarray(pixels.astype(np.uint8)).save(folder / name)
-        names.append(name)
-    json.dump({"images": names, "dialogues": PROBE_DIALOGUES}, open(folder / "probe.json", "w"))
-    return names
-
-
-def fresh_process_features(folder: str | os.PathLike, image_size: tuple[int, int], *, timeout: float = 600
-                           ) -> tuple[dict[str, Any], dict[str, torch.Tensor], list[Image.Image]]:
-    """Load ``folder`` in a fresh interpreter that cannot import ``diana``; encode the probe there.
-
-    Returns:
-        (the child's report: loaded class paths and any ``diana`` module it imported, its
-        features, the probe images it encoded).
-
-    Raises:
-        ExportCheckError: the child could not load the folder (its stderr is quoted).
-    """
-    folder = Path(folder).resolve()
-    with tempfile.TemporaryDirectory(prefix="diana-export-check-") as scratch:
-        scratch = Path(scratch)
-        names = _write_probe(scratch, image_size)
-        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSTARTUP")}
-        env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-                   HF_MODULES_CACHE=str(scratch / "modules"), PYTHONNOUSERSITE="1")
-        out_file = scratch / "features.safetensors"
-        run = subprocess.run(
-            [sys.executable, "-c", _VERIFY_SCRIPT, str(folder), str(scratch), str(out_file)],
-            cwd=scratch, env=env, capture_output=True, text=True, timeout=timeout,
-        )
-        if run.returncode != 0:
-            raise ExportCheckError(
-                f"{folder} does not load in a fresh process without the diana package:\n{run.stderr[-3000:]}"
-            )
-        report = json.loads(run.stdout.strip().splitlines()[-1])
-        features = load_file(str(out_file))
-        images = [Image.open(scratch / n).convert("RGB") for n in names]
-    return report, features, images
-
-
-@torch.no_grad()
-def compare_features(
-    model: Any, processor: Any, report: dict[str, Any], theirs: dict[str, torch.Tensor], images: list[Image.Image],
-    *, atol: float | None = None,
-) -> dict[str, float]:
-    """Check the child's report and features against ``model`` / ``processor`` in this process.
-
-    Returns:
-        The largest absolute difference per compared tensor.
-
-    Raises:
-        ExportCheckError: the child imported the project, used other code, tokenised differently
-            or gave features further apart than ``atol`` (1e-5 in fp32, 2e-2 in half precision).
-    """
-    if atol is None:
-        atol = 1e-5 if model.dtype == torch.float32 else 2e-2
-    if report["diana_imported"]:
-        raise ExportCheckError(f"the fresh process imported the project ({report['diana_imported']})")
-    if not report["model_class"].startswith("transformers_modules."):
-        raise ExportCheckError(f"AutoModel did not use the folder's code: {report['model_class']}")
-    pixels = processor(images=images, return_tensors="pt")["pixel_values"]
-    text = processor(dialogues=PROBE_DIALOGUES, return_round_ends=True, return_tensors="pt")
-    device = next(model.parameters()).device
-    model.eval()
-    ours = {
-        "pixel_values": pixels.float(),
-        "image_embeds": model.encode_images(pixels.to(device, model.dtype)).image_embeds.float().cpu(),
-        "text_embeds": model.encode_dialogues(
-            text["input_ids"].to(device), text["attention_mask"].to(device), text["round_end_positions"].to(device),
-            # Official-tokenisation processors pack each row with its prefixes' differing last tokens.
-            text["round_token_mask"].to(device) if "round_token_mask" in text else None,
-        ).text_embeds.float().cpu(),
-    }
-    if not torch.equal(text["input_ids"], theirs["input_ids"]):
-        raise ExportCheckError("the exported processor tokenises the probe dialogues differently")
-    differences = {}
-    for key, value in ours.items():
-        if value.shape != theirs[key].shape:
-            raise ExportCheckError(f"{key}: shape {tuple(theirs[key].shape)} from the folder, {tuple(value.shape)} here")
-        differences[key] = float((value - theirs[key]).abs().max())
-        if differences[key] > atol:
-            raise ExportCheckError(f"{key} differ by {differences[key]:.3g} (> {atol:g}) between the folder and this model")
-    return differences
-
-
-def verify_folder(
-    folder: str | os.PathLike, model: Any, processor: Any, *, atol: float | None = None, timeout: float = 600
-) -> dict[str, Any]:
-    """Load ``folder`` in a fresh interpreter that cannot import ``diana`` and compare its features.
-
-    Args:
-        folder: the exported folder.
-        model: the model it was exported from (this process's reference).
-        processor: its processor.
-        atol: largest allowed feature difference (default 1e-5 in fp32, 2e-2 in half precision).
-        timeout: seconds the child process may take.
-
-    Returns:
-        The child's report (loaded class paths) and ``max_abs_diff`` per compared tensor.
-
-    Raises:
-        ExportCheckError: see :func:`fresh_process_features` and :func:`compare_features`.
-    """
-    size = tuple(processor.image_processor.size[k] for k in ("height", "width"))
-    report, theirs, images = fresh_process_features(folder, size, timeout=timeout)
-    return {**report, "max_abs_diff": compare_features(model, processor, report, theirs, images, atol=atol)}
-
-
-# --------------------------------------------------------------------------------------------
-# Upload
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class UploadPlan:
-    """Files that would be uploaded (relative path, bytes)."""
-
-    repo_id: str
-    files: list[tuple[str, int]]
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(size for _, size in self.files)
-
-    def __str__(self) -> str:
-        lines = [f"would upload {len(self.files)} files ({_human(self.total_bytes)}) to https://huggingface.co/{self.repo_id}:"]
-        lines += [f"  {size:>12,d}  {name}" for name, size in self.files]
-        lines.append("then re-upload README.md with the usage example pinned to the new commit")
-        return "\n".join(lines)
-
-
-def _human(size: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
-        size /= 1024
-    return f"{size:.1f} GB"
-
-
-def upload_plan(folder: str | os.PathLike, repo_id: str) -> UploadPlan:
-    """List what ``push_to_hub`` would upload, without the network."""
-    root = Path(folder)
-    files = sorted(
-        (str(p.relative_to(root)), p.stat().st_size) for p in root.rglob("*")
-        if p.is_file() and "__pycache__" not in p.parts and not p.name.startswith(".")
-    )
-    return UploadPlan(repo_id, files)
-
-
-def push_to_hub(
-    folder: str | os.PathLike, repo_id: str, *, private: bool = False, token: str | None = None,
-    commit_message: str = "Upload DiaNA model", card_kwargs: dict[str, Any] | None = None,
-) -> str:
-    """Upload the folder with ``huggingface_hub.upload_folder``; returns the pinned commit.
-
-    After the upload the card's usage example is re-rendered with ``revision=<that commit>`` and
-    README.md alone is uploaded again, so the card points at code a reader can review.
-    """
-    from huggingface_hub import create_repo, upload_file, upload_folder
-
-    create_repo(repo_id, private=private, exist_ok=True, token=token)
-    commit = upload_folder(
-        repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, token=token,
-        ignore_patterns=["__pycache__/*", ".*"],
-    )
-    revision = commit.oid
-    if card_kwargs is not None:
-        card = render_model_card(**card_kwargs, repo_id=repo_id, revision=revision)
-        readme = Path(folder) / "README.md"
-        write_model_card(card, Path(folder))
-        upload_file(path_or_fileobj=str(readme), path_in_repo="README.md", repo_id=repo_id, token=token,
-                    commit_message=f"Model card: pin the usage example to {revision[:10]}")
-    return revision
-
-
 # --------------------------------------------------------------------------------------------
 # Space folder
 # --------------------------------------------------------------------------------------------
@@ -444,7 +187,7 @@ PROCESSING_DIR = Path(diana.processing.__file__).resolve().parent
 # The part of `diana.processing` the Space app imports, copied under `diana/processing/` next to it
 # (the Space does not install this project; its model code comes from the Hub with the weights).
 SPACE_RUNTIME = (
-    "__init__.py", "image_loading.py", "dialogue_template.py", "round_tokenization.py", "processing_diana.py",
+    "image_loading.py", "dialogue_template.py", "round_tokenization.py", "processing_diana.py",
     "search/__init__.py", "search/contact_sheet.py",
     "search/fingerprints.py", "search/index.py", "search/session.py", "search/topk.py",
 )
@@ -478,8 +221,13 @@ def prepare_space(
     output.mkdir(parents=True)
     shutil.copyfile(SPACE_DIR / "app.py", output / "app.py")
     shutil.copyfile(SPACE_DIR / "requirements.txt", output / "requirements.txt")
+    runtime = output / "diana" / "processing"
+    runtime.mkdir(parents=True)
+    # Not the project's own `__init__`: that one builds processors and imports the tokenizer set-up,
+    # which the Space does not need; the app imports the modules it uses directly.
+    (runtime / "__init__.py").write_text('"""The part of diana.processing the Space app imports."""\n')
     for name in SPACE_RUNTIME:
-        target = output / "diana" / "processing" / name
+        target = runtime / name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(PROCESSING_DIR / name, target)
     _, header, body = (SPACE_DIR / "README.md").read_text(encoding="utf-8").split("---", 2)
@@ -496,7 +244,7 @@ def prepare_space(
         for name, folder in galleries.items():
             images = list_images(folder)[:max_images]
             if not images:
-                raise ValueError(f"--space-examples: {folder} holds no images")
+                raise ValueError(f"--space_examples_dir: {folder} holds no images")
             target = output / "examples" / name
             target.mkdir(parents=True)
             for image in images:
@@ -510,31 +258,35 @@ def prepare_space(
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `python -m diana.hub_cards.export` (`diana export`) flags."""
     parser = ArgumentParser(
         prog="python -m diana.hub_cards.export",
-        description="Turn a DiaNA checkpoint into a Hub-ready folder, check it loads on its own, optionally push it.",
+        description="Turn a DiaNA model into a Hub-ready folder, check it loads on its own, optionally push it.",
     )
     source = parser.add_argument_group("source (exactly one)")
-    source.add_argument("--checkpoint", help="DiaNA folder: training output, checkpoint-N or converted official checkpoint")
-    source.add_argument("--adapter", help="LoRA adapter folder (with --base)")
-    source.add_argument("--base", help="the DiaNA folder the adapter was trained on")
-    source.add_argument("--official", help="official release folder (config.json with model_type 'main'); converted first")
-    parser.add_argument("--tokenizer-dir", help="tokenizer folder when the source has no processor files")
-    parser.add_argument("--eval-results", help="eval_results.json (default: the checkpoint's own, if any)")
-    parser.add_argument("--run-args", help="run_args.json (default: the checkpoint's own, if any)")
-    parser.add_argument("--curve", help="per-round curve picture (default: found next to the eval results)")
+    source.add_argument("--model_name_or_path",
+                        help="DiaNA folder (training output, checkpoint-N, converted official checkpoint) or Hub id")
+    source.add_argument("--adapter_dir", help="LoRA adapter folder (with --base_model_name_or_path)")
+    source.add_argument("--base_model_name_or_path", help="the DiaNA folder the adapter was trained on")
+    source.add_argument("--official_dir",
+                        help="official release folder (config.json with model_type 'main'); converted first")
+    parser.add_argument("--tokenizer_dir", help="tokenizer folder when the source has no processor files")
+    parser.add_argument("--eval_results_file", help="eval_results.json (default: the source folder's own, if any)")
+    parser.add_argument("--run_args_file", help="run_args.json (default: the source folder's own, if any)")
+    parser.add_argument("--curve_file", help="per-round curve picture (default: found next to the eval results)")
     parser.add_argument("--dataset", help="data set key for the card (chatpedes | mals | synthpedes); default from the run")
     parser.add_argument("--split", help="evaluated split for the card; default from the run")
-    parser.add_argument("--output", required=True, help="folder to write")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
-    parser.add_argument("--repo-id", help="Hub repository named in the card (default: --push-to-hub or your-name/diana)")
+    parser.add_argument("--output_dir", required=True, help="folder to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output_dir")
+    parser.add_argument("--repo_id", help="Hub repository named in the card (default: --push_to_hub or your-name/diana)")
     parser.add_argument("--revision", default="main", help="revision the card's usage example pins before a push")
-    parser.add_argument("--skip-check", action="store_true", help="do not run the fresh-process load check")
-    parser.add_argument("--push-to-hub", metavar="REPO", help="upload the folder to this Hub model repository")
+    parser.add_argument("--skip_check", action="store_true", help="do not run the fresh-process load check")
+    parser.add_argument("--push_to_hub", metavar="REPO", help="upload the folder to this Hub model repository")
     parser.add_argument("--private", action="store_true", help="create the repository private")
-    parser.add_argument("--dry-run", action="store_true", help="with --push-to-hub: list files and sizes, no network")
-    parser.add_argument("--space-output", help="also write a Hub Space folder for the demo here")
-    parser.add_argument("--space-examples", help="images (or sub-folders of images) bundled as the Space's example galleries")
+    parser.add_argument("--dry_run", action="store_true", help="with --push_to_hub: list files and sizes, no network")
+    parser.add_argument("--space_output_dir", help="also write a Hub Space folder for the demo here")
+    parser.add_argument("--space_examples_dir",
+                        help="images (or sub-folders of images) bundled as the Space's example galleries")
     return parser
 
 
@@ -546,58 +298,80 @@ def validate_arguments(args: argparse.Namespace) -> None:
         UserInputError (ValueError), FileExistsError.
     """
     if args.dry_run and not args.push_to_hub:
-        raise UserInputError("--dry-run needs --push-to-hub REPO")
-    for flag, value in (("--checkpoint", args.checkpoint), ("--adapter", args.adapter), ("--base", args.base),
-                        ("--official", args.official), ("--tokenizer-dir", args.tokenizer_dir),
-                        ("--space-examples", args.space_examples)):
-        require_path(flag, value, "folder")
-    for flag, value in (("--eval-results", args.eval_results), ("--run-args", args.run_args), ("--curve", args.curve)):
-        require_path(flag, value, "file")
-    output = Path(args.output)
+        raise UserInputError("--dry_run needs --push_to_hub REPO")
+    require_model_folder("--model_name_or_path", args.model_name_or_path, allow_hub_id=True)
+    for flag in ("adapter_dir", "base_model_name_or_path", "official_dir", "tokenizer_dir", "space_examples_dir"):
+        require_path(f"--{flag}", getattr(args, flag), "folder")
+    for flag in ("eval_results_file", "run_args_file", "curve_file"):
+        require_path(f"--{flag}", getattr(args, flag), "file")
+    output = Path(args.output_dir)
     if output.exists() and not output.is_dir():
-        raise FileExistsError(f"--output {output} is a file, not a folder")
+        raise FileExistsError(f"--output_dir {output} is a file, not a folder")
     if output.exists() and any(output.iterdir()) and not args.overwrite:
-        raise FileExistsError(f"--output {output} exists and is not empty (use --overwrite)")
+        raise FileExistsError(f"--output_dir {output} exists and is not empty (use --overwrite)")
+
+
+def run_files_for(args: argparse.Namespace, source: Path | None) -> tuple[Any, Any, Any]:
+    """(eval results, run args, curve picture) for the card: the flags' files, else the source folder's own."""
+    found_eval, found_args, found_curve = find_run_files(source)
+    eval_results = args.eval_results_file or found_eval
+    run_args = args.run_args_file or found_args
+    curve = args.curve_file or (found_curve if eval_results == found_eval else None)
+    if curve is None and eval_results is not None:
+        curve = next((Path(eval_results).parent / n for n in CURVE_NAMES if (Path(eval_results).parent / n).is_file()),
+                     None)
+    return eval_results, run_args, curve
+
+
+def push(args: argparse.Namespace, output: Path, model: Any, eval_results: Any, run_args: Any, curve: Any) -> None:
+    """`--push_to_hub REPO`: the upload (or, with `--dry_run`, the list of what it would upload)."""
+    plan = upload_plan(output, args.push_to_hub)
+    if args.dry_run:
+        print(plan)
+        return
+    args_record = load_run_args(run_args) if run_args else None
+    evaluations = [load_evaluation(eval_results, args_record, dataset=args.dataset, split=args.split,
+                                   curve=Path(curve).name if curve else None)] if eval_results else []
+    revision = push_to_hub(
+        output, args.push_to_hub, private=args.private,
+        card_kwargs={"evaluations": evaluations, "run_args": args_record, "config": model.config},
+    )
+    print(f"pushed to https://huggingface.co/{args.push_to_hub} at {revision}")
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exports (and checks, and optionally pushes) one model; returns the exit status."""
     args = build_parser().parse_args(argv)
     validate_arguments(args)
     model, processor, source = load_for_export(
-        args.checkpoint, adapter=args.adapter, base=args.base, official=args.official, tokenizer_dir=args.tokenizer_dir
+        args.model_name_or_path, adapter_dir=args.adapter_dir, base_model_name_or_path=args.base_model_name_or_path,
+        official_dir=args.official_dir, tokenizer_dir=args.tokenizer_dir,
     )
-    found_eval, found_args, found_curve = find_run_files(source)
-    eval_results = args.eval_results or found_eval
-    run_args = args.run_args or found_args
-    curve = args.curve or (found_curve if eval_results == found_eval else None)
-    if curve is None and eval_results is not None:
-        curve = next((Path(eval_results).parent / n for n in CURVE_NAMES if (Path(eval_results).parent / n).is_file()), None)
+    eval_results, run_args, curve = run_files_for(args, source)
     repo_id = args.repo_id or args.push_to_hub or "your-name/diana"
     output = export_folder(
-        model, processor, args.output, eval_results=eval_results, run_args=run_args, curve=curve,
+        model, processor, args.output_dir, eval_results=eval_results, run_args=run_args, curve=curve,
         repo_id=repo_id, revision=args.revision, dataset=args.dataset, split=args.split, overwrite=args.overwrite,
     )
-    print(f"exported {output} (eval results: {eval_results or 'none'}, run args: {run_args or 'none'}, curve: {curve or 'none'})")
+    print(f"exported {output} (eval results: {eval_results or 'none'}, run args: {run_args or 'none'}, "
+          f"curve: {curve or 'none'})")
     if not args.skip_check:
         report = verify_folder(output, model, processor)
         print(f"fresh-process check passed: {report['model_class']}, max |diff| {report['max_abs_diff']}")
-    if args.space_output:
-        space = prepare_space(args.space_output, repo_id, examples=args.space_examples, overwrite=args.overwrite)
+    if args.space_output_dir:
+        space = prepare_space(args.space_output_dir, repo_id, examples=args.space_examples_dir,
+                              overwrite=args.overwrite)
         print(f"Space folder {space} (upload it with: hf upload --repo-type space YOUR-NAME/SPACE {space})")
     if args.push_to_hub:
-        plan = upload_plan(output, args.push_to_hub)
-        if args.dry_run:
-            print(plan)
-            return 0
-        args_record = load_run_args(run_args) if run_args else None
-        evaluations = [load_evaluation(eval_results, args_record, dataset=args.dataset, split=args.split,
-                                       curve=Path(curve).name if curve else None)] if eval_results else []
-        revision = push_to_hub(
-            output, args.push_to_hub, private=args.private,
-            card_kwargs={"evaluations": evaluations, "run_args": args_record, "config": model.config},
-        )
-        print(f"pushed to https://huggingface.co/{args.push_to_hub} at {revision}")
+        push(args, output, model, eval_results, run_args, curve)
     return 0
+
+
+__all__ = [
+    "CURVE_NAMES", "PROBE_DIALOGUES", "REQUIRED_FILES", "SPACE_RUNTIME", "ExportCheckError", "UploadPlan",
+    "compare_features", "export_folder", "find_run_files", "load_for_export", "main", "prepare_space",
+    "verify_folder",
+]
 
 
 if __name__ == "__main__":

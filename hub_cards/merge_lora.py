@@ -1,5 +1,5 @@
 """A LoRA run's adapters merged into a plain `DiaNAModel`: what gets exported and published
-(`diana export --adapter`), and what a LoRA training run saves beside its adapters."""
+(`diana export --adapter_dir`), and what a LoRA training run saves beside its adapters."""
 
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ from .processing_diana import (
 )
 from .tokenizer_setup import default_tokenizer_dir, missing_tokenizer_message
 
-PRESETS = {
+PROCESSOR_PROFILES = {
     # As in the paper: ChatPedes fine-tuning uses CUHK-PEDES statistics and 400 tokens. MALS
     # pretraining uses the MALS statistics; its "56" budget is the caption's: the dialogue template
     # around a caption (BOS + system prompt + the longest pool question + "USER:") is already 68
@@ -33,7 +33,7 @@ PRESETS = {
 
 def build_processor(
     tokenizer_dir: str | os.PathLike | None = None,
-    preset: str = "finetune",
+    profile: str = "finetune",
     image_size: tuple[int, int] = (384, 192),
     tokenization: str = "rounds",
 ) -> DiaNAProcessor:
@@ -43,7 +43,8 @@ def build_processor(
         tokenizer_dir: A folder with the Llama-3.2 tokenizer (`tokenizer.json` + config): the one
             made by `python -m diana.processing.tokenizer_setup` (the default,
             `default_tokenizer_dir()`), or a user's own download of meta-llama/Llama-3.2-1B.
-        preset: "finetune" (ChatPedes: CUHK-PEDES statistics, 400 tokens) or "pretrain" (MALS
+        profile: the normalisation statistics and token limit, out of `PROCESSOR_PROFILES`:
+            "finetune" (ChatPedes: CUHK-PEDES statistics, 400 tokens) or "pretrain" (MALS
             statistics, 128 tokens = template + 56 caption tokens).
         image_size: (height, width) of the model input.
         tokenization: "rounds" (round by round) or "official" (each prefix as one string, for converted
@@ -52,8 +53,8 @@ def build_processor(
     Returns:
         A `DiaNAProcessor` (right padding with `<|finetune_right_pad_id|>`, DiaNA chat template).
     """
-    if preset not in PRESETS:
-        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    if profile not in PROCESSOR_PROFILES:
+        raise ValueError(f"profile must be one of {sorted(PROCESSOR_PROFILES)}, got {profile!r}")
     height, width = (int(v) for v in image_size)
     path = Path(tokenizer_dir) if tokenizer_dir is not None else default_tokenizer_dir()
     if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
@@ -68,7 +69,7 @@ def build_processor(
     tokenizer.truncation_side = "right"
     tokenizer.chat_template = DIALOGUE_CHAT_TEMPLATE
 
-    mean, std = (CUHK_PEDES_MEAN, CUHK_PEDES_STD) if PRESETS[preset]["stats"] == "cuhk_pedes" else (MALS_MEAN, MALS_STD)
+    mean, std = (CUHK_PEDES_MEAN, CUHK_PEDES_STD) if PROCESSOR_PROFILES[profile]["stats"] == "cuhk_pedes" else (MALS_MEAN, MALS_STD)
     image_processor = ViTImageProcessor(
         size={"height": height, "width": width},
         do_resize=True, resample=2,  # PILImageResampling.BILINEAR, as torchvision's Resize in the paper code
@@ -77,8 +78,8 @@ def build_processor(
         do_convert_rgb=False,  # the processor converts every mode to RGB itself (16-bit, alpha...)
     )
     return DiaNAProcessor(
-        image_processor, tokenizer, max_length=PRESETS[preset]["max_length"], tokenization=tokenization
+        image_processor, tokenizer, max_length=PROCESSOR_PROFILES[profile]["max_length"], tokenization=tokenization
     )
 
 
-__all__ = ["build_processor", "PRESETS"]
+__all__ = ["PROCESSOR_PROFILES", "build_processor"]

@@ -330,10 +330,11 @@ def setup_tokenizer(out_dir: Path | None = None, force: bool = False) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(prog="python -m diana.processing.tokenizer_setup", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=None, help="target folder (default: default_tokenizer_dir())")
+    parser.add_argument("--output_dir", type=Path, default=None,
+                        help="folder to write the tokenizer to (default: default_tokenizer_dir())")
     parser.add_argument("--force", action="store_true", help="convert again even if the folder is verified")
     args = parser.parse_args(argv)
-    setup_tokenizer(args.out, force=args.force)
+    setup_tokenizer(args.output_dir, force=args.force)
 
 
 if __name__ == "__main__":

@@ -67,7 +67,7 @@ def test_command_reports_every_attribute_and_draws_it(synth, tmp_path, tiny_proc
     torch.manual_seed(0)
     DiaNAModel(tiny_config()).save_pretrained(model_dir)
     tiny_processor.save_pretrained(model_dir)
-    report = main(["--model", str(model_dir), "--data", str(synth), "--output", str(tmp_path / "probe")])
+    report = main(["--model_name_or_path", str(model_dir), "--data_dir", str(synth), "--output_dir", str(tmp_path / "probe")])
 
     assert list(report) == list(ATTRIBUTE_NAMES)
     test = json.loads((synth / "test_reid.json").read_text())

@@ -198,8 +198,8 @@ def test_optimisation_names():
 # ------------------------------------------------------------------------------- the whole command
 def test_run_command_runs_both_suites_tiny_and_writes_json(tmp_path, tokenizer_dir, capsys):
     out = tmp_path / "bench.json"
-    payload = run.main(["--suite", "all", "--tiny", "--output", str(out), "--device", "cpu",
-                        "--tokenizer-dir", str(tokenizer_dir), "--no-ablations"])
+    payload = run.main(["--suite", "all", "--tiny", "--output_file", str(out), "--device", "cpu",
+                        "--tokenizer_dir", str(tokenizer_dir), "--no_ablations"])
     on_disk = json.loads(out.read_text())
     assert on_disk.keys() == payload.keys() >= {"command", "cpu", "gpu"}
     printed = capsys.readouterr().out

@@ -109,7 +109,8 @@ RUN_STAGE_REFUSALS = {
     "lora dropout": (["--lora_rank", "4", "--lora_dropout", "1"], r"--lora_dropout 1.0: must be in \[0.0, 1.0\)"),
     "token masking": (["--token_masking", "1.5"], r"--token_masking 1.5: must be in \[0.0, 1.0\]"),
     "random erasing": (["--random_erasing", "-0.1"], r"--random_erasing -0.1: must be in \[0.0, 1.0\]"),
-    "processor preset": (["--preset", "finetun"], r"--preset 'finetun': not one of finetune, pretrain"),
+    "processor profile": (["--processor_profile", "finetun"],
+                          r"--processor_profile 'finetun': not one of finetune, pretrain"),
     "dataset": (["--dataset", "cuhk"], r"--dataset 'cuhk': not one of chatpedes, mals"),
     "missing-image policy": (["--on_missing_image", "ignore"], r"--on_missing_image 'ignore': not one of error, skip"),
     "attention": (["--text_attn_implementation", "flash"], r"--text_attn_implementation 'flash': not one of eager"),
@@ -155,6 +156,9 @@ def test_run_stage_paths_and_model_sources(folders):
     base = ["--config", "stage2_synthpedes_small", "--data_dir", str(folders["data"]), "--output_dir",
             str(folders["root"] / "out")]
     assert refused(base).startswith("no model: give --model_name_or_path")
+    # The stage 2 preset keeps a trained image tower fixed: a random one may not be.
+    assert refused([*base, "--model_config", "models/synthpedes_small.yaml"]).startswith(
+        "--freeze_vision_model true would keep a randomly initialised image tower fixed")
     assert refused([*base, "--vision_model_path", str(folders["model"])]) == (
         "--vision_model_path needs --text_model_path too (the two towers come together)")
     with pytest.raises(UserInputError, match=r"--config 'stage9': no such file, nor a preset \(presets: .*stage2_"):
@@ -180,22 +184,21 @@ def test_run_stage_as_a_script_prints_one_line(folders, tmp_path):
 
 def test_evaluate_model_split_model_folder_and_modes(folders, capsys):
     data, model = str(folders["data"]), str(folders["model"])
-    line = one_line_exit(capsys, evaluate_model.main, ["--model", model, "--data", data, "--split", "dev"])
+    line = one_line_exit(capsys, evaluate_model.main, ["--model_name_or_path", model, "--data_dir", data, "--split", "dev"])
     assert line == "error: --split (of --dataset chatpedes) 'dev': not one of test, validation"
     missing = str(folders["root"] / "trained")
-    for flag in ("--model", "--model_name_or_path"):
-        line = one_line_exit(capsys, evaluate_model.main, [flag, missing, "--data", data])
-        assert line == f"error: --model: model folder not found: {missing}"
+    line = one_line_exit(capsys, evaluate_model.main, ["--model_name_or_path", missing, "--data_dir", data])
+    assert line == f"error: --model_name_or_path: model folder not found: {missing}"
     with pytest.raises(UserInputError, match="--split validation needs --validation_persons N"):
-        evaluate_model.main(["--model", model, "--data", data, "--split", "validation"])
+        evaluate_model.main(["--model_name_or_path", model, "--data_dir", data, "--split", "validation"])
     with pytest.raises(UserInputError, match=r"--split \(of --dataset mals\) 'test': not one of train"):
-        evaluate_model.main(["--model", model, "--data", data, "--dataset", "mals", "--split", "test"])
+        evaluate_model.main(["--model_name_or_path", model, "--data_dir", data, "--dataset", "mals", "--split", "test"])
     with pytest.raises(UserInputError, match=r"--score_modes: unknown \['best'\]"):
-        evaluate_model.main(["--model", model, "--data", data, "--score_modes", "global", "best"])
+        evaluate_model.main(["--model_name_or_path", model, "--data_dir", data, "--score_modes", "global", "best"])
     with pytest.raises(UserInputError, match=r"--batch_size 0: must be >= 1"):
-        evaluate_model.main(["--model", model, "--data", data, "--batch_size", "0"])
+        evaluate_model.main(["--model_name_or_path", model, "--data_dir", data, "--batch_size", "0"])
     with pytest.raises(UserInputError, match=r"--device 'gpu0': not a device"):
-        evaluate_model.main(["--model", model, "--data", data, "--device", "gpu0"])
+        evaluate_model.main(["--model_name_or_path", model, "--data_dir", data, "--device", "gpu0"])
 
 
 def test_evaluate_model_module_prints_one_line(folders, tmp_path):
@@ -203,11 +206,11 @@ def test_evaluate_model_module_prints_one_line(folders, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     env.pop("DIANA_DEBUG", None)
     missing = folders["root"] / "no_model"
-    proc = subprocess.run([sys.executable, "-m", "diana.training.evaluation.evaluate_model", "--model", str(missing),
-                           "--data", str(folders["data"])], capture_output=True, text=True, env=env, cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "-m", "diana.training.evaluation.evaluate_model",
+                           "--model_name_or_path", str(missing), "--data_dir", str(folders["data"])], capture_output=True, text=True, env=env, cwd=tmp_path,
                           timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.splitlines() == [f"error: --model: model folder not found: {missing}"]
+    assert proc.stderr.splitlines() == [f"error: --model_name_or_path: model folder not found: {missing}"]
 
 
 # -------------------------------------------------------------------------------------- search_cli
@@ -271,11 +274,11 @@ def test_export_main_job_synthpedes_convert_probe_and_benchmarks_refuse_bad_argu
     full = tmp_path / "full"
     full.mkdir()
     (full / "keep").write_text("keep me")
-    line = one_line_exit(capsys, export.main, ["--checkpoint", str(folders["model"]), "--output", str(full)])
-    assert line == f"error: --output {full} exists and is not empty (use --overwrite)"
-    with pytest.raises(UserInputError, match=f"--run-args: file not found: {tmp_path / 'run_args.json'}"):
-        export.main(["--checkpoint", str(folders["model"]), "--output", str(tmp_path / "o"),
-                     "--run-args", str(tmp_path / "run_args.json")])
+    line = one_line_exit(capsys, export.main, ["--model_name_or_path", str(folders["model"]), "--output_dir", str(full)])
+    assert line == f"error: --output_dir {full} exists and is not empty (use --overwrite)"
+    with pytest.raises(UserInputError, match=f"--run_args_file: file not found: {tmp_path / 'run_args.json'}"):
+        export.main(["--model_name_or_path", str(folders["model"]), "--output_dir", str(tmp_path / "o"),
+                     "--run_args_file", str(tmp_path / "run_args.json")])
 
     with pytest.raises(UserInputError, match=r"--stage1_config 'stage1_synthpedes': no such file, nor a preset"):
         main_job.parse(["--stage1_config", "stage1_synthpedes"])
@@ -291,24 +294,24 @@ def test_export_main_job_synthpedes_convert_probe_and_benchmarks_refuse_bad_argu
     with pytest.raises(UserInputError, match=r"^stage 1: --lora_rank -1: must be >= 0"):
         main_job.parse(["--output_dir", str(job), "--stage0_config", "none", "--extra", "--lora_rank", "-1"])
 
-    with pytest.raises(UserInputError, match=r"--test-fraction 1.5: must be in \[0.0, 1.0\)"):
-        synthpedes.main(["--out", str(tmp_path / "s"), "--test-fraction", "1.5"])
-    with pytest.raises(UserInputError, match=r"--image-size 8 4: must be at least 16 8"):
-        synthpedes.main(["--out", str(tmp_path / "s"), "--image-size", "8", "4"])
+    with pytest.raises(UserInputError, match=r"--test_fraction 1.5: must be in \[0.0, 1.0\)"):
+        synthpedes.main(["--output_dir", str(tmp_path / "s"), "--test_fraction", "1.5"])
+    with pytest.raises(UserInputError, match=r"--image_size 8 4: must be at least 16 8"):
+        synthpedes.main(["--output_dir", str(tmp_path / "s"), "--image_size", "8", "4"])
     (tmp_path / "s" / "chatpedes").mkdir(parents=True)
     (tmp_path / "s" / "chatpedes" / "old.json").write_text("[]")
-    line = one_line_exit(capsys, synthpedes.main, ["--out", str(tmp_path / "s"), "--persons", "4"])
+    line = one_line_exit(capsys, synthpedes.main, ["--output_dir", str(tmp_path / "s"), "--persons", "4"])
     assert line.startswith(f"error: {tmp_path / 's' / 'chatpedes'} exists and is not empty")
 
     line = one_line_exit(capsys, convert_official_checkpoint.main,
-                         ["--input", str(tmp_path / "official"), "--output", str(tmp_path / "hf")])
-    assert line == f"error: --input: folder not found: {tmp_path / 'official'}"
-    with pytest.raises(UserInputError, match=f"--model: model folder not found: {tmp_path / 'm'}"):
-        attribute_probe.main(["--model", str(tmp_path / "m"), "--data", str(tmp_path)])
+                         ["--official_dir", str(tmp_path / "official"), "--output_dir", str(tmp_path / "hf")])
+    assert line == f"error: --official_dir: folder not found: {tmp_path / 'official'}"
+    with pytest.raises(UserInputError, match=f"--model_name_or_path: model folder not found: {tmp_path / 'm'}"):
+        attribute_probe.main(["--model_name_or_path", str(tmp_path / "m"), "--data_dir", str(tmp_path)])
     with pytest.raises(UserInputError, match=r"argument --suite: invalid choice: 'gpus'"):
-        benchmarks_run.main(["--suite", "gpus", "--output", str(tmp_path / "b.json")])
+        benchmarks_run.main(["--suite", "gpus", "--output_file", str(tmp_path / "b.json")])
     with pytest.raises(UserInputError, match=r"--device 'gpu': not a device"):
-        benchmarks_run.main(["--device", "gpu", "--output", str(tmp_path / "b.json")])
+        benchmarks_run.main(["--device", "gpu", "--output_file", str(tmp_path / "b.json")])
 
 
 @pytest.mark.parametrize("name", [
@@ -349,6 +352,7 @@ def test_diana_command_routes_each_subcommand_to_its_command(capsys, monkeypatch
         cli.main(["--help"])
     listing = capsys.readouterr().out
     assert exit_info.value.code == 0 and all(f"  {name} " in listing for name in cli.SUBCOMMANDS)
+    assert sorted(name for names in cli.GROUPS.values() for name in names) == sorted(cli.SUBCOMMANDS)
     for argv, says in ((["trian"], "unknown subcommand 'trian'"), ([], "a subcommand is needed")):
         with pytest.raises(SystemExit) as exit_info:
             cli.main(argv)

@@ -16,8 +16,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import LlamaConfig, LlamaModel, Swinv2Model
 
-from diana.modeling_diana import DiaNAModel
-from diana.processing.processing_diana import DiaNAProcessor
+from diana.processing.model_loading import load_model_and_processor
 from diana.hub_cards.convert_official_checkpoint import convert, main
 from tests.helpers import PAD_ID, TINY_IMAGE_SIZE, slow_attribute_similarity, slow_diana_losses, tiny_vision_config
 
@@ -146,10 +145,11 @@ SIM_TYPES = {"avg": "mean", "max": "max", "min": "min", "lsp_max": "logsumexp", 
 @pytest.mark.parametrize("sim_type", ["lsp_min", "avg"])
 def test_converted_model_reproduces_the_official_computation(tmp_path, sim_type, tokenizer_dir):
     official, _ = write_official_folder(tmp_path / "official", sim_type=sim_type)
-    main(["--input", str(tmp_path / "official"), "--output", str(tmp_path / "hf"), "--tokenizer-dir", str(tokenizer_dir)])
-    model = DiaNAModel.from_pretrained(tmp_path / "hf").eval()
-    # The folder's processor gives the ids the official weights were trained on, at the model's image size.
-    processor = DiaNAProcessor.from_pretrained(tmp_path / "hf")
+    main(["--official_dir", str(tmp_path / "official"), "--output_dir", str(tmp_path / "hf"),
+          "--tokenizer_dir", str(tokenizer_dir)])
+    # The converted folder loads through the one loader; its processor gives the ids the official weights
+    # were trained on, at the model's image size.
+    model, processor = load_model_and_processor(tmp_path / "hf", device="cpu", dtype="auto")
     assert processor.tokenization == "official"
     assert processor(images=[torch.zeros(3, 5, 7)])["pixel_values"].shape[-2:] == TINY_IMAGE_SIZE
     assert model.config.attribute_reduction == SIM_TYPES[sim_type]

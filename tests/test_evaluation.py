@@ -456,8 +456,9 @@ def test_evaluate_model_command_end_to_end(saved_tiny, tiny_model, tiny_processo
 
     root, summary = saved_tiny
     out = root / "report"
-    results = main(["--model", str(root / "model"), "--data", str(root / "synth" / "chatpedes"), "--batch-size", "4",
-                    "--cache-dir", str(root / "cache"), "--output-dir", str(out), "--score-modes", "global", "fused",
+    results = main(["--model_name_or_path", str(root / "model"), "--data_dir", str(root / "synth" / "chatpedes"),
+                    "--batch_size", "4", "--cache_dir", str(root / "cache"), "--output_dir", str(out),
+                    "--score_modes", "global", "fused",
                     "--reference", str(root / "synth" / "oracle.json"), "--device", "cpu"])
     printed = capsys.readouterr().out
     # The saved folder + the dataset builder give the numbers of the in-memory model on the same rows.

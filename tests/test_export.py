@@ -64,8 +64,8 @@ def checkpoint(model, tiny_processor, tmp_path_factory):
 def test_export_checkpoint_loads_in_a_fresh_process_and_dry_run_lists_files(checkpoint, tmp_path, capsys):
     folder, results = checkpoint
     output = tmp_path / "hub"
-    assert export.main(["--checkpoint", str(folder), "--output", str(output), "--repo-id", "me/diana-tiny",
-                        "--push-to-hub", "me/diana-tiny", "--dry-run"]) == 0
+    assert export.main(["--model_name_or_path", str(folder), "--output_dir", str(output), "--repo_id", "me/diana-tiny",
+                        "--push_to_hub", "me/diana-tiny", "--dry_run"]) == 0
     printed = capsys.readouterr().out
     assert "fresh-process check passed: transformers_modules." in printed
 
@@ -148,7 +148,7 @@ def test_adapter_and_base_export_as_one_merged_plain_model(model, tiny_processor
     assert (expected - unadapted).abs().max() > 1e-3
 
     output = tmp_path / "hub"
-    export.main(["--adapter", str(adapter_dir), "--base", str(base_dir), "--output", str(output), "--skip-check"])
+    export.main(["--adapter_dir", str(adapter_dir), "--base_model_name_or_path", str(base_dir), "--output_dir", str(output), "--skip_check"])
     with safe_open(str(output / "model.safetensors"), "pt") as weights:
         assert not [k for k in weights.keys() if "lora" in k or "base_layer" in k or "modules_to_save" in k]
     merged = DiaNAModel.from_pretrained(output).eval()
@@ -180,7 +180,7 @@ def test_push_uploads_the_folder_then_pins_the_card(checkpoint, model, tiny_proc
     monkeypatch.setattr(huggingface_hub, "upload_folder", fake_upload_folder)
     monkeypatch.setattr(huggingface_hub, "upload_file", fake_upload_file)
     output = tmp_path / "hub"
-    export.main(["--checkpoint", str(folder), "--output", str(output), "--push-to-hub", "me/diana-tiny", "--skip-check"])
+    export.main(["--model_name_or_path", str(folder), "--output_dir", str(output), "--push_to_hub", "me/diana-tiny", "--skip_check"])
     assert [c[0] for c in calls] == ["create_repo", "upload_folder", "upload_file"]
     assert "model.safetensors" in calls[1][2] and "README.md" in calls[1][2]
     readme = calls[2][3]
@@ -190,16 +190,16 @@ def test_push_uploads_the_folder_then_pins_the_card(checkpoint, model, tiny_proc
 
 def test_bad_arguments_are_refused(checkpoint, tmp_path):
     folder, _ = checkpoint
-    with pytest.raises(UserInputError, match="--dry-run needs --push-to-hub"):
-        export.main(["--checkpoint", str(folder), "--output", str(tmp_path / "x"), "--dry-run"])
+    with pytest.raises(UserInputError, match="--dry_run needs --push_to_hub"):
+        export.main(["--model_name_or_path", str(folder), "--output_dir", str(tmp_path / "x"), "--dry_run"])
     with pytest.raises(ValueError, match="exactly one"):
-        export.main(["--checkpoint", str(folder), "--adapter", str(folder), "--output", str(tmp_path / "x")])
-    with pytest.raises(FileNotFoundError, match="no config.json"):
-        export.main(["--checkpoint", str(tmp_path), "--output", str(tmp_path / "x")])
+        export.main(["--model_name_or_path", str(folder), "--adapter_dir", str(folder), "--output_dir", str(tmp_path / "x")])
+    with pytest.raises(UserInputError, match=r"--model_name_or_path: .* has no config\.json"):
+        export.main(["--model_name_or_path", str(tmp_path), "--output_dir", str(tmp_path / "x")])
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "something").write_text("keep me")
     with pytest.raises(FileExistsError, match="--overwrite"):
-        export.main(["--checkpoint", str(folder), "--output", str(tmp_path / "full"), "--skip-check"])
+        export.main(["--model_name_or_path", str(folder), "--output_dir", str(tmp_path / "full"), "--skip_check"])
 
 
 def _saved(model, processor, folder):
@@ -220,8 +220,8 @@ def test_official_release_is_converted_and_gets_a_processor(tokenizer_dir, tmp_p
     official_dir = tmp_path / "official"
     official, _ = write_official_folder(official_dir)
     output = tmp_path / "hub"
-    export.main(["--official", str(official_dir), "--tokenizer-dir", str(tokenizer_dir), "--output", str(output),
-                 "--skip-check"])
+    export.main(["--official_dir", str(official_dir), "--tokenizer_dir", str(tokenizer_dir), "--output_dir", str(output),
+                 "--skip_check"])
     for name in export.REQUIRED_FILES:
         assert (output / name).is_file(), name
     model = DiaNAModel.from_pretrained(output).eval()

@@ -27,7 +27,7 @@ STEPS, BATCH, HELD_OUT = 400, 64, 400
 
 def held_out_ranks(model: DiaNAModel, rows: list[dict]) -> torch.Tensor:
     """Rank (0 = first) of each caption's own image among all held-out images."""
-    processor = build_processor(preset="pretrain", image_size=(64, 32))
+    processor = build_processor(profile="pretrain", image_size=(64, 32))
     collate = DiaNACollator(processor, train=False, round_retaining=False, token_masking=0.0,
                             image_augmentation=False, mals_captions=True, max_length=128)
     texts, images = [], []
@@ -51,6 +51,7 @@ def test_stage1_preset_learns_in_about_a_minute(tmp_path: Path):
     run_stage(["--config", "stage1_synthpedes_small", "--data_dir", str(train_dir / "mals"), "--output_dir", str(out),
                "--cache_dir", str(tmp_path / "cache"), "--max_steps", str(STEPS), "--warmup_steps", "150",
                "--per_device_train_batch_size", str(BATCH), "--logging_steps", "10", "--report_to", "none",
+               "--freeze_vision_model", "false",
                "--disable_tqdm", "true"])
 
     history = [row for row in json.loads((out / "trainer_state.json").read_text())["log_history"] if "itc_loss" in row]

@@ -302,7 +302,7 @@ def test_truncation_at_400_round_ends_match_truncated_prefixes(processor):
 
 
 def test_pretrain_preset_keeps_a_56_word_caption_and_uses_mals_statistics(tokenizer_dir):
-    pre = build_processor(tokenizer_dir=tokenizer_dir, preset="pretrain", image_size=(64, 32))
+    pre = build_processor(tokenizer_dir=tokenizer_dir, profile="pretrain", image_size=(64, 32))
     # The template alone is 61-68 tokens; the preset's 128 leaves the caption its 56 tokens.
     assert pre.max_length == 128
     short = "a man in blue"
@@ -325,8 +325,8 @@ def test_pretrain_preset_keeps_a_56_word_caption_and_uses_mals_statistics(tokeni
     pixels = pre(images=Image.new("RGB", (32, 64), (10, 200, 30)))["pixel_values"]
     expected = torch.tensor([(c / 255 - m) / s for c, m, s in zip((10, 200, 30), MALS_MEAN, MALS_STD)])
     assert torch.allclose(pixels[0, :, 5, 5], expected, atol=1e-4)
-    with pytest.raises(ValueError, match="preset"):
-        build_processor(tokenizer_dir=tokenizer_dir, preset="stage3")
+    with pytest.raises(ValueError, match="profile"):
+        build_processor(tokenizer_dir=tokenizer_dir, profile="stage3")
 
 
 # ---------------------------------------------------------------- batches

@@ -65,12 +65,13 @@ def model_config_file(tmp_path_factory) -> str:
 def stage1_args(synth: Path, out: Path, model_config_file: str, *extra: str) -> list[str]:
     return ["--config", "stage1_synthpedes_small", "--data_dir", str(synth / "mals"), "--output_dir", str(out),
             "--model_config", model_config_file, "--cache_dir", str(synth / "cache"), "--max_steps", "2",
-            *COMMON, *extra]
+            "--freeze_vision_model", "false", *COMMON, *extra]
 
 
 def stage2_args(synth: Path, out: Path, *extra: str) -> list[str]:
     return ["--config", "stage2_synthpedes_small", "--data_dir", str(synth / "chatpedes"), "--output_dir", str(out),
-            "--cache_dir", str(synth / "cache"), "--validation_persons", "3", *COMMON, *extra]
+            "--cache_dir", str(synth / "cache"), "--validation_persons", "3", "--freeze_vision_model", "false",
+            *COMMON, *extra]
 
 
 def log_history(out: Path) -> list[dict]:
@@ -356,7 +357,7 @@ def test_image_cache_trains_the_same_weights_and_refuses_what_does_not_fit(synth
     from diana.training.run_stage import prepare_image_cache
 
     rows = [0] * 1000  # 1000 rows at 64x32: 6,144,000 bytes
-    processor = build_processor(preset="finetune", image_size=(64, 32))
+    processor = build_processor(profile="finetune", image_size=(64, 32))
     with pytest.raises(ValueError, match=r"up to 0\.0 GiB \(1000 training rows at 64x32\), over a quarter"):
         prepare_image_cache(rows, DataArguments(), processor, memory_bytes=4 * 6_144_000 - 4)
 

@@ -172,7 +172,7 @@ def test_prepared_space_folder_is_self_contained(tmp_path):
     source = Path(diana.processing.__file__).parent
     copied = sorted(str(p.relative_to(space_dir / "diana" / "processing")) for p in space_dir.rglob("*.py")
                     if p.name != "app.py")
-    assert copied == sorted(SPACE_RUNTIME)
+    assert copied == sorted([*SPACE_RUNTIME, "__init__.py"])
     for name in SPACE_RUNTIME:
         assert (space_dir / "diana" / "processing" / name).read_bytes() == (source / name).read_bytes()
     # The Space does not install this project: the copy may import only what requirements.txt provides

@@ -1,4 +1,4 @@
-"""SynthPedes (processing/synthpedes.py): determinism, formats, visible attributes, the oracle."""
+"""SynthPedes (processing/data/synthpedes*.py): determinism, formats, visible attributes, the oracle."""
 
 from __future__ import annotations
 
@@ -17,8 +17,6 @@ from diana.processing.data.synthpedes import (
     DESCRIBE_QUESTION,
     MALS_LABELS,
     SKIN_TONES,
-    _expected_ap,
-    _expected_hit_at_k,
     attribute_oracle,
     draw_person,
     generate,
@@ -26,6 +24,7 @@ from diana.processing.data.synthpedes import (
     main,
     sample_attributes,
 )
+from diana.processing.data.synthpedes_oracle import _expected_ap, _expected_hit_at_k
 
 SUBJECTS = {
     "hair_colour": ["hair"], "hair_length": ["hair"], "hat": ["hat", "cap"], "upper_colour": ["top"],
@@ -183,8 +182,8 @@ def test_oracle_rises_with_rounds_and_matches_a_direct_ranking(synth):
 
 
 def test_cli_prints_the_oracle_table(tmp_path, capsys):
-    main(["--out", str(tmp_path), "--persons", "12", "--images-per-person", "2", "--rounds", "3",
-          "--seed", "1", "--mals-images", "3"])
+    main(["--output_dir", str(tmp_path), "--persons", "12", "--images_per_person", "2", "--rounds", "3",
+          "--seed", "1", "--mals_images", "3"])
     printed = capsys.readouterr().out
     assert "| round | R@1 | R@5 | R@10 | mAP |" in printed
     assert (tmp_path / "oracle.json").is_file() and (tmp_path / "mals" / "gene_attrs" / "synth_part1.json").is_file()

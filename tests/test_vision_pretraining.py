@@ -1,4 +1,4 @@
-"""Image-tower pretraining on MALS captions' n-grams and labels (training/vision_pretraining.py): the
+"""Stage 0, the image tower trained on MALS captions' n-grams and labels (training/vision_pretraining.py): the
 targets, the masked loss, the collator's errors. The run through run_stage is in test_run_stage.py."""
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def _rows(n: int = 3) -> list[dict]:
 
 
 def test_collator_builds_multi_hot_ngrams_labels_and_the_augmented_images():
-    processor = build_processor(image_size=(64, 32), preset="pretrain")
+    processor = build_processor(image_size=(64, 32), profile="pretrain")
     vocab = ["red top", "long", "short", "hair", "bag"]
     collator = VisionPretrainingCollator(processor, vocab, seed=3)
     rows = _rows()
@@ -156,7 +156,7 @@ def test_collator_builds_multi_hot_ngrams_labels_and_the_augmented_images():
 
 
 def test_collator_passes_the_erasing_probability_to_the_augmentation():
-    processor = build_processor(image_size=(64, 32), preset="pretrain")
+    processor = build_processor(image_size=(64, 32), profile="pretrain")
     rows = _rows(4)
 
     def mean_filled(erasing: float) -> list[int]:
@@ -173,7 +173,7 @@ def test_collator_passes_the_erasing_probability_to_the_augmentation():
 
 
 def test_collator_errors_name_the_row():
-    processor = build_processor(image_size=(64, 32), preset="pretrain")
+    processor = build_processor(image_size=(64, 32), profile="pretrain")
     collator = VisionPretrainingCollator(processor, ["red"])
     rows = _rows(2)
     del rows[1]["caption"]

@@ -53,8 +53,9 @@ class ModelArguments:
     )
     freeze_vision_model: bool = field(
         default=False,
-        metadata={"help": "Keep the image tower's weights fixed (e.g. stage 1 after an image-tower pretraining: the "
-                          "random dialogue tower's first gradients would otherwise wear its features down)."},
+        metadata={"help": "Keep the image tower's weights fixed (stages 1 and 2 after stage 0: the random dialogue "
+                          "tower's first gradients would otherwise wear its features down). Needs a trained tower "
+                          "(--model_name_or_path or --vision_model_path)."},
     )
     tokenizer_dir: str | None = field(
         default=None,
@@ -70,8 +71,8 @@ class DataArguments:
     dataset: str = field(default="chatpedes", metadata={"help": "chatpedes | mals"})
     objective: str = field(
         default="retrieval",
-        metadata={"help": "retrieval (stages 1 and 2) | image_attributes (MALS only: pretrain the image tower on "
-                          "its captions' n-grams and labels before stage 1, for a random tower; vision_pretraining.py)"},
+        metadata={"help": "retrieval (stages 1 and 2) | image_attributes (stage 0, MALS only: the image tower alone "
+                          "learns its captions' n-grams and labels; vision_pretraining.py)"},
     )
     pretraining_readouts: list[str] = field(
         default_factory=lambda: ["mean"],
@@ -93,7 +94,9 @@ class DataArguments:
         "training or evaluation, are skipped, counted and logged.")})
     mals_files: list[str] | None = field(default=None, metadata={"help": "Subset of MALS gene_attrs/*.json files."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set (debugging)."})
-    preset: str = field(default="finetune", metadata={"help": "Processor preset: finetune (CUHK-PEDES) | pretrain (MALS)."})
+    processor_profile: str = field(default="finetune", metadata={"help": (
+        "Normalisation statistics and token limit of the processor: finetune (CUHK-PEDES statistics, 400 tokens) | "
+        "pretrain (MALS statistics, 128 tokens).")})
     image_size: list[int] | None = field(
         default=None, metadata={"help": "Image (height, width); default: the model's vision_config.image_size."}
     )
@@ -104,7 +107,7 @@ class DataArguments:
     random_erasing: float = field(
         default=0.5,
         metadata={"help": "Probability of the augmentation's random erasing (IRRA's and the paper's 0.5; 0 = off). "
-                          "The SynthPedes stage-0 preset turns it off: on a 64x32 drawing a rectangle of up to 40%% "
+                          "The SynthPedes stage 0 preset turns it off: on a 64x32 drawing a rectangle of up to 40%% "
                           "hides the very attribute (a bag, the top's stripes) a label names."},
     )
     image_cache: bool = field(
@@ -147,7 +150,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
             raise UserInputError(f"--config needs a preset name or YAML file (presets: {', '.join(preset_names())})")
         defaults = load_yaml_preset(argv[i + 1])
         del argv[i : i + 2]
-    parser = OneLineHfArgumentParser((ModelArguments, DataArguments, DiaNATrainingArguments))
+    parser = OneLineHfArgumentParser((ModelArguments, DataArguments, DiaNATrainingArguments),
+                                     prog="training/run_stage.py --config PRESET")
     # A nested mapping cannot be a command-line flag: it bypasses the parser.
     model_config = defaults.pop("model_config", None) if isinstance(defaults.get("model_config"), dict) else None
     known = {a.dest for a in parser._actions}

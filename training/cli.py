@@ -4,6 +4,7 @@
                                                         processes: accelerate launch training/run_stage.py)
     diana evaluate --model_name_or_path DIR ...        (= python -m diana.training.evaluation.evaluate_model)
     diana index ... / diana search ...                 (= python -m diana.processing.search.cli index|search)
+    diana export --model_name_or_path DIR ...          (= python -m diana.hub_cards.export)
 
 Each subcommand hands the rest of the line to that command's own parser, so `diana SUB --help` shows
 its flags, and its errors are the command's one-line errors (exit status 2).
@@ -19,27 +20,37 @@ from diana.processing.cli_errors import UserInputError, run_cli
 
 # subcommand -> (module whose `main(argv)` runs it, arguments put before the user's, what it does)
 SUBCOMMANDS: dict[str, tuple[str, tuple[str, ...], str]] = {
-    "train": ("diana.training.run_stage", (), "train one stage (stage 0, 1 or 2) from a preset"),
-    "evaluate": ("diana.training.evaluation.evaluate_model", (), "per-round retrieval evaluation of a model folder"),
+    "setup-tokenizer": ("diana.processing.tokenizer_setup", (), "fetch and convert the Llama-3.2 tokenizer"),
+    "synthpedes": ("diana.processing.data.synthpedes", (), "generate SynthPedes data in both layouts"),
+    "train": ("diana.training.run_stage", (), "train one stage (0, 1 or 2) from a preset"),
+    "main-job": ("diana.training.main_job", (), "the whole SynthPedes job of `make main`"),
+    "evaluate": ("diana.training.evaluation.evaluate_model", (), "per-round retrieval evaluation of a model"),
     "probe": ("diana.training.evaluation.attribute_probe", (), "attribute probe of a model's embeddings (SynthPedes)"),
     "index": ("diana.processing.search.cli", ("index",), "index a folder of photos or a data set split"),
     "search": ("diana.processing.search.cli", ("search",), "chat with an indexed gallery"),
     "export": ("diana.hub_cards.export", (), "export a Hub-ready folder (card, code, checks), optionally push"),
     "convert": ("diana.hub_cards.convert_official_checkpoint", (), "convert an official DiaNA checkpoint"),
-    "synthpedes": ("diana.processing.data.synthpedes", (), "generate SynthPedes data in both layouts"),
-    "main-job": ("diana.training.main_job", (), "the whole SynthPedes job of `make main`"),
     "benchmark": ("diana.training.benchmarks.run", (), "the CPU / GPU benchmark suites"),
-    "setup-tokenizer": ("diana.processing.tokenizer_setup", (), "fetch and convert the Llama-3.2 tokenizer"),
+}
+# How `diana --help` groups them (every subcommand once).
+GROUPS: dict[str, tuple[str, ...]] = {
+    "set up and data": ("setup-tokenizer", "synthpedes"),
+    "train and evaluate": ("train", "main-job", "evaluate", "probe"),
+    "search a gallery": ("index", "search"),
+    "publish": ("export", "convert"),
+    "measure": ("benchmark",),
 }
 # Errors that a subcommand raises only for what the user can fix, beyond the shared ones.
 _ALSO_USER_ERRORS: dict[str, tuple[type[BaseException], ...]] = {"setup-tokenizer": (RuntimeError,)}
 
 
 def usage() -> str:
-    """The `diana --help` text: one line per subcommand."""
+    """The `diana --help` text: one line per subcommand, in groups."""
     width = max(map(len, SUBCOMMANDS))
-    lines = [f"  {name:<{width}}  {about}" for name, (_, _, about) in SUBCOMMANDS.items()]
-    return "usage: diana SUBCOMMAND [ARGS ...]   (diana SUBCOMMAND --help for its flags)\n\nsubcommands:\n" + "\n".join(lines)
+    lines = ["usage: diana SUBCOMMAND [ARGS ...]   (diana SUBCOMMAND --help for its flags)"]
+    for group, names in GROUPS.items():
+        lines += ["", f"{group}:"] + [f"  {name:<{width}}  {SUBCOMMANDS[name][2]}" for name in names]
+    return "\n".join(lines)
 
 
 def resolve(argv: Sequence[str]) -> tuple[Callable[[list[str]], Any], list[str]]:

@@ -1,9 +1,9 @@
 """The README's main job on the built-in SynthPedes data, end to end on a CPU:
 
 1. generate SynthPedes (ChatPedes and MALS layouts) and its attribute oracle;
-2. stage 0: teach the random image tower to see, from the MALS-layout captions' n-grams and labels
+2. stage 0: the random image tower alone learns the MALS-layout captions' n-grams and labels
    (`vision_pretraining`: the stand-in for the paper's ImageNet-22k Swinv2);
-   stage 1: pretrain the small DiaNA on the MALS-layout captions from there;
+   stage 1: pretrain the small DiaNA on the MALS-layout captions from there, its image tower fixed;
 3. stage 2: fine-tune it on the ChatPedes-layout dialogues (best checkpoint on validation persons);
 4. evaluate on the held-out test persons, per round, beside the oracle, and probe which attributes
    the model's embeddings carry (`attribute_probe`: why it falls short of the oracle);
@@ -43,20 +43,21 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """
     parser = ArgumentParser(prog="python -m diana.training.main_job", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output_dir", default="outputs/main_job")
+    parser.add_argument("--output_dir", default="outputs/main_job", help="folder for the data, every stage and the report")
     parser.add_argument("--persons", type=int, default=3000,
                         help="SynthPedes persons (train + test); more persons for the same stage-2 steps generalise "
                              "better (RESULTS.md)")
     parser.add_argument("--test_persons", type=int, default=100, help="held-out persons of the test split")
-    parser.add_argument("--images_per_person", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--images_per_person", type=int, default=4, help="SynthPedes images drawn per person")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per dialogue")
     parser.add_argument("--mals_images", type=int, default=16000,
                         help="MALS-layout images for stage 1 (each its own identity; more data, fewer epochs)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the generated data")
     parser.add_argument("--stage0_config", default="stage0_synthpedes_small",
-                        help="image-tower pretraining preset; 'none' starts stage 1 from a random model")
-    parser.add_argument("--stage1_config", default="stage1_synthpedes_small")
-    parser.add_argument("--stage2_config", default="stage2_synthpedes_small")
+                        help="stage 0 preset (the image tower alone learns the MALS-layout captions' words and "
+                             "labels); 'none' starts stage 1 from a random model")
+    parser.add_argument("--stage1_config", default="stage1_synthpedes_small", help="stage 1 preset (MALS layout)")
+    parser.add_argument("--stage2_config", default="stage2_synthpedes_small", help="stage 2 preset (ChatPedes layout)")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                         help="flags passed to both stages, e.g. --extra --num_train_epochs 1")
     args = parser.parse_args(argv)
@@ -83,18 +84,18 @@ def stage_argvs(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
     """(name, run_stage arguments) of every stage the job runs, in order."""
     out = Path(args.output_dir)
     mals, chatpedes = str(out / "synthpedes" / "mals"), str(out / "synthpedes" / "chatpedes")
-    stages, start_from, freeze = [], [], []
+    stages = []
     if args.stage0_config != "none":
         stages.append(("stage 0", ["--config", args.stage0_config, "--data_dir", mals,
                                    "--output_dir", str(out / "stage0"), *args.extra]))
-        # Stages 1 and 2 keep the pretrained tower fixed: contrastive gradients wear the features they
-        # do not need to tell a batch apart down (RESULTS.md).
-        freeze = ["--freeze_vision_model", "true"]
-        start_from = ["--model_name_or_path", str(out / "stage0"), *freeze]
+        start_from, unfreeze = ["--model_name_or_path", str(out / "stage0")], []
+    else:
+        # The stage 1 and 2 presets keep stage 0's image tower fixed; without stage 0 it is random and must train.
+        start_from, unfreeze = [], ["--freeze_vision_model", "false"]
     stages.append(("stage 1", ["--config", args.stage1_config, "--data_dir", mals, "--output_dir", str(out / "stage1"),
-                               *start_from, *args.extra]))
+                               *start_from, *unfreeze, *args.extra]))
     stages.append(("stage 2", ["--config", args.stage2_config, "--data_dir", chatpedes, "--model_name_or_path",
-                               str(out / "stage1"), "--output_dir", str(out / "stage2"), *freeze, *args.extra]))
+                               str(out / "stage1"), "--output_dir", str(out / "stage2"), *unfreeze, *args.extra]))
     return stages
 
 
@@ -135,9 +136,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     # 5. A Hub-ready folder, checked by loading it in a fresh process.
 
-    export(["--checkpoint", str(out / "stage2"), "--eval-results", str(out / "test_eval" / "eval_results.json"),
-            "--run-args", str(out / "stage2" / "run_args.json"), "--dataset", "synthpedes", "--split", "test",
-            "--output", str(out / "hub_model"), "--overwrite"])
+    export(["--model_name_or_path", str(out / "stage2"),
+            "--eval_results_file", str(out / "test_eval" / "eval_results.json"),
+            "--run_args_file", str(out / "stage2" / "run_args.json"), "--dataset", "synthpedes", "--split", "test",
+            "--output_dir", str(out / "hub_model"), "--overwrite"])
     rounds = [key for key in results["global"] if key.startswith("round_")]
     per_round = [results["global"][key]["R@1"] for key in rounds]
     full_r1, oracle_r1 = results["global"]["full"]["R@1"], oracle["full"]["R@1"]

@@ -1,4 +1,4 @@
-"""Image-tower pretraining on MALS's own supervision (`--objective image_attributes`).
+"""Stage 0: the image tower alone, trained on MALS's own supervision (`--objective image_attributes`).
 
 DiaNA starts its image tower from an ImageNet-22k Swinv2 (as in the paper). A run that cannot load one
 (the SynthPedes presets: nothing is downloaded, everything starts random) first teaches the random

@@ -1,6 +1,6 @@
 """DiaNA benchmark suite (issue 7): one command, a table on stdout and a JSON file.
 
-`python -m diana.training.benchmarks.run [--suite cpu|gpu|all] [--tiny] --output FILE.json`
+`python -m diana.training.benchmarks.run [--suite cpu|gpu|all] [--tiny] --output_file FILE.json`
 
 - `harness`: timing (warm-up, repeats, CUDA synchronisation, a time cap), FLOP counting
   (`torch.utils.flop_counter` on the meta device, so the paper config costs no compute), a

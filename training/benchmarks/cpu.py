@@ -293,7 +293,7 @@ def bench_collation(settings: CpuSettings, tokenizer_dir: str | None = None) -> 
     from PIL import Image
 
 
-    processor = build_processor(tokenizer_dir=tokenizer_dir, preset="finetune", image_size=(64, 32))
+    processor = build_processor(tokenizer_dir=tokenizer_dir, profile="finetune", image_size=(64, 32))
     dialogues = workloads.make_dialogues(settings.collate_rows, rounds=5, seed=4)
     rng = np.random.default_rng(4)
     with tempfile.TemporaryDirectory() as folder:

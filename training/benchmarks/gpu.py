@@ -685,20 +685,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The GPU suite's switches (shared with `run.py`)."""
     group = parser.add_argument_group("GPU suite")
     for name in ("sdpa", "compile_vision", "fused_adamw", "dynamic_padding", "bf16"):
-        group.add_argument(f"--no-{name.replace('_', '-')}", dest=f"opt_{name}", action="store_false",
+        group.add_argument(f"--no_{name}", dest=f"opt_{name}", action="store_false",
                            help=f"switch off {name} in the fast path")
-    group.add_argument("--train-batch", type=int, default=None, help="per-GPU training batch (default 32)")
-    group.add_argument("--no-ablations", dest="ablations", action="store_false",
+    group.add_argument("--train_batch_size", type=int, default=None, help="per-GPU training batch (default 32)")
+    group.add_argument("--no_ablations", dest="ablations", action="store_false",
                        help="skip the fast-minus-one-optimisation variants")
-    group.add_argument("--no-batch-search", dest="batch_search", action="store_false",
+    group.add_argument("--no_batch_search", dest="batch_search", action="store_false",
                        help="skip the search for the largest batch that fits 80 GB")
-    group.add_argument("--tokenizer-dir", default=None, help="Llama-3.2 tokenizer folder")
+    group.add_argument("--tokenizer_dir", default=None, help="Llama-3.2 tokenizer folder")
 
 
 def from_arguments(args: argparse.Namespace) -> tuple[GpuSettings, Optimisations]:
     settings = GpuSettings.tiny() if args.tiny else GpuSettings()
-    if args.train_batch:
-        settings = replace(settings, train_batch=args.train_batch)
+    if args.train_batch_size:
+        settings = replace(settings, train_batch=args.train_batch_size)
     settings = replace(settings, ablations=args.ablations, batch_search=args.batch_search)
     fast = Optimisations(**{k: getattr(args, f"opt_{k}") for k in ("sdpa", "compile_vision", "fused_adamw",
                                                                    "dynamic_padding", "bf16")})

@@ -16,7 +16,7 @@
 #
 # On the device machine (repo root; the bundle travels as a carried, ignored path):
 #   bash outputs/gpu_bundle/run_gpu_bench.sh                 # full GPU suite, < 8 min on one H100
-#   bash outputs/gpu_bundle/run_gpu_bench.sh --no-ablations  # any run.py switch passes through
+#   bash outputs/gpu_bundle/run_gpu_bench.sh --no_ablations  # any run.py switch passes through
 # Checked here on the CPU with:  bash outputs/gpu_bundle/run_gpu_bench.sh --tiny --device cpu
 set -euo pipefail
 
@@ -101,7 +101,7 @@ cat "$OUT/versions.txt"
 (command -v nvidia-smi >/dev/null && nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1) || true
 # The suite caps itself (~7 min); the timeout is a last resort. JSON is rewritten after every stage.
 timeout "${DIANA_BENCH_TIMEOUT:-560}" "$PY" -m diana.training.benchmarks.run --suite gpu \
-    --tokenizer-dir "$HERE/tokenizer" --output "$OUT/bench_gpu.json" "$@" 2>&1 | tee "$OUT/bench_gpu.log"
+    --tokenizer_dir "$HERE/tokenizer" --output_file "$OUT/bench_gpu.json" "$@" 2>&1 | tee "$OUT/bench_gpu.log"
 exit "${PIPESTATUS[0]}"
 EOF
 chmod +x "$BUNDLE/run_gpu_bench.sh"

@@ -1,8 +1,8 @@
 """One command for the benchmark suite: prints a table and writes JSON.
 
-    python -m diana.training.benchmarks.run --suite cpu --output outputs/bench_cpu.json
-    python -m diana.training.benchmarks.run --suite gpu --output $OUT/bench_gpu.json
-    python -m diana.training.benchmarks.run --suite all --tiny --output /tmp/bench_tiny.json
+    python -m diana.training.benchmarks.run --suite cpu --output_file outputs/bench_cpu.json
+    python -m diana.training.benchmarks.run --suite gpu --output_file $OUT/bench_gpu.json
+    python -m diana.training.benchmarks.run --suite all --tiny --output_file /tmp/bench_tiny.json
 
 `--tiny` shrinks every model and size so the whole thing runs on a CPU in seconds: it checks that
 the scripts work, its numbers mean nothing. The GPU suite falls back to the CPU when no GPU is
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", choices=("cpu", "gpu", "all"), default="cpu", help="which suite to run")
     parser.add_argument("--tiny", action="store_true", help="tiny configs: a check of the scripts, not a measurement")
-    parser.add_argument("--output", required=True, help="JSON file to write")
+    parser.add_argument("--output_file", required=True, help="JSON file to write")
     parser.add_argument("--device", default=None, help="GPU suite device (default cuda when available, else cpu)")
     gpu.add_arguments(parser)
     return parser
@@ -40,10 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     args = build_parser().parse_args(argv)
-    require_range("--train-batch", args.train_batch, 1)
-    require_path("--tokenizer-dir", args.tokenizer_dir, "folder")
+    require_range("--train_batch_size", args.train_batch_size, 1)
+    require_path("--tokenizer_dir", args.tokenizer_dir, "folder")
     require_device("--device", args.device)
-    out_path = Path(args.output)
+    out_path = Path(args.output_file)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     payload: dict[str, Any] = {"command": "python -m diana.training.benchmarks.run " + " ".join(argv or sys.argv[1:])}
     tables = []

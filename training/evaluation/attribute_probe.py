@@ -6,8 +6,8 @@ its accuracy on the test persons, for the image embeddings (every test image) an
 embeddings (full dialogues that state the attribute), beside the majority-class rate. An attribute
 near its majority rate on both sides is one the model cannot use to rank, whatever the oracle says.
 
-    python -m diana.training.evaluation.attribute_probe --model outputs/main_job/stage2 \\
-        --data outputs/main_job/synthpedes/chatpedes --output outputs/main_job/attribute_probe
+    python -m diana.training.evaluation.attribute_probe --model_name_or_path outputs/main_job/stage2 \\
+        --data_dir outputs/main_job/synthpedes/chatpedes --output_dir outputs/main_job/attribute_probe
 
 Writes attribute_probe.json and attribute_probe.png (bars per attribute). SynthPedes only: it
 reads the per-entry `synthpedes` record (attributes, what each round revealed) of the annotations.
@@ -31,7 +31,7 @@ from diana.processing.cli_errors import ArgumentParser, require_model_folder, re
 from diana.processing.data.annotations import load_json_list
 from diana.processing.data.chatpedes import find_images_dir, parse_entries
 from diana.processing.image_loading import load_rgb_image
-from diana.training.evaluation.evaluate_model import load_model_and_processor
+from diana.processing.model_loading import load_model_and_processor
 
 from .protocol import encode_queries, tokenize_dialogues
 
@@ -181,7 +181,7 @@ def run(model_dir: str | os.PathLike, data_dir: str | os.PathLike, output_dir: s
     """Loads a model folder, probes it on a SynthPedes ChatPedes-layout folder and, with `output_dir`,
     writes attribute_probe.json and attribute_probe.png there. Returns the report."""
 
-    model, processor = load_model_and_processor(model_dir, device=device)
+    model, processor = load_model_and_processor(model_dir, device=device, dtype="auto")
     report = probe_model(model, processor, data_dir, train_entries=train_entries, batch_size=batch_size)
     if output_dir is not None:
         out = Path(output_dir)
@@ -195,19 +195,19 @@ def run(model_dir: str | os.PathLike, data_dir: str | os.PathLike, output_dir: s
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = ArgumentParser(prog="python -m diana.training.evaluation.attribute_probe", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="a saved DiaNA folder")
-    parser.add_argument("--data", required=True, help="a SynthPedes ChatPedes-layout folder")
-    parser.add_argument("--output", default=None, help="folder for attribute_probe.json / .png")
+    parser.add_argument("--model_name_or_path", required=True, help="a saved DiaNA folder or a Hub repository id")
+    parser.add_argument("--data_dir", required=True, help="a SynthPedes ChatPedes-layout folder")
+    parser.add_argument("--output_dir", default=None, help="folder for attribute_probe.json / .png")
     parser.add_argument("--train_entries", type=int, default=2000, help="training images (with their dialogues) to fit on")
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     args = parser.parse_args(argv)
-    require_model_folder("--model", args.model)
-    require_path("--data", args.data, "folder")
+    require_model_folder("--model_name_or_path", args.model_name_or_path, allow_hub_id=True)
+    require_path("--data_dir", args.data_dir, "folder")
     require_range("--train_entries", args.train_entries, 1)
     require_range("--batch_size", args.batch_size, 1)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    report = run(args.model, args.data, args.output, train_entries=args.train_entries, batch_size=args.batch_size,
+    report = run(args.model_name_or_path, args.data_dir, args.output_dir, train_entries=args.train_entries, batch_size=args.batch_size,
                  device=args.device)
     print(format_table(report))
     return report

@@ -1,10 +1,10 @@
 """Evaluation only: a saved or converted DiaNA folder + a dataset folder -> the per-round report.
 
-    python -m diana.training.evaluation.evaluate_model --model outputs/main_job/stage2 \\
-        --data outputs/main_job/synthpedes/chatpedes --split test --batch-size 64
+    python -m diana.training.evaluation.evaluate_model --model_name_or_path outputs/main_job/stage2 \\
+        --data_dir outputs/main_job/synthpedes/chatpedes --split test --batch_size 64
 
 Prints the per-round table (every score mode) and writes `eval_results.json`,
-`per_round_curves.png` and `round_table.md` to `--output-dir`. The same protocol as
+`per_round_curves.png` and `round_table.md` to `--output_dir`. The same protocol as
 `DiaNATrainer.evaluate`, without training.
 """
 
@@ -18,12 +18,8 @@ from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from diana.hub_cards.evaluation_report import format_round_table, write_results
-from diana.modeling_diana import DiaNAModel
 from diana.modeling_diana.configuration_diana import SCORE_MODES
-from diana.processing import build_processor
 from diana.processing.cli_errors import (
     UserInputError,
     require_choice,
@@ -36,7 +32,7 @@ from diana.processing.cli_errors import (
 )
 from diana.processing.data.chatpedes import load_chatpedes
 from diana.processing.data.mals import load_mals
-from diana.processing.processing_diana import DiaNAProcessor
+from diana.processing.model_loading import DTYPES, load_model_and_processor
 from diana.training.arguments import OneLineHfArgumentParser
 from diana.training.data.augmentation import caption_to_dialogue
 
@@ -60,12 +56,12 @@ def _arg(default: Any = MISSING, help: str = "", **metadata: Any) -> Any:  # noq
 
 @dataclass
 class EvaluateModelArguments:
-    """Arguments of `python -m diana.training.evaluation.evaluate_model` (`--batch-size` = `--batch_size`, etc.)."""
+    """Arguments of `python -m diana.training.evaluation.evaluate_model` (`diana evaluate`)."""
 
-    model: str = _arg(help="A DiaNA folder written by save_pretrained (training output, converted official "
-                           "checkpoint, Hub export).", aliases=["--model_name_or_path"])
-    data: str = _arg(help="Dataset folder: ChatPedes layout (train_reid.json, test_reid.json, imgs/) or MALS "
-                          "layout (gene_attrs/, gene_crop/).", aliases=["--data_dir"])
+    model_name_or_path: str = _arg(help="A DiaNA folder written by save_pretrained (training output, converted "
+                                        "official checkpoint, Hub export) or a Hub repository id.")
+    data_dir: str = _arg(help="Dataset folder: ChatPedes layout (train_reid.json, test_reid.json, imgs/) or MALS "
+                              "layout (gene_attrs/, gene_crop/).")
     dataset: str = _arg("chatpedes", "chatpedes or mals (MALS captions become one-round dialogues).",
                         choices=list(DATASETS))
     split: str | None = _arg(None, "ChatPedes: test (default) or validation (held-out train persons, as in "
@@ -84,63 +80,13 @@ class EvaluateModelArguments:
     reference: str | None = _arg(None, "JSON file of a reference curve printed side by side (e.g. SynthPedes "
                                        "oracle.json).")
     device: str | None = _arg(None, "cuda / cpu / cuda:1 ... (default: cuda if available).")
-    dtype: str = _arg("auto", "auto (as saved), float32, bfloat16 or float16.",
-                      choices=["auto", "float32", "bfloat16", "float16"])
+    revision: str | None = _arg(None, "Hub revision (branch, tag or commit) of a repository id.")
+    dtype: str = _arg("auto", "auto (as saved), float32, bfloat16 or float16.", choices=list(DTYPES))
     tokenizer_dir: str | None = _arg(None, "Llama-3.2 tokenizer folder, used only when the model folder has no "
                                            "processor files.")
     trust_remote_code: bool = _arg(False, "Load with AutoModel/AutoProcessor and the code saved in the folder "
                                           "instead of the installed diana classes.")
     num_workers: int = _arg(0, "DataLoader workers decoding gallery images.")
-
-
-def load_model_and_processor(
-    model_dir: str | os.PathLike,
-    *,
-    trust_remote_code: bool = False,
-    tokenizer_dir: str | os.PathLike | None = None,
-    dtype: str = "auto",
-    device: str | torch.device | None = None,
-) -> tuple[Any, Any]:
-    """A DiaNA model (eval mode, on `device`) and its processor from a folder.
-
-    The installed `DiaNAModel` / `DiaNAProcessor` classes load the folder unless
-    `trust_remote_code` asks for the folder's own code through the Auto classes. A folder without
-    processor files (e.g. a bare converted checkpoint) gets `build_processor` at the model's image
-    size.
-    """
-    model_dir = str(model_dir)
-    if not os.path.isfile(os.path.join(model_dir, "config.json")):
-        raise FileNotFoundError(f"{model_dir} has no config.json: not a saved model folder")
-    kwargs: dict[str, Any] = {} if dtype == "auto" else {"dtype": getattr(torch, dtype)}
-    if trust_remote_code:
-        from transformers import AutoModel
-
-        model = AutoModel.from_pretrained(model_dir, trust_remote_code=True, **kwargs)
-    else:
-
-        model = DiaNAModel.from_pretrained(model_dir, **kwargs)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model.to(device).eval()
-
-    processor_files = ("processor_config.json", "preprocessor_config.json")
-    has_processor = any(os.path.isfile(os.path.join(model_dir, f)) for f in processor_files)
-    if has_processor:
-        if trust_remote_code:
-            from transformers import AutoProcessor
-
-            processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
-        else:
-
-            processor = DiaNAProcessor.from_pretrained(model_dir)
-    else:
-
-        size = model.config.vision_config.image_size
-        height, width = (size, size) if isinstance(size, int) else tuple(size)
-        logger.warning(
-            "%s has no processor files: building the fine-tuning processor at %dx%d", model_dir, height, width
-        )
-        processor = build_processor(tokenizer_dir=tokenizer_dir, image_size=(height, width))
-    return model, processor
 
 
 def load_split(
@@ -181,7 +127,6 @@ def load_split(
     if dataset == "mals":
         import datasets
 
-
         rows = rows.map(
             lambda captions: {
                 "dialogue": [caption_to_dialogue(c) for c in captions],
@@ -219,11 +164,12 @@ def evaluate_folder(
     tokenizer_dir: str | None = None,
     trust_remote_code: bool = False,
     num_workers: int = 0,
+    revision: str | None = None,
 ) -> dict[str, Any]:
     """Loads a model folder and a dataset folder and runs `evaluate_retrieval` (see there for the
     result layout). Writes the report to `output_dir` when given, with `round_table.md`."""
     model, processor = load_model_and_processor(
-        model_dir, trust_remote_code=trust_remote_code, tokenizer_dir=tokenizer_dir, dtype=dtype, device=device
+        model_dir, tokenizer_dir, device, dtype, revision, trust_remote_code=trust_remote_code
     )
     rows, split = load_split(
         data_dir, dataset=dataset, split=split, cache_dir=cache_dir, max_samples=max_samples,
@@ -247,8 +193,8 @@ def validate_arguments(args: EvaluateModelArguments, split: str) -> None:
     Raises:
         UserInputError (ValueError).
     """
-    require_model_folder("--model", args.model)
-    require_path("--data", args.data, "folder")
+    require_model_folder("--model_name_or_path", args.model_name_or_path, allow_hub_id=True)
+    require_path("--data_dir", args.data_dir, "folder")
     require_choice(f"--split (of --dataset {args.dataset})", split, SPLITS[args.dataset])
     if split == "validation" and not args.validation_persons:
         raise UserInputError("--split validation needs --validation_persons N (the training run's value: the "
@@ -276,26 +222,27 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Parses the arguments, evaluates, prints the table; returns the results."""
 
     # 1. Arguments, all checked before the model and the data are loaded.
-    (args,) = OneLineHfArgumentParser(EvaluateModelArguments).parse_args_into_dataclasses(args=argv)
+    parser = OneLineHfArgumentParser(EvaluateModelArguments, prog="python -m diana.training.evaluation.evaluate_model")
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
     split = args.split or SPLITS[args.dataset][0]
     validate_arguments(args, split)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     reference = read_reference(args.reference) if args.reference else None
-    output_dir = args.output_dir or f"eval_{Path(args.model).resolve().name}_{args.dataset}_{split}"
+    output_dir = args.output_dir or f"eval_{Path(args.model_name_or_path).resolve().name}_{args.dataset}_{split}"
 
     # 2. Model + data -> the protocol.
     results = evaluate_folder(
-        args.model, args.data, dataset=args.dataset, split=split, batch_size=args.batch_size,
+        args.model_name_or_path, args.data_dir, dataset=args.dataset, split=split, batch_size=args.batch_size,
         score_modes=args.score_modes, max_rounds=args.max_rounds, max_samples=args.max_samples,
         output_dir=output_dir, reference=reference, cache_dir=args.cache_dir,
         validation_persons=args.validation_persons, validation_seed=args.validation_seed, device=args.device,
         dtype=args.dtype, tokenizer_dir=args.tokenizer_dir, trust_remote_code=args.trust_remote_code,
-        num_workers=args.num_workers,
+        num_workers=args.num_workers, revision=args.revision,
     )
 
     # 3. Report.
     meta = results["meta"]
-    print(f"\n{args.model} on {args.dataset}/{split}: {meta['num_queries']} dialogues, {meta['num_gallery']} images, "
+    print(f"\n{args.model_name_or_path} on {args.dataset}/{split}: {meta['num_queries']} dialogues, {meta['num_gallery']} images, "
           f"{meta['num_persons']} persons, up to {meta['num_rounds']} rounds "
           f"(dialogues cut by max_length per round: {meta['truncated_per_round']})\n")
     print(format_round_table(results, reference=reference))
