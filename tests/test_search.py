@@ -14,7 +14,7 @@ from PIL import Image
 from diana.modeling_diana import DiaNAModel
 from diana.processing.search import cli as search_cli
 from diana.processing.search import (
-    ChatSearchSession, GalleryIndex, IndexMismatchError, exact_topk, list_images, model_fingerprint,
+    ChatSearchSession, GalleryIndex, IndexMismatchError, config_hash, exact_topk, list_images, model_fingerprint,
 )
 from tests.helpers import tiny_config, tiny_text_config
 
@@ -304,6 +304,120 @@ def test_session_rejects_empty_answers_with_the_round(model, tiny_processor, ind
     session.start("A man in a blue shirt.")
     with pytest.raises(ValueError, match="round 2"):
         session.add_round("Anything else?", "   ")
+
+
+# ------------------------------------------------------------------------------- "not this person"
+
+
+def _moved_by_hand(query, rejected, weight):
+    """The documented rule written out: v = q - w * mean(rejected); v / |v| (per row / slot)."""
+    v = query.double() - weight * rejected.double().sum(0) / rejected.shape[0]
+    return (v / v.pow(2).sum(-1, keepdim=True).sqrt()).float()
+
+
+def _reference_ranking(model, index, session, mode, excluded):
+    """All gallery scores of the session's dialogue, its query moved by hand from the excluded photos,
+    scored by `model.similarity`, the excluded photos dropped, a full stable sort."""
+    text, attributes = session.text_embeds, session.text_attribute_embeds
+    if excluded:
+        rows = torch.tensor(excluded)
+        text = _moved_by_hand(text, index.image_embeds[rows], session.rejection_weight)
+        if attributes is not None:
+            attributes = _moved_by_hand(attributes, index.image_attribute_embeds[rows], session.rejection_weight)
+    scores = model.similarity(text, index.image_embeds, attributes, index.image_attribute_embeds, mode=mode)[0]
+    order = torch.sort(scores, descending=True, stable=True).indices.tolist()
+    kept = [i for i in order if i not in set(excluded)]
+    return scores[kept], kept
+
+
+@pytest.mark.parametrize("mode,backend", [("global", "exact"), ("attribute", "exact"), ("fused", "exact"),
+                                          ("global", "faiss")])
+def test_rejected_photos_never_come_back_and_the_query_moves_by_the_rule(pooled_models, tiny_processor, mode, backend):
+    if backend == "faiss":
+        pytest.importorskip("faiss")
+    model, index = pooled_models["mean"]
+    session = ChatSearchSession(model, tiny_processor, index, k=4, mode=mode, backend=backend,
+                                check_index=False, rejection_weight=0.4)
+    steps = [("round", DIALOGUE[0]), ("reject", [1, 3]), ("round", DIALOGUE[1]), ("reject", [2]),
+             ("round", DIALOGUE[2]), ("reject", [4, 1]), ("round", DIALOGUE[3])]
+    excluded = []
+    for kind, value in steps:
+        if kind == "round":
+            result = session.add_round(*value)
+        else:
+            shown = session.results[-1].indices
+            result = session.reject(value)
+            assert result.rejected == [shown[r - 1] for r in value] and result.new_tokens == 0
+            excluded += result.rejected
+        assert session.rejected == excluded
+        assert not set(result.indices) & set(excluded)  # never shown again
+        scores, indices = session.candidates(len(index))
+        assert len(indices) == len(index) - len(excluded) and not set(indices.tolist()) & set(excluded)
+        ref_scores, ref_order = _reference_ranking(model, index, session, mode, excluded)
+        assert result.indices == ref_order[:4] and indices.tolist() == ref_order
+        torch.testing.assert_close(scores, ref_scores, atol=1e-5, rtol=0)
+    rows = torch.tensor(excluded)
+    torch.testing.assert_close(session.query_embeds, _moved_by_hand(session.text_embeds, index.image_embeds[rows], 0.4))
+    if mode != "global":
+        torch.testing.assert_close(session.query_attribute_embeds, _moved_by_hand(
+            session.text_attribute_embeds, index.image_attribute_embeds[rows], 0.4))
+    torch.testing.assert_close(session.query_embeds.norm(dim=-1), torch.ones(1))
+    assert [r.is_rejection for r in session.results] == [kind == "reject" for kind, _ in steps]
+    assert [r.round_index for r in session.results] == [1, 1, 2, 2, 3, 3, 4]
+
+
+@pytest.mark.parametrize("mode", ["global", "fused"])
+def test_without_rejections_the_search_is_exactly_the_plain_one(pooled_models, tiny_processor, mode):
+    model, index = pooled_models["last"]
+    session = ChatSearchSession(model, tiny_processor, index, k=5, mode=mode, check_index=False, rejection_weight=1.0)
+    for question, answer in DIALOGUE[:2]:
+        result = session.add_round(question, answer)
+        assert session.query_embeds is session.text_embeds
+        plain_scores, plain_indices = index.search(
+            session.text_embeds, 5, text_attribute_embeds=session.text_attribute_embeds, mode=mode, model=model)
+        assert result.indices == plain_indices[0].tolist() and result.scores == plain_scores[0].tolist()
+        scores, indices = session.candidates(5)
+        assert torch.equal(indices, plain_indices[0]) and torch.equal(scores, plain_scores[0])
+    # Weight 0: the rejected photos only leave; everyone else keeps the exact plain score and order.
+    still = ChatSearchSession(model, tiny_processor, index, k=5, mode=mode, check_index=False, rejection_weight=0)
+    still.add_round(*DIALOGUE[0])
+    plain = still.candidates(len(index))
+    after = still.reject([2])
+    keep = plain[1] != still.rejected[0]
+    assert torch.equal(still.candidates(len(index))[1], plain[1][keep])
+    assert torch.equal(still.candidates(len(index))[0], plain[0][keep]) and after.indices == plain[1][keep][:5].tolist()
+    session.reset()
+    assert session.rejected == [] and session.query_embeds is None
+
+
+def test_rejection_weight_comes_from_the_config_and_a_session_may_override_it(tiny_processor, index):
+    from diana.modeling_diana import DiaNAConfig
+    from diana.processing.search.session import DEFAULT_REJECTION_WEIGHT
+
+    assert DiaNAConfig().rejection_weight == DEFAULT_REJECTION_WEIGHT  # the fallback for older configs
+    torch.manual_seed(0)
+    model = DiaNAModel(tiny_config(rejection_weight=0.6)).eval()
+    assert config_hash(model.config) == config_hash(tiny_config())  # a search setting: an index stays valid
+    assert config_hash(model.config) != config_hash(tiny_config(score_mode="fused"))
+    assert ChatSearchSession(model, tiny_processor, index, check_index=False).rejection_weight == 0.6
+    assert ChatSearchSession(model, tiny_processor, index, check_index=False, rejection_weight=0.1).rejection_weight == 0.1
+    for bad in (-0.1, 1.5, float("nan"), "0.2"):
+        with pytest.raises(ValueError, match="rejection_weight"):
+            ChatSearchSession(model, tiny_processor, index, check_index=False, rejection_weight=bad)
+
+
+def test_rejecting_a_rank_that_was_not_shown_names_it(model, tiny_processor, index):
+    session = ChatSearchSession(model, tiny_processor, index, k=3, check_index=False)
+    with pytest.raises(ValueError, match="describe the person first"):
+        session.reject([1])
+    session.start("A man in a blue shirt.")
+    for ranks, says in (([4], "rank 4 was not shown: the latest ranking shows ranks 1-3"), ([0], "rank 0 was not"),
+                        ([1, "2"], "rank '2' was not"), ([], "no rank")):
+        with pytest.raises(ValueError, match=says):
+            session.reject(ranks)
+    assert session.rejected == [] and len(session.results) == 1  # a refused rejection changes nothing
+    session.reject([3, 3])
+    assert len(session.rejected) == 1
 
 
 # ---------------------------------------------------------------------------------------------- CLI
