@@ -427,19 +427,20 @@ def test_cli_index_add_and_search_a_json_dialogue(model, model_dir, tiny_process
     root, first, second = gallery
     index_file = tmp_path / "g.safetensors"
     out = io.StringIO()
-    search_cli.main(["index", "--model", str(model_dir), "--images", str(root / "first"), "--output", str(index_file)], out=out)
-    search_cli.main(["index", "--model", str(model_dir), "--images", str(root), "--output", str(index_file), "--add"], out=out)
+    search_cli.main(["index", "--model_name_or_path", str(model_dir), "--images", str(root / "first"), "--output", str(index_file)], out=out)
+    search_cli.main(["index", "--model_name_or_path", str(model_dir), "--images", str(root), "--output", str(index_file), "--add"], out=out)
     assert "added 6 image(s), skipped 0" in out.getvalue() and "added 4 image(s), skipped 6" in out.getvalue()
     with pytest.raises(FileExistsError, match="--add"):
-        search_cli.main(["index", "--model", str(model_dir), "--images", str(root), "--output", str(index_file)], out=out)
+        search_cli.main(["index", "--model_name_or_path", str(model_dir), "--images", str(root), "--output", str(index_file)], out=out)
 
     dialogue_file = tmp_path / "dialogue.json"
     chatpedes_rounds = [[{"from": "gpt", "value": q}, {"from": "user", "value": a}] for q, a in DIALOGUE[:3]]
     dialogue_file.write_text(json.dumps({"dialogues": [chatpedes_rounds, "A child in a yellow raincoat."]}))
     out = io.StringIO()
     sheet, rankings = tmp_path / "top.png", tmp_path / "rankings.json"
-    search_cli.main(["search", "--model", str(model_dir), "--index", str(index_file), "--dialogue", str(dialogue_file),
-                     "--top-k", "3", "--contact-sheet", str(sheet), "--output-json", str(rankings)], out=out)
+    search_cli.main(["search", "--model_name_or_path", str(model_dir), "--index_file", str(index_file),
+                     "--dialogue_file", str(dialogue_file), "--top_k", "3", "--contact_sheet", str(sheet),
+                     "--output_json", str(rankings)], out=out)
     printed = out.getvalue()
     saved = json.loads(rankings.read_text())
     assert [len(d) for d in saved] == [3, 1]
@@ -458,16 +459,78 @@ def test_cli_index_add_and_search_a_json_dialogue(model, model_dir, tiny_process
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"dialogues": [[{"question": "Q?"}]]}))
     with pytest.raises(ValueError, match="bad.json', dialogue 1"):
-        search_cli.main(["search", "--model", str(model_dir), "--index", str(index_file), "--dialogue", str(bad)], out=io.StringIO())
+        search_cli.main(["search", "--model_name_or_path", str(model_dir), "--index_file", str(index_file),
+                         "--dialogue_file", str(bad)], out=io.StringIO())
 
 
-def test_cli_interactive_chat_loop(model_dir, index, tmp_path):
+@pytest.mark.parametrize("line, kind, text, ranks", [
+    ("A woman in a red coat.", "answer", "A woman in a red coat.", ()),
+    ("not 2 5", "reject", "", (2, 5)),
+    ("NOT 3, 1", "reject", "", (3, 1)),
+    ("not sure", "answer", "not sure", ()),
+    ("ask Is she wearing a hat?", "ask", "Is she wearing a hat?", ()),
+    ("= not 2 of them", "answer", "not 2 of them", ()),
+    ("= done", "answer", "done", ()),
+    ("done", "done", "", ()),
+    ("   ", "done", "", ()),
+    ("done with the red coat", "answer", "done with the red coat", ()),
+    ("help", "help", "", ()),
+])
+def test_witness_lines_parse_into_commands(line, kind, text, ranks):
+    assert search_cli.parse_witness_line(line) == search_cli.WitnessInput(kind, text, ranks)
+
+
+@pytest.mark.parametrize("line, says", [("not 2 of them", "give the ranks as numbers"), ("ask", "type your question")])
+def test_witness_command_slips_are_named(line, says):
+    with pytest.raises(ValueError, match=says):
+        search_cli.parse_witness_line(line)
+
+
+def test_cli_chat_where_the_system_asks(model, model_dir, tiny_processor, index, tmp_path):
+    """A scripted witness: describe, answer the proposed question, reject two photos, mistype a rank, ask
+    their own question, answer the next proposal. Every proposal and ranking printed is what a session
+    and the info_gain questioner give for the same steps."""
+    from diana.processing.search.questioner import QuestionBank, make_policy
+
     index_file = tmp_path / "g.safetensors"
     index.save(index_file)
-    stdin = io.StringIO(f"{DIALOGUE[0][1]}\n{DIALOGUE[1][0]}\n{DIALOGUE[1][1]}\n\n")
-    out = io.StringIO()
-    search_cli.main(["search", "--model", str(model_dir), "--index", str(index_file), "--top-k", "2",
-                     "--contact-sheet", str(tmp_path / "chat.png")], stdin=stdin, out=out)
+    synthpedes_bank = QuestionBank.from_synthpedes()
+    bank = QuestionBank(synthpedes_bank.questions[:6], synthpedes_bank.attribute_phrases)  # fewer hypotheses to score
+    bank.save(tmp_path / "bank.json")
+    own_question, own_answer = "Is she wearing a hat?", "No hat."
+    lines = [DIALOGUE[0][1], "help", "Yes, a black backpack.", "not 1 3", "not 9", f"ask {own_question}", own_answer,
+             "Long brown hair.", ""]
+    out, rankings, sheet = io.StringIO(), tmp_path / "chat.json", tmp_path / "chat.png"
+    search_cli.main(["search", "--model_name_or_path", str(model_dir), "--index_file", str(index_file), "--top_k", "3",
+                     "--question_bank", str(tmp_path / "bank.json"), "--contact_sheet", str(sheet),
+                     "--output_json", str(rankings)],
+                    stdin=io.StringIO("\n".join(lines) + "\n"), out=out)
     printed = out.getvalue()
-    assert "round 1 (" in printed and "round 2 (" in printed and "round 3 (" not in printed
-    assert (tmp_path / "chat.png").is_file()
+
+    session = ChatSearchSession(model, tiny_processor, index, k=3)
+    questioner = make_policy("info_gain", bank)
+    expected = [session.start(DIALOGUE[0][1])]
+    proposals = [questioner.propose(session)] * 2  # "help" changes nothing: the same proposal again
+    expected.append(session.add_round(proposals[0].question, "Yes, a black backpack."))
+    proposals.append(questioner.propose(session))
+    expected.append(session.reject([1, 3]))
+    proposals += [questioner.propose(session)] * 2  # "not 9" is refused: the same proposal again
+    expected.append(session.add_round(own_question, own_answer))
+    proposals.append(questioner.propose(session))
+    expected.append(session.add_round(proposals[-1].question, "Long brown hair."))
+    proposals.append(questioner.propose(session))  # shown before the final empty line
+
+    shown = [line for line in printed.splitlines() if line.startswith("Proposed question")]
+    assert shown == [search_cli._describe_proposal(p) for p in proposals]
+    assert proposals[0].policy == "info_gain" and proposals[0].answers  # a bank question with its answers
+    assert "error: rank 9 was not shown: the latest ranking shows ranks 1-3" in printed
+    assert "not N [N ...]" in printed  # the help
+    for result in expected:
+        assert search_cli.format_round(result) in printed
+    saved = json.loads(rankings.read_text())[0]
+    assert [step["indices"] for step in saved] == [r.indices for r in expected]
+    assert [step["question"] for step in saved] == [r.question for r in expected]
+    assert [step["new_tokens"] > 0 for step in saved] == [True, True, False, True, True]
+    assert not set(expected[2].rejected) & {i for r in expected[2:] for i in r.indices}
+    picture = Image.open(sheet)
+    assert picture.height / picture.width > 2.5  # five rows of photos (one row is 0.55 as high as wide)
