@@ -21,6 +21,8 @@ from diana.processing.cli_errors import UserInputError, run_cli
 SUBCOMMANDS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "train": ("diana.training.run_stage", (), "train one stage (stage 0, 1 or 2) from a preset"),
     "evaluate": ("diana.training.evaluation.evaluate_model", (), "per-round retrieval evaluation of a model folder"),
+    "evaluate-interactive": ("diana.training.evaluation.interactive", (),
+                             "simulated-witness evaluation of questioner policies, per round"),
     "probe": ("diana.training.evaluation.attribute_probe", (), "attribute probe of a model's embeddings (SynthPedes)"),
     "index": ("diana.processing.search.cli", ("index",), "index a folder of photos or a data set split"),
     "search": ("diana.processing.search.cli", ("search",), "chat with an indexed gallery"),
