@@ -406,6 +406,27 @@ def test_rejection_weight_comes_from_the_config_and_a_session_may_override_it(ti
             ChatSearchSession(model, tiny_processor, index, check_index=False, rejection_weight=bad)
 
 
+@pytest.mark.parametrize("mode", ["global", "fused"])
+def test_hypothetical_next_rounds_are_scored_under_the_rejections(pooled_models, tiny_processor, mode):
+    """What the questioner scores for a hypothetical round is what add_round would rank after it."""
+    model, index = pooled_models["mean"]
+    session = ChatSearchSession(model, tiny_processor, index, k=4, mode=mode, check_index=False, rejection_weight=0.5)
+    session.start(DIALOGUE[0][1])
+    session.reject([1, 2])
+    _, candidates = session.candidates(6)
+    hypotheses = [DIALOGUE[1], DIALOGUE[2]]
+    predicted = session.score_next_rounds(hypotheses, candidates)  # (2, 6)
+    for row, (question, answer) in enumerate(hypotheses):
+        replay = ChatSearchSession(model, tiny_processor, index, k=4, mode=mode, check_index=False, rejection_weight=0.5)
+        replay.start(DIALOGUE[0][1])
+        replay.reject([1, 2])
+        replay.add_round(question, answer)
+        scores, indices = replay.candidates(len(index))
+        by_index = dict(zip(indices.tolist(), scores.tolist()))
+        torch.testing.assert_close(predicted[row], torch.tensor([by_index[i] for i in candidates.tolist()]),
+                                   atol=1e-5, rtol=0)
+
+
 def test_rejecting_a_rank_that_was_not_shown_names_it(model, tiny_processor, index):
     session = ChatSearchSession(model, tiny_processor, index, k=3, check_index=False)
     with pytest.raises(ValueError, match="describe the person first"):

@@ -215,9 +215,10 @@ def test_prepared_space_folder_is_self_contained(tmp_path):
     for name in SPACE_RUNTIME:
         assert (space_dir / "diana" / "processing" / name).read_bytes() == (source / name).read_bytes()
     # The Space does not install this project: the copy may import only what requirements.txt provides
-    # (faiss and datasets lazily, only by the FAISS back end and add_dataset) and itself.
+    # (faiss and datasets lazily, only by the FAISS back end and add_dataset; huggingface_hub, which
+    # transformers installs, lazily by cli_errors' Hub checks) and itself.
     allowed = set(sys.stdlib_module_names) | {"numpy", "torch", "PIL", "safetensors", "tqdm", "matplotlib",
-                                              "transformers", "faiss", "datasets", "diana", "yaml"}
+                                              "transformers", "faiss", "datasets", "diana", "yaml", "huggingface_hub"}
     imported = set()
     for path in [space_dir / "app.py", *(space_dir / "diana").rglob("*.py")]:
         for node in ast.walk(ast.parse(path.read_text())):

@@ -21,9 +21,13 @@ from diana.processing.cli_errors import UserInputError, run_cli
 SUBCOMMANDS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "train": ("diana.training.run_stage", (), "train one stage (stage 0, 1 or 2) from a preset"),
     "evaluate": ("diana.training.evaluation.evaluate_model", (), "per-round retrieval evaluation of a model folder"),
+    "evaluate-interactive": ("diana.training.evaluation.interactive", (),
+                             "simulated-witness evaluation of questioner policies, per round"),
     "probe": ("diana.training.evaluation.attribute_probe", (), "attribute probe of a model's embeddings (SynthPedes)"),
     "index": ("diana.processing.search.cli", ("index",), "index a folder of photos or a data set split"),
     "search": ("diana.processing.search.cli", ("search",), "chat with an indexed gallery"),
+    "build-question-bank": ("diana.processing.search.questioner", ("build",),
+                            "build a questioner's question bank (JSON) from dialogues or SynthPedes"),
     "export": ("diana.hub_cards.export", (), "export a Hub-ready folder (card, code, checks), optionally push"),
     "convert": ("diana.hub_cards.convert_official_checkpoint", (), "convert an official DiaNA checkpoint"),
     "synthpedes": ("diana.processing.data.synthpedes", (), "generate SynthPedes data in both layouts"),

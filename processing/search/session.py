@@ -7,7 +7,7 @@ round's final punctuation merges with the next round's newline) and those few to
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +20,16 @@ from .index import GalleryIndex
 
 # DiaNAConfig.rejection_weight's default, for model configs saved before that field existed.
 DEFAULT_REJECTION_WEIGHT = 0.15
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading ids `a` and `b` share."""
+    count = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        count += 1
+    return count
 
 
 @dataclass
@@ -263,11 +273,7 @@ class ChatSearchSession:
         round tokenisation that is the new round's tokens; with the official tokenisation also the few
         tokens at the previous round's end that merge differently once a round follows.
         """
-        keep = 0
-        for cached, new in zip(self._ids, ids):
-            if cached != new:
-                break
-            keep += 1
+        keep = _common_prefix(self._ids, ids)
         if self._cache is None or keep == 0:
             self._cache, self._token_states = DynamicCache(config=self.model.text_model.config), None
         elif keep < len(self._ids):
@@ -284,6 +290,74 @@ class ChatSearchSession:
         states = model.text_projection(hidden)  # (1, n_new, D)
         self._token_states = states if self._token_states is None else torch.cat([self._token_states, states], 1)
         return len(ids) - keep
+
+    @torch.no_grad()
+    def score_next_rounds(
+        self, rounds: Sequence[tuple[str, str]], candidate_indices: torch.Tensor | Sequence[int]
+    ) -> torch.Tensor:
+        """(H, N) scores of gallery images `candidate_indices` after each hypothetical next round.
+
+        Row h scores the dialogue so far followed by ``rounds[h]`` (question, answer), exactly as
+        `add_round` would, without changing the session. All H dialogues run through the tower in ONE
+        batched pass on top of the session's key/value cache, expanded along the batch: only each
+        hypothesis's own new tokens are computed. The new tokens are right-padded; the tower is causal,
+        so padding after a hypothesis's last token cannot change its states, and the pooling reads only
+        its real tokens.
+        """
+        if not rounds:
+            raise ValueError("score_next_rounds needs at least one (question, answer) round")
+        dialogues = [[*self.rounds, (question, answer)] for question, answer in rounds]
+        hypothesis_ids = self.processor(dialogues=dialogues, return_tensors=None, padding=False)["input_ids"]
+        states, token_mask = self._hypothesis_states([list(ids) for ids in hypothesis_ids])
+        encoding = self.model.encode_text_tokens(states, token_mask, with_attributes=self.mode != "global")
+        index = torch.as_tensor(candidate_indices, dtype=torch.long).cpu()
+        attributes = self.index.image_attribute_embeds
+        device = states.device
+        # The same rejection rule as add_round: each hypothesis's query moves away from the rejected photos.
+        text, text_attributes = self.queries_for(
+            encoding.text_embeds.float(), None if self.mode == "global" else encoding.text_attribute_embeds.float()
+        )
+        return self.model.similarity(
+            text, self.index.image_embeds[index].to(device, torch.float32),
+            text_attribute_embeds=text_attributes,
+            image_attribute_embeds=None if self.mode == "global" else attributes[index].to(device, torch.float32),
+            mode=self.mode,
+        ).float()
+
+    def _hypothesis_states(self, hypothesis_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected tower states (H, L, D) of several continuations of the cached dialogue and the
+        (H, L) mask of each one's tokens, from one batched pass over the tokens past their shared head.
+
+        The cached head is the longest prefix that the cached ids share with every continuation, kept
+        short of each continuation's last token so that every row runs at least one token.
+        """
+        keep = min(min(_common_prefix(self._ids, ids), len(ids) - 1) for ids in hypothesis_ids)
+        if self._cache is None:
+            keep = 0
+        model = self.model
+        device = next(model.parameters()).device
+        count = len(hypothesis_ids)
+        tails = [ids[keep:] for ids in hypothesis_ids]
+        longest = max(map(len, tails))
+        pad = getattr(self.processor, "pad_token_id", 0) or 0
+        new_ids = torch.tensor([tail + [pad] * (longest - len(tail)) for tail in tails], device=device)  # (H, T)
+        cache = None
+        if keep:
+            # Each layer's cached keys / values of the shared head, repeated for every hypothesis.
+            cache = DynamicCache(
+                ddp_cache_data=[
+                    (layer.keys[:, :, :keep].expand(count, -1, -1, -1), layer.values[:, :, :keep].expand(count, -1, -1, -1))
+                    for layer in self._cache.layers
+                ],
+                config=model.text_model.config,
+            )
+        hidden = model.text_model(input_ids=new_ids, cache=cache, use_cache=cache is not None).last_hidden_state
+        states = model.text_projection(hidden)  # (H, T, D)
+        if keep:
+            states = torch.cat([self._token_states[:, :keep].expand(count, -1, -1), states], dim=1)
+        lengths = torch.tensor([len(ids) for ids in hypothesis_ids], device=device)
+        token_mask = torch.arange(states.shape[1], device=device)[None, :] < lengths[:, None]  # (H, L)
+        return states, token_mask
 
     @torch.no_grad()
     def encode_from_scratch(self) -> torch.Tensor:
