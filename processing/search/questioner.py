@@ -251,7 +251,8 @@ class QuestionBank:
         phrasing as the question and its `max_answers` most frequent answers as candidates.
 
         Round 1 (the fixed describe question) is left out. A group gets an attribute only from SynthPedes
-        ground truth (an entry's ``synthpedes.revealed``) when every one of its rounds stated the same one.
+        ground truth (an entry's ``synthpedes.revealed``): when every one of its rounds that has ground
+        truth stated the same single attribute.
 
         Args:
             dataset_or_entries: rows with a ``dialogue`` column (a `datasets` split) or raw ChatPedes
@@ -273,8 +274,8 @@ class QuestionBank:
                     key = normalize_text(question)
                     phrasings[key][question] += 1
                     answers[key][answer] += 1
-                    stated = revealed[k] if revealed is not None and k < len(revealed) else None
-                    attributes[key].add(stated[0] if stated is not None and len(stated) == 1 else None)
+                    if revealed is not None and k < len(revealed):  # ground truth: one attribute, or none
+                        attributes[key].add(revealed[k][0] if len(revealed[k]) == 1 else None)
         questions = []
         for key, counts in phrasings.items():
             if sum(counts.values()) < min_count:

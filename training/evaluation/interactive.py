@@ -437,6 +437,15 @@ def evaluate_interactive(
     return results
 
 
+def evaluate_interactive_folder(model_dir: str | os.PathLike, data_dir: str | os.PathLike, *, device: str | None = None,
+                                **kwargs: Any) -> dict[str, Any]:
+    """`evaluate_interactive` of a saved model folder (keyword arguments as there)."""
+    model, processor = load_model_and_processor(str(model_dir), device=device)
+    results = evaluate_interactive(model, processor, data_dir, **kwargs)
+    results["meta"]["model"] = str(model_dir)
+    return results
+
+
 # ------------------------------------------------------------------------------------------ report
 
 
@@ -545,6 +554,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 __all__ = [
     "DialogueWitness", "SynthPedesWitness", "Target", "best_log_rank_integral", "evaluate_interactive",
+    "evaluate_interactive_folder",
     "format_interactive_table", "interactive_metrics", "load_split_entries", "main", "make_witness",
     "pick_targets", "plot_interactive", "write_interactive_report",
 ]
