@@ -444,6 +444,7 @@ SPACE_RUNTIME = (
     "__init__.py", "cli_errors.py", "data/synthpedes.py", "image_loading.py", "processing_diana.py",
     "search/__init__.py", "search/contact_sheet.py", "search/fingerprints.py", "search/index.py",
     "search/questioner.py", "search/session.py", "search/topk.py",
+    "tokenizer_setup.py",  # diana.processing's __init__ imports it
 )
 
 
