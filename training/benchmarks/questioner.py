@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-n", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=5, help="measure before rounds 2..R")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads for both (the interactive evaluation runs its sessions on one)")
     return parser
 
 
@@ -56,6 +58,7 @@ def _gallery(model, processor, args) -> GalleryIndex:
 
 def benchmark(args: argparse.Namespace, out: TextIO) -> list[dict[str, float]]:
     """Prints, before each round, the proposal's and the cached round's times and their ratio."""
+    torch.set_num_threads(args.threads)
     model, processor = load_model_and_processor(args.model, device="cpu")
     index = _gallery(model, processor, args)
     bank = QuestionBank.load(args.bank) if args.bank else QuestionBank.from_synthpedes()
@@ -106,6 +109,7 @@ def main(argv: list[str] | None = None, out: TextIO | None = None) -> list[dict[
     require_range("--top-n", args.top_n, 2)
     require_range("--rounds", args.rounds, 2, len(ATTRIBUTE_NAMES) - 1)
     require_range("--repeats", args.repeats, 1)
+    require_range("--threads", args.threads, 1)
     return benchmark(args, out or sys.stdout)
 
 
