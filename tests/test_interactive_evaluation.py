@@ -154,7 +154,7 @@ def test_main_job_step_writes_the_table_for_every_policy(synth, model_dir, tmp_p
     out = tmp_path / "job"
     shutil.copytree(model_dir[0], out / "stage2")
     shutil.copytree(synth / "chatpedes", out / "synthpedes" / "chatpedes")
-    results = main_job.interactive_step(out, rounds=4)
+    results = main_job.interactive_step(out, rounds=3)
     printed = capsys.readouterr().out
     assert "| round | random R@1" in printed and "info_gain BRI" in printed and "oracle Hits@10" in printed
     assert set(results["policies"]) == {"random", "info_gain", "oracle"}
@@ -162,13 +162,13 @@ def test_main_job_step_writes_the_table_for_every_policy(synth, model_dir, tmp_p
     folder = out / "interactive"
     assert json.loads((folder / "interactive_results.json").read_text())["policies"].keys() == results["policies"].keys()
     assert (folder / "interactive_curves.png").stat().st_size > 0
-    assert (folder / "interactive_table.md").read_text().count("\n") == 2 + 4
+    assert (folder / "interactive_table.md").read_text().count("\n") == 2 + 3
     dialogues = json.loads((folder / "interactive_dialogues.json").read_text())
     bank = QuestionBank.from_synthpedes()
     for policy, searches in dialogues.items():
         for search in searches:
             rounds = search["dialogue"]
-            assert len(rounds) == 4 and rounds[0][0] == synthpedes.DESCRIBE_QUESTION
+            assert len(rounds) == 3 and rounds[0][0] == synthpedes.DESCRIBE_QUESTION
             attributes = [bank.find(q).attribute for q, _ in rounds[1:]]
             assert len(set(attributes)) == len(attributes), (policy, rounds)
             assert not set(attributes) & set(bank.stated_values(rounds[:1])), (policy, rounds)

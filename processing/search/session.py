@@ -112,6 +112,7 @@ class ChatSearchSession:
             index.check_compatible(model, processor)
         self.model = model.eval()
         self.processor = processor
+        self._round_ids: dict[tuple[str, str], list[int]] = {}  # a later round's own ids (round-by-round tokenisation)
         self.index = index
         self.k = k
         self.mode = mode or getattr(model.config, "score_mode", "global")
@@ -306,9 +307,7 @@ class ChatSearchSession:
         """
         if not rounds:
             raise ValueError("score_next_rounds needs at least one (question, answer) round")
-        dialogues = [[*self.rounds, (question, answer)] for question, answer in rounds]
-        hypothesis_ids = self.processor(dialogues=dialogues, return_tensors=None, padding=False)["input_ids"]
-        states, token_mask = self._hypothesis_states([list(ids) for ids in hypothesis_ids])
+        states, token_mask = self._hypothesis_states(self._next_round_ids(rounds))
         encoding = self.model.encode_text_tokens(states, token_mask, with_attributes=self.mode != "global")
         index = torch.as_tensor(candidate_indices, dtype=torch.long).cpu()
         attributes = self.index.image_attribute_embeds
@@ -323,6 +322,25 @@ class ChatSearchSession:
             image_attribute_embeds=None if self.mode == "global" else attributes[index].to(device, torch.float32),
             mode=self.mode,
         ).float()
+
+    def _next_round_ids(self, rounds: Sequence[tuple[str, str]]) -> list[list[int]]:
+        """The processor's ids of the dialogue so far followed by each of `rounds` (what `_dialogue_ids` of it
+        gives). With round-by-round tokenisation a later round's ids do not depend on what came before
+        (each round's text is tokenised on its own), so they are the cached ids plus the round's own ids,
+        found once per (question, answer) and kept; otherwise every dialogue is tokenised whole."""
+        if getattr(self.processor, "tokenization", None) != "rounds" or not self.rounds:
+            dialogues = [[*self.rounds, (question, answer)] for question, answer in rounds]
+            return [list(ids) for ids in self.processor(dialogues=dialogues, return_tensors=None, padding=False)["input_ids"]]
+        missing = list(dict.fromkeys(r for r in rounds if r not in self._round_ids))
+        if missing:
+            head = [(self.first_question, "-")]
+            calls = [head] + [[*head, pair] for pair in missing]
+            ids = self.processor(dialogues=calls, return_tensors=None, padding=False, truncation=False)["input_ids"]
+            for pair, row in zip(missing, ids[1:]):
+                if list(row[: len(ids[0])]) != list(ids[0]):  # not an id prefix: the property above fails
+                    raise RuntimeError("round-by-round ids are not prefix-consistent; use the official path")
+                self._round_ids[pair] = list(row[len(ids[0]):])
+        return [(self._ids + self._round_ids[pair])[: self.processor.max_length] for pair in rounds]
 
     def _hypothesis_states(self, hypothesis_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Projected tower states (H, L, D) of several continuations of the cached dialogue and the
