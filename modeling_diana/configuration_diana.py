@@ -102,6 +102,12 @@ class DiaNAConfig(PreTrainedConfig):
         text_pooling: How the dialogue tower's token states become the dialogue vector: "last" (the last
             attended token, the paper's) or "mean" (the mean of the attended tokens). Both are causal, so a
             round's vector only sees rounds up to it and all rounds come from one tower pass.
+        rejection_weight: How far a witness's "not this person" moves the search away from the photos they
+            rejected, in [0, 1]: the dialogue vector q becomes normalise(q - w * mean of the rejected photos'
+            vectors) (Rocchio's negative feedback; per attribute slot too in the attribute / fused modes).
+            0 only removes the rejected photos from the ranking. The default 0.15 is Rocchio's classic
+            negative weight (gamma, with the query's own weight 1). A search setting: it changes no
+            embedding, so a gallery index made before a change still fits.
 
     Example:
     ```python
@@ -143,6 +149,7 @@ class DiaNAConfig(PreTrainedConfig):
     initializer_factor: float = 1.0
     vision_stem: str = "patch"
     text_pooling: str = "last"
+    rejection_weight: float | int = 0.15
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -189,6 +196,11 @@ class DiaNAConfig(PreTrainedConfig):
             raise ValueError(f"DiaNAConfig.vision_stem must be one of {VISION_STEMS}, got {self.vision_stem!r}.")
         if self.text_pooling not in TEXT_POOLINGS:
             raise ValueError(f"DiaNAConfig.text_pooling must be one of {TEXT_POOLINGS}, got {self.text_pooling!r}.")
+        if not 0 <= self.rejection_weight <= 1:
+            raise ValueError(
+                f"DiaNAConfig.rejection_weight must be in [0, 1] (0: rejected photos only leave the ranking), "
+                f"got {self.rejection_weight}."
+            )
         patch = self.vision_config.patch_size
         if self.vision_stem == "conv" and tuple(patch if isinstance(patch, (list, tuple)) else (patch, patch)) != (4, 4):
             raise ValueError(

@@ -229,7 +229,7 @@ def search_setup(tiny_processor, tmp_path_factory) -> dict[str, Path]:
     for i in range(2):
         Image.fromarray(rng.integers(0, 255, (70, 30, 3), dtype=np.uint8)).save(photos / f"p{i}.png")
     index = root / "gallery.safetensors"
-    search_cli.main(["index", "--model", str(root / "model"), "--images", str(photos), "--output", str(index)],
+    search_cli.main(["index", "--model_name_or_path", str(root / "model"), "--images", str(photos), "--output", str(index)],
                     out=open(os.devnull, "w"))
     return {"root": root, "photos": photos, "index": index}
 
@@ -238,33 +238,43 @@ def test_search_cli_user_errors_are_one_line(search_setup, capsys):
     root, index = search_setup["root"], search_setup["index"]
     model, other = str(root / "model"), str(root / "other_model")
     # An index built by another model.
-    line = one_line_exit(capsys, search_cli.main, ["search", "--model", other, "--index", str(index)])
+    line = one_line_exit(capsys, search_cli.main, ["search", "--model_name_or_path", other, "--index_file", str(index)])
     assert line.startswith(f"error: {index} was built with another model (its weights differ)")
     # An existing output; a corrupt image.
     line = one_line_exit(capsys, search_cli.main,
-                         ["index", "--model", model, "--images", str(search_setup["photos"]), "--output", str(index)])
+                         ["index", "--model_name_or_path", model, "--images", str(search_setup["photos"]), "--output", str(index)])
     assert line == f"error: {index} exists: use --add to extend it, or another --output"
     corrupt = root / "corrupt"
     corrupt.mkdir()
     (corrupt / "broken.jpg").write_bytes(b"not a JPEG at all")
     line = one_line_exit(capsys, search_cli.main,
-                         ["index", "--model", model, "--images", str(corrupt), "--output", str(root / "new.safetensors")])
+                         ["index", "--model_name_or_path", model, "--images", str(corrupt), "--output", str(root / "new.safetensors")])
     assert "broken.jpg" in line
     # Flags refused before the model loads.
-    assert one_line_exit(capsys, search_cli.main, ["search", "--model", model, "--index", str(root / "none.st")]) == (
-        f"error: --index: file not found: {root / 'none.st'}")
-    assert one_line_exit(capsys, search_cli.main, ["search", "--model", model, "--index", str(index), "--top-k", "0"]
-                         ) == "error: --top-k 0: must be >= 1"
-    line = one_line_exit(capsys, search_cli.main, ["index", "--model", model, "--chatpedes", str(root), "--split",
+    assert one_line_exit(capsys, search_cli.main, ["search", "--model_name_or_path", model, "--index_file", str(root / "none.st")]) == (
+        f"error: --index_file: file not found: {root / 'none.st'}")
+    assert one_line_exit(capsys, search_cli.main, ["search", "--model_name_or_path", model, "--index_file", str(index), "--top_k", "0"]
+                         ) == "error: --top_k 0: must be >= 1"
+    line = one_line_exit(capsys, search_cli.main, ["index", "--model_name_or_path", model, "--chatpedes", str(root), "--split",
                                                    "dev", "--output", str(root / "x.safetensors")])
     assert "argument --split: invalid choice: 'dev'" in line
     missing = str(root / "model_v2")
-    assert one_line_exit(capsys, search_cli.main, ["search", "--model", missing, "--index", str(index)]) == (
-        f"error: --model: model folder not found: {missing}")
+    assert one_line_exit(capsys, search_cli.main, ["search", "--model_name_or_path", missing, "--index_file", str(index)]) == (
+        f"error: --model_name_or_path: model folder not found: {missing}")
+    search = ["search", "--model_name_or_path", model, "--index_file", str(index)]
+    assert one_line_exit(capsys, search_cli.main, [*search, "--rejection_weight", "1.5"]) == (
+        "error: --rejection_weight 1.5: must be in [0, 1]")
+    line = one_line_exit(capsys, search_cli.main, [*search, "--policy", "oracle"])
+    assert "argument --policy: invalid choice: 'oracle'" in line
+    assert one_line_exit(capsys, search_cli.main, [*search, "--question_bank", str(root / "bank.json")]) == (
+        f"error: --question_bank: file not found: {root / 'bank.json'}")
+    (root / "bank.json").write_text('{"format": "diana-question-bank", "version": 1, "questions": [{"question": "Hat?"}]}')
+    line = one_line_exit(capsys, search_cli.main, [*search, "--question_bank", str(root / "bank.json")])
+    assert line.startswith(f"error: question bank {root / 'bank.json'}: question 0")
     pytest.importorskip("faiss")  # the test extra installs it; without it the command says so instead
-    line = one_line_exit(capsys, search_cli.main, ["search", "--model", model, "--index", str(index), "--backend",
-                                                   "faiss", "--mode", "fused"])
-    assert line.startswith("error: --mode fused: --backend faiss scores the global embeddings only")
+    line = one_line_exit(capsys, search_cli.main, ["search", "--model_name_or_path", model, "--index_file", str(index), "--backend",
+                                                   "faiss", "--score_mode", "fused"])
+    assert line.startswith("error: --score_mode fused: --backend faiss scores the global embeddings only")
 
 
 # ----------------------------------------------------------------------------- the other commands

@@ -282,7 +282,7 @@ def test_index_command_skips_a_bomb_in_the_gallery_folder(tiny_processor, files,
     for path in [*files[:3], *broken]:
         shutil.copy(path, gallery)
     out = io.StringIO()
-    search_cli.main(["index", "--model", str(folder), "--images", str(gallery),
+    search_cli.main(["index", "--model_name_or_path", str(folder), "--images", str(gallery),
                      "--output", str(tmp_path / "i.safetensors"), "--on-bad-image", "skip"], out=out)
     text = out.getvalue()
     assert "added 3 image(s)" in text and "skipped 3 unreadable" in text

@@ -40,6 +40,8 @@ def test_main_job_runs_every_step_and_writes_its_verdict(stage0: str, tmp_path: 
     probe = json.loads((out / "attribute_probe" / "attribute_probe.json").read_text())
     assert set(probe) == set(summary["attribute_probe"]) and "hair_length" in probe
     assert "Linear probes of the trained embeddings" in printed and (out / "attribute_probe" / "attribute_probe.png").is_file()
+    interactive = json.loads((out / "interactive" / "interactive_results.json").read_text())
+    assert "Interactive search, simulated witness" in printed and set(interactive["policies"]) == {"random", "info_gain", "oracle"}
     test_eval = json.loads((out / "test_eval" / "eval_results.json").read_text())
     assert test_eval["global"]["full"]["R@1"] == summary["model_full_R@1"]
     assert len({row["id"] for row in json.loads(

@@ -130,6 +130,8 @@ def test_config_round_trip_and_auto_config(tmp_path):
         ({"vision_config": {"model_type": "vit"}}, "Swinv2"),
         ({"vision_stem": "resnet"}, "vision_stem"),
         ({"text_pooling": "max"}, "text_pooling"),
+        ({"rejection_weight": -0.1}, "rejection_weight"),
+        ({"rejection_weight": 1.5}, "rejection_weight"),
         ({"vision_stem": "conv", "vision_config": tiny_vision_config(patch_size=2)}, "patch_size 4"),
     ],
 )

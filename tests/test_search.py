@@ -14,7 +14,7 @@ from PIL import Image
 from diana.modeling_diana import DiaNAModel
 from diana.processing.search import cli as search_cli
 from diana.processing.search import (
-    ChatSearchSession, GalleryIndex, IndexMismatchError, exact_topk, list_images, model_fingerprint,
+    ChatSearchSession, GalleryIndex, IndexMismatchError, config_hash, exact_topk, list_images, model_fingerprint,
 )
 from tests.helpers import tiny_config, tiny_text_config
 
@@ -306,6 +306,141 @@ def test_session_rejects_empty_answers_with_the_round(model, tiny_processor, ind
         session.add_round("Anything else?", "   ")
 
 
+# ------------------------------------------------------------------------------- "not this person"
+
+
+def _moved_by_hand(query, rejected, weight):
+    """The documented rule written out: v = q - w * mean(rejected); v / |v| (per row / slot)."""
+    v = query.double() - weight * rejected.double().sum(0) / rejected.shape[0]
+    return (v / v.pow(2).sum(-1, keepdim=True).sqrt()).float()
+
+
+def _reference_ranking(model, index, session, mode, excluded):
+    """All gallery scores of the session's dialogue, its query moved by hand from the excluded photos,
+    scored by `model.similarity`, the excluded photos dropped, a full stable sort."""
+    text, attributes = session.text_embeds, session.text_attribute_embeds
+    if excluded:
+        rows = torch.tensor(excluded)
+        text = _moved_by_hand(text, index.image_embeds[rows], session.rejection_weight)
+        if attributes is not None:
+            attributes = _moved_by_hand(attributes, index.image_attribute_embeds[rows], session.rejection_weight)
+    scores = model.similarity(text, index.image_embeds, attributes, index.image_attribute_embeds, mode=mode)[0]
+    order = torch.sort(scores, descending=True, stable=True).indices.tolist()
+    kept = [i for i in order if i not in set(excluded)]
+    return scores[kept], kept
+
+
+@pytest.mark.parametrize("mode,backend", [("global", "exact"), ("attribute", "exact"), ("fused", "exact"),
+                                          ("global", "faiss")])
+def test_rejected_photos_never_come_back_and_the_query_moves_by_the_rule(pooled_models, tiny_processor, mode, backend):
+    if backend == "faiss":
+        pytest.importorskip("faiss")
+    model, index = pooled_models["mean"]
+    session = ChatSearchSession(model, tiny_processor, index, k=4, mode=mode, backend=backend,
+                                check_index=False, rejection_weight=0.4)
+    steps = [("round", DIALOGUE[0]), ("reject", [1, 3]), ("round", DIALOGUE[1]), ("reject", [2]),
+             ("round", DIALOGUE[2]), ("reject", [4, 1]), ("round", DIALOGUE[3])]
+    excluded = []
+    for kind, value in steps:
+        if kind == "round":
+            result = session.add_round(*value)
+        else:
+            shown = session.results[-1].indices
+            result = session.reject(value)
+            assert result.rejected == [shown[r - 1] for r in value] and result.new_tokens == 0
+            excluded += result.rejected
+        assert session.rejected == excluded
+        assert not set(result.indices) & set(excluded)  # never shown again
+        scores, indices = session.candidates(len(index))
+        assert len(indices) == len(index) - len(excluded) and not set(indices.tolist()) & set(excluded)
+        ref_scores, ref_order = _reference_ranking(model, index, session, mode, excluded)
+        assert result.indices == ref_order[:4] and indices.tolist() == ref_order
+        torch.testing.assert_close(scores, ref_scores, atol=1e-5, rtol=0)
+    rows = torch.tensor(excluded)
+    torch.testing.assert_close(session.query_embeds, _moved_by_hand(session.text_embeds, index.image_embeds[rows], 0.4))
+    if mode != "global":
+        torch.testing.assert_close(session.query_attribute_embeds, _moved_by_hand(
+            session.text_attribute_embeds, index.image_attribute_embeds[rows], 0.4))
+    torch.testing.assert_close(session.query_embeds.norm(dim=-1), torch.ones(1))
+    assert [r.is_rejection for r in session.results] == [kind == "reject" for kind, _ in steps]
+    assert [r.round_index for r in session.results] == [1, 1, 2, 2, 3, 3, 4]
+
+
+@pytest.mark.parametrize("mode", ["global", "fused"])
+def test_without_rejections_the_search_is_exactly_the_plain_one(pooled_models, tiny_processor, mode):
+    model, index = pooled_models["last"]
+    session = ChatSearchSession(model, tiny_processor, index, k=5, mode=mode, check_index=False, rejection_weight=1.0)
+    for question, answer in DIALOGUE[:2]:
+        result = session.add_round(question, answer)
+        assert session.query_embeds is session.text_embeds
+        plain_scores, plain_indices = index.search(
+            session.text_embeds, 5, text_attribute_embeds=session.text_attribute_embeds, mode=mode, model=model)
+        assert result.indices == plain_indices[0].tolist() and result.scores == plain_scores[0].tolist()
+        scores, indices = session.candidates(5)
+        assert torch.equal(indices, plain_indices[0]) and torch.equal(scores, plain_scores[0])
+    # Weight 0: the rejected photos only leave; everyone else keeps the exact plain score and order.
+    still = ChatSearchSession(model, tiny_processor, index, k=5, mode=mode, check_index=False, rejection_weight=0)
+    still.add_round(*DIALOGUE[0])
+    plain = still.candidates(len(index))
+    after = still.reject([2])
+    keep = plain[1] != still.rejected[0]
+    assert torch.equal(still.candidates(len(index))[1], plain[1][keep])
+    assert torch.equal(still.candidates(len(index))[0], plain[0][keep]) and after.indices == plain[1][keep][:5].tolist()
+    session.reset()
+    assert session.rejected == [] and session.query_embeds is None
+
+
+def test_rejection_weight_comes_from_the_config_and_a_session_may_override_it(tiny_processor, index):
+    from diana.modeling_diana import DiaNAConfig
+    from diana.processing.search.session import DEFAULT_REJECTION_WEIGHT
+
+    assert DiaNAConfig().rejection_weight == DEFAULT_REJECTION_WEIGHT  # the fallback for older configs
+    torch.manual_seed(0)
+    model = DiaNAModel(tiny_config(rejection_weight=0.6)).eval()
+    assert config_hash(model.config) == config_hash(tiny_config())  # a search setting: an index stays valid
+    assert config_hash(model.config) != config_hash(tiny_config(score_mode="fused"))
+    assert ChatSearchSession(model, tiny_processor, index, check_index=False).rejection_weight == 0.6
+    assert ChatSearchSession(model, tiny_processor, index, check_index=False, rejection_weight=0.1).rejection_weight == 0.1
+    for bad in (-0.1, 1.5, float("nan"), "0.2"):
+        with pytest.raises(ValueError, match="rejection_weight"):
+            ChatSearchSession(model, tiny_processor, index, check_index=False, rejection_weight=bad)
+
+
+@pytest.mark.parametrize("mode", ["global", "fused"])
+def test_hypothetical_next_rounds_are_scored_under_the_rejections(pooled_models, tiny_processor, mode):
+    """What the questioner scores for a hypothetical round is what add_round would rank after it."""
+    model, index = pooled_models["mean"]
+    session = ChatSearchSession(model, tiny_processor, index, k=4, mode=mode, check_index=False, rejection_weight=0.5)
+    session.start(DIALOGUE[0][1])
+    session.reject([1, 2])
+    _, candidates = session.candidates(6)
+    hypotheses = [DIALOGUE[1], DIALOGUE[2]]
+    predicted = session.score_next_rounds(hypotheses, candidates)  # (2, 6)
+    for row, (question, answer) in enumerate(hypotheses):
+        replay = ChatSearchSession(model, tiny_processor, index, k=4, mode=mode, check_index=False, rejection_weight=0.5)
+        replay.start(DIALOGUE[0][1])
+        replay.reject([1, 2])
+        replay.add_round(question, answer)
+        scores, indices = replay.candidates(len(index))
+        by_index = dict(zip(indices.tolist(), scores.tolist()))
+        torch.testing.assert_close(predicted[row], torch.tensor([by_index[i] for i in candidates.tolist()]),
+                                   atol=1e-5, rtol=0)
+
+
+def test_rejecting_a_rank_that_was_not_shown_names_it(model, tiny_processor, index):
+    session = ChatSearchSession(model, tiny_processor, index, k=3, check_index=False)
+    with pytest.raises(ValueError, match="describe the person first"):
+        session.reject([1])
+    session.start("A man in a blue shirt.")
+    for ranks, says in (([4], "rank 4 was not shown: the latest ranking shows ranks 1-3"), ([0], "rank 0 was not"),
+                        ([1, "2"], "rank '2' was not"), ([], "no rank")):
+        with pytest.raises(ValueError, match=says):
+            session.reject(ranks)
+    assert session.rejected == [] and len(session.results) == 1  # a refused rejection changes nothing
+    session.reject([3, 3])
+    assert len(session.rejected) == 1
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 
 
@@ -313,19 +448,20 @@ def test_cli_index_add_and_search_a_json_dialogue(model, model_dir, tiny_process
     root, first, second = gallery
     index_file = tmp_path / "g.safetensors"
     out = io.StringIO()
-    search_cli.main(["index", "--model", str(model_dir), "--images", str(root / "first"), "--output", str(index_file)], out=out)
-    search_cli.main(["index", "--model", str(model_dir), "--images", str(root), "--output", str(index_file), "--add"], out=out)
+    search_cli.main(["index", "--model_name_or_path", str(model_dir), "--images", str(root / "first"), "--output", str(index_file)], out=out)
+    search_cli.main(["index", "--model_name_or_path", str(model_dir), "--images", str(root), "--output", str(index_file), "--add"], out=out)
     assert "added 6 image(s), skipped 0" in out.getvalue() and "added 4 image(s), skipped 6" in out.getvalue()
     with pytest.raises(FileExistsError, match="--add"):
-        search_cli.main(["index", "--model", str(model_dir), "--images", str(root), "--output", str(index_file)], out=out)
+        search_cli.main(["index", "--model_name_or_path", str(model_dir), "--images", str(root), "--output", str(index_file)], out=out)
 
     dialogue_file = tmp_path / "dialogue.json"
     chatpedes_rounds = [[{"from": "gpt", "value": q}, {"from": "user", "value": a}] for q, a in DIALOGUE[:3]]
     dialogue_file.write_text(json.dumps({"dialogues": [chatpedes_rounds, "A child in a yellow raincoat."]}))
     out = io.StringIO()
     sheet, rankings = tmp_path / "top.png", tmp_path / "rankings.json"
-    search_cli.main(["search", "--model", str(model_dir), "--index", str(index_file), "--dialogue", str(dialogue_file),
-                     "--top-k", "3", "--contact-sheet", str(sheet), "--output-json", str(rankings)], out=out)
+    search_cli.main(["search", "--model_name_or_path", str(model_dir), "--index_file", str(index_file),
+                     "--dialogue_file", str(dialogue_file), "--top_k", "3", "--contact_sheet", str(sheet),
+                     "--output_json", str(rankings)], out=out)
     printed = out.getvalue()
     saved = json.loads(rankings.read_text())
     assert [len(d) for d in saved] == [3, 1]
@@ -344,16 +480,78 @@ def test_cli_index_add_and_search_a_json_dialogue(model, model_dir, tiny_process
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"dialogues": [[{"question": "Q?"}]]}))
     with pytest.raises(ValueError, match="bad.json', dialogue 1"):
-        search_cli.main(["search", "--model", str(model_dir), "--index", str(index_file), "--dialogue", str(bad)], out=io.StringIO())
+        search_cli.main(["search", "--model_name_or_path", str(model_dir), "--index_file", str(index_file),
+                         "--dialogue_file", str(bad)], out=io.StringIO())
 
 
-def test_cli_interactive_chat_loop(model_dir, index, tmp_path):
+@pytest.mark.parametrize("line, kind, text, ranks", [
+    ("A woman in a red coat.", "answer", "A woman in a red coat.", ()),
+    ("not 2 5", "reject", "", (2, 5)),
+    ("NOT 3, 1", "reject", "", (3, 1)),
+    ("not sure", "answer", "not sure", ()),
+    ("ask Is she wearing a hat?", "ask", "Is she wearing a hat?", ()),
+    ("= not 2 of them", "answer", "not 2 of them", ()),
+    ("= done", "answer", "done", ()),
+    ("done", "done", "", ()),
+    ("   ", "done", "", ()),
+    ("done with the red coat", "answer", "done with the red coat", ()),
+    ("help", "help", "", ()),
+])
+def test_witness_lines_parse_into_commands(line, kind, text, ranks):
+    assert search_cli.parse_witness_line(line) == search_cli.WitnessInput(kind, text, ranks)
+
+
+@pytest.mark.parametrize("line, says", [("not 2 of them", "give the ranks as numbers"), ("ask", "type your question")])
+def test_witness_command_slips_are_named(line, says):
+    with pytest.raises(ValueError, match=says):
+        search_cli.parse_witness_line(line)
+
+
+def test_cli_chat_where_the_system_asks(model, model_dir, tiny_processor, index, tmp_path):
+    """A scripted witness: describe, answer the proposed question, reject two photos, mistype a rank, ask
+    their own question, answer the next proposal. Every proposal and ranking printed is what a session
+    and the info_gain questioner give for the same steps."""
+    from diana.processing.search.questioner import QuestionBank, make_policy
+
     index_file = tmp_path / "g.safetensors"
     index.save(index_file)
-    stdin = io.StringIO(f"{DIALOGUE[0][1]}\n{DIALOGUE[1][0]}\n{DIALOGUE[1][1]}\n\n")
-    out = io.StringIO()
-    search_cli.main(["search", "--model", str(model_dir), "--index", str(index_file), "--top-k", "2",
-                     "--contact-sheet", str(tmp_path / "chat.png")], stdin=stdin, out=out)
+    synthpedes_bank = QuestionBank.from_synthpedes()
+    bank = QuestionBank(synthpedes_bank.questions[:6], synthpedes_bank.attribute_phrases)  # fewer hypotheses to score
+    bank.save(tmp_path / "bank.json")
+    own_question, own_answer = "Is she wearing a hat?", "No hat."
+    lines = [DIALOGUE[0][1], "help", "Yes, a black backpack.", "not 1 3", "not 9", f"ask {own_question}", own_answer,
+             "Long brown hair.", ""]
+    out, rankings, sheet = io.StringIO(), tmp_path / "chat.json", tmp_path / "chat.png"
+    search_cli.main(["search", "--model_name_or_path", str(model_dir), "--index_file", str(index_file), "--top_k", "3",
+                     "--question_bank", str(tmp_path / "bank.json"), "--contact_sheet", str(sheet),
+                     "--output_json", str(rankings)],
+                    stdin=io.StringIO("\n".join(lines) + "\n"), out=out)
     printed = out.getvalue()
-    assert "round 1 (" in printed and "round 2 (" in printed and "round 3 (" not in printed
-    assert (tmp_path / "chat.png").is_file()
+
+    session = ChatSearchSession(model, tiny_processor, index, k=3)
+    questioner = make_policy("info_gain", bank)
+    expected = [session.start(DIALOGUE[0][1])]
+    proposals = [questioner.propose(session)] * 2  # "help" changes nothing: the same proposal again
+    expected.append(session.add_round(proposals[0].question, "Yes, a black backpack."))
+    proposals.append(questioner.propose(session))
+    expected.append(session.reject([1, 3]))
+    proposals += [questioner.propose(session)] * 2  # "not 9" is refused: the same proposal again
+    expected.append(session.add_round(own_question, own_answer))
+    proposals.append(questioner.propose(session))
+    expected.append(session.add_round(proposals[-1].question, "Long brown hair."))
+    proposals.append(questioner.propose(session))  # shown before the final empty line
+
+    shown = [line for line in printed.splitlines() if line.startswith("Proposed question")]
+    assert shown == [search_cli._describe_proposal(p) for p in proposals]
+    assert proposals[0].policy == "info_gain" and proposals[0].answers  # a bank question with its answers
+    assert "error: rank 9 was not shown: the latest ranking shows ranks 1-3" in printed
+    assert "not N [N ...]" in printed  # the help
+    for result in expected:
+        assert search_cli.format_round(result) in printed
+    saved = json.loads(rankings.read_text())[0]
+    assert [step["indices"] for step in saved] == [r.indices for r in expected]
+    assert [step["question"] for step in saved] == [r.question for r in expected]
+    assert [step["new_tokens"] > 0 for step in saved] == [True, True, False, True, True]
+    assert not set(expected[2].rejected) & {i for r in expected[2:] for i in r.indices}
+    picture = Image.open(sheet)
+    assert picture.height / picture.width > 2.5  # five rows of photos (one row is 0.55 as high as wide)

@@ -1,5 +1,6 @@
 """The Space demo driven in a real headless Chromium (Debian's chromium + chromium-driver) on a
-tiny random DiaNA model: load a gallery, describe, see the ranking; add a round, see it change."""
+tiny random DiaNA model: load a gallery, describe, answer the proposed questions, ask one's own, reject a
+photo by clicking it; after every step the page shows what a search session shows."""
 
 from __future__ import annotations
 
@@ -15,9 +16,12 @@ from PIL import Image
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-from diana.hub_cards.space.app import DemoBackend, build_demo, cli, default_model_id, find_example_galleries  # noqa: E402
+from diana.hub_cards.space.app import (  # noqa: E402
+    FIRST_QUESTION, DemoBackend, build_demo, cli, default_model_id, find_example_galleries,
+)
 from diana.modeling_diana import DiaNAModel  # noqa: E402
-from diana.processing.search import GalleryIndex  # noqa: E402
+from diana.processing.search import ChatSearchSession, GalleryIndex  # noqa: E402
+from diana.processing.search.questioner import QuestionBank, make_policy  # noqa: E402
 from tests.helpers import tiny_config  # noqa: E402
 
 CHROMIUM = shutil.which("chromium")
@@ -47,7 +51,9 @@ def space(tiny_processor, tmp_path_factory):
     torch.manual_seed(0)
     # Shaped like the main job's model (mean pooling, conv stem): the page must score what it trained.
     model = DiaNAModel(tiny_config(text_pooling="mean", vision_stem="conv")).eval()
-    backend = DemoBackend(model, tiny_processor, find_example_galleries(folder), k=TOP_K)
+    bank = QuestionBank.from_synthpedes()
+    questioner = make_policy("info_gain", QuestionBank(bank.questions[:5], bank.attribute_phrases))  # fewer to score
+    backend = DemoBackend(model, tiny_processor, find_example_galleries(folder), k=TOP_K, questioner=questioner)
     demo = build_demo(backend)
     _, url, _ = demo.launch(server_name="127.0.0.1", server_port=_free_port(), prevent_thread_lock=True,
                             quiet=True, ssr_mode=False)
@@ -74,9 +80,13 @@ def browser():
     driver.quit()
 
 
+def _captions(result) -> list[str]:
+    return [f"#{rank} · {score:.3f}" for rank, score in enumerate(result.scores, start=1)]
+
+
 def _expected_captions(backend: DemoBackend, rounds: list[tuple[str, str]]) -> list[list[str]]:
-    """What the page must show: each round's dialogue encoded whole by the model (`encode_dialogues`),
-    scored against the gallery, formatted like the app."""
+    """What the page must show before any rejection: each round's dialogue encoded whole by the model
+    (`encode_dialogues`), scored against the gallery, formatted like the app."""
     index = GalleryIndex.build(backend.galleries["street"], backend.model, backend.processor, progress=False)
     shown = []
     for number in range(1, len(rounds) + 1):
@@ -101,6 +111,8 @@ def test_space_readme_metadata():
 
 
 def test_space_in_headless_chromium(space, browser, tmp_path):
+    """Describe; answer the proposed question; reject a photo by clicking it; answer the next proposal; ask
+    an own question. After every step the page shows what a session given the same steps shows."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
@@ -115,28 +127,55 @@ def test_space_in_headless_chromium(space, browser, tmp_path):
         text = browser.find_element(By.ID, "ranking").text
         return [line.strip() for line in text.splitlines() if line.strip().startswith("#")]
 
-    def wait_for_round(number: int) -> list[str]:
-        wait.until(EC.text_to_be_present_in_element((By.ID, "status"), f"Round {number}:"))
+    def wait_for(status: str) -> list[str]:
+        wait.until(EC.text_to_be_present_in_element((By.ID, "status"), status))
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#ranking img")) == TOP_K and len(captions()) == TOP_K)
         return captions()
 
-    expected = _expected_captions(backend, [("Please describe the person you saw.", DESCRIPTION), (QUESTION, ANSWER)])
+    def answer(text: str, own_question: str | None = None) -> None:
+        if own_question:
+            browser.find_element(By.CSS_SELECTOR, "#own-question textarea").send_keys(own_question)
+        browser.find_element(By.CSS_SELECTOR, "#answer textarea").send_keys(text)
+        browser.find_element(By.ID, "submit").click()
 
-    browser.find_element(By.CSS_SELECTOR, "#answer textarea").send_keys(DESCRIPTION)
-    browser.find_element(By.ID, "submit").click()
-    first = wait_for_round(1)
-    assert first == expected[0]
+    def proposed_on_page() -> str:
+        return browser.find_element(By.ID, "proposed").text
 
-    question = browser.find_element(By.CSS_SELECTOR, "#question textarea")
-    question.clear()
-    question.send_keys(QUESTION)
-    browser.find_element(By.CSS_SELECTOR, "#answer textarea").send_keys(ANSWER)
-    browser.find_element(By.ID, "submit").click()
-    second = wait_for_round(2)
-    assert second == expected[1]
+    # The same steps on a session of its own, with the app's questioner.
+    index = GalleryIndex.build(backend.galleries["street"], backend.model, backend.processor, progress=False)
+    session = ChatSearchSession(backend.model, backend.processor, index, k=TOP_K)
+    assert "Please describe the person you saw." in proposed_on_page()
+
+    answer(DESCRIPTION)
+    first = wait_for("Round 1:")
+    assert first == _captions(session.start(DESCRIPTION))
+    proposal = backend.questioner.propose(session)
+    assert proposal is not None and proposal.question in proposed_on_page()
+
+    answer(ANSWER)
+    second = wait_for("Round 2:")
+    assert second == _captions(session.add_round(proposal.question, ANSWER))
     assert second != first  # the ranking (or its scores) moved with the new answer
+    assert second == _expected_captions(backend, [(FIRST_QUESTION, DESCRIPTION), (proposal.question, ANSWER)])[1]
+
+    browser.find_elements(By.CSS_SELECTOR, "#ranking img")[1].click()  # the photo ranked #2
+    wait.until(EC.text_to_be_present_in_element((By.ID, "marked"), "Marked: #2"))
+    browser.find_element(By.ID, "reject").click()
+    after_reject = wait_for("not this person")
+    rejected = session.reject([2])
+    assert after_reject == _captions(rejected) and session.rejected == [rejected.rejected[0]]
+    proposal = backend.questioner.propose(session)
+    assert proposal.question in proposed_on_page()
+
+    answer("Black trousers.")
+    third = wait_for("Round 3:")
+    assert third == _captions(session.add_round(proposal.question, "Black trousers."))
+    answer("No, none.", own_question=QUESTION)
+    fourth = wait_for("Round 4:")
+    result = session.add_round(QUESTION, "No, none.")
+    assert fourth == _captions(result) and rejected.rejected[0] not in result.indices
     chat = browser.find_element(By.ID, "chat").text
-    assert DESCRIPTION in chat and ANSWER in chat
+    assert all(text in chat for text in (DESCRIPTION, ANSWER, "Not #2.", QUESTION, "No, none."))
 
     browser.execute_script("window.scrollTo(0, 0);")
     shot = tmp_path / "space.png"
@@ -176,9 +215,10 @@ def test_prepared_space_folder_is_self_contained(tmp_path):
     for name in SPACE_RUNTIME:
         assert (space_dir / "diana" / "processing" / name).read_bytes() == (source / name).read_bytes()
     # The Space does not install this project: the copy may import only what requirements.txt provides
-    # (faiss and datasets lazily, only by the FAISS back end and add_dataset) and itself.
+    # (faiss and datasets lazily, only by the FAISS back end and add_dataset; huggingface_hub, which
+    # transformers installs, lazily by cli_errors' Hub checks) and itself.
     allowed = set(sys.stdlib_module_names) | {"numpy", "torch", "PIL", "safetensors", "tqdm", "matplotlib",
-                                              "transformers", "faiss", "datasets", "diana", "yaml"}
+                                              "transformers", "faiss", "datasets", "diana", "yaml", "huggingface_hub"}
     imported = set()
     for path in [space_dir / "app.py", *(space_dir / "diana").rglob("*.py")]:
         for node in ast.walk(ast.parse(path.read_text())):

@@ -25,9 +25,13 @@ SUBCOMMANDS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "train": ("diana.training.run_stage", (), "train one stage (0, 1 or 2) from a preset"),
     "main-job": ("diana.training.main_job", (), "the whole SynthPedes job of `make main`"),
     "evaluate": ("diana.training.evaluation.evaluate_model", (), "per-round retrieval evaluation of a model"),
+    "evaluate-interactive": ("diana.training.evaluation.interactive", (),
+                             "simulated-witness evaluation of questioner policies, per round"),
     "probe": ("diana.training.evaluation.attribute_probe", (), "attribute probe of a model's embeddings (SynthPedes)"),
     "index": ("diana.processing.search.cli", ("index",), "index a folder of photos or a data set split"),
     "search": ("diana.processing.search.cli", ("search",), "chat with an indexed gallery"),
+    "build-question-bank": ("diana.processing.search.questioner", ("build",),
+                            "build a questioner's question bank (JSON) from dialogues or SynthPedes"),
     "export": ("diana.hub_cards.export", (), "export a Hub-ready folder (card, code, checks), optionally push"),
     "convert": ("diana.hub_cards.convert_official_checkpoint", (), "convert an official DiaNA checkpoint"),
     "benchmark": ("diana.training.benchmarks.run", (), "the CPU / GPU benchmark suites"),
@@ -35,8 +39,8 @@ SUBCOMMANDS: dict[str, tuple[str, tuple[str, ...], str]] = {
 # How `diana --help` groups them (every subcommand once).
 GROUPS: dict[str, tuple[str, ...]] = {
     "set up and data": ("setup-tokenizer", "synthpedes"),
-    "train and evaluate": ("train", "main-job", "evaluate", "probe"),
-    "search a gallery": ("index", "search"),
+    "train and evaluate": ("train", "main-job", "evaluate", "evaluate-interactive", "probe"),
+    "search a gallery": ("index", "search", "build-question-bank"),
     "publish": ("export", "convert"),
     "measure": ("benchmark",),
 }

@@ -6,7 +6,9 @@
    stage 1: pretrain the small DiaNA on the MALS-layout captions from there, its image tower fixed;
 3. stage 2: fine-tune it on the ChatPedes-layout dialogues (best checkpoint on validation persons);
 4. evaluate on the held-out test persons, per round, beside the oracle, and probe which attributes
-   the model's embeddings carry (`attribute_probe`: why it falls short of the oracle);
+   the model's embeddings carry (`attribute_probe`: why it falls short of the oracle); then search
+   for every test person with a simulated witness, the questions asked by the random, info_gain
+   and oracle questioners (`evaluation.interactive`);
 5. export a Hub-ready model folder (card, pictures, remote code) and check that it loads.
 
     python -m diana.training.main_job --output_dir outputs/main_job
@@ -29,6 +31,7 @@ from diana.training.arguments import load_yaml_preset, parse_args
 from diana.training.evaluation.attribute_probe import format_table
 from diana.training.evaluation.attribute_probe import run as attribute_probe
 from diana.training.evaluation.evaluate_model import evaluate_folder
+from diana.training.evaluation.interactive import evaluate_interactive_folder, format_interactive_table
 from diana.training.run_stage import main as run_stage
 from diana.training.run_stage import validate_arguments
 
@@ -133,6 +136,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print("\nLinear probes of the trained embeddings per attribute (test persons; majority = always the most "
           "frequent class):\n")
     print(format_table(probe))
+    interactive_step(out)
 
     # 5. A Hub-ready folder, checked by loading it in a fresh process.
 
@@ -159,6 +163,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"\nfull-dialogue R@1 {full_r1:.1f} = {verdict['fraction_of_oracle']:.0%} of the oracle's {oracle_r1:.1f} "
           f"(chance {oracle.get('chance_R@1')}); >= 80% of the oracle: {verdict['reaches_80_percent_of_oracle']}; "
           f"rises with rounds: {verdict['R@1_rises_with_rounds']}; {verdict['minutes']} min. Hub folder: {out / 'hub_model'}")
+
+
+def interactive_step(out: Path, rounds: int = 10) -> dict:
+    """Which question to ask matters: one search per test person, round 1 its description, then the
+    random, info_gain and oracle questioners side by side with a simulated witness (the person's true
+    attributes in SynthPedes' answer templates)."""
+    results = evaluate_interactive_folder(out / "stage2", out / "synthpedes" / "chatpedes", split="test",
+                                          policies=("random", "info_gain", "oracle"), rounds=rounds,
+                                          targets_per="person", output_dir=out / "interactive")
+    print(f"\nInteractive search, simulated witness ({results['meta']['num_targets']} test persons, "
+          f"{results['meta']['num_gallery']} images; round 1 = the description; {results['meta']['seconds']:.0f} s):\n")
+    print(format_interactive_table(results))
+    return results
 
 
 if __name__ == "__main__":

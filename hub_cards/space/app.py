@@ -1,5 +1,6 @@
 """DiaNA chat-based person retrieval demo (Gradio): pick or upload a gallery, describe the person,
-answer follow-up questions, watch the ranking change after every round.
+answer the questions the system proposes (or ask your own), click photos that are not the person,
+watch the ranking change after every step.
 
 On a Hugging Face Space this file runs as is: the model comes from the Hub repository named by
 the ``MODEL_ID`` variable (pinned by ``MODEL_REVISION``) through ``trust_remote_code``, and the
@@ -25,6 +26,7 @@ from PIL import Image
 from diana.processing.image_loading import load_rgb_pil
 from diana.processing.processing_diana import DEFAULT_FIRST_QUESTION
 from diana.processing.search import ChatSearchSession, GalleryIndex, list_images
+from diana.processing.search.questioner import QuestionBank, make_policy
 
 HERE = Path(__file__).resolve().parent
 FIRST_QUESTION = DEFAULT_FIRST_QUESTION
@@ -44,13 +46,20 @@ def find_example_galleries(root: str | os.PathLike | None) -> dict[str, list[str
 
 
 class DemoBackend:
-    """Model, processor, and the gallery indexes (each example encoded once, then shared)."""
+    """Model, processor, the gallery indexes (each example encoded once, then shared) and the questioner.
 
-    def __init__(self, model: Any, processor: Any, galleries: dict[str, list[str]], k: int = 8) -> None:
+    Args:
+        questioner: proposes each next question (``propose(session)``); default: the info_gain policy
+            over the SynthPedes question bank.
+    """
+
+    def __init__(self, model: Any, processor: Any, galleries: dict[str, list[str]], k: int = 8,
+                 questioner: Any = None) -> None:
         self.model = model.eval()
         self.processor = processor
         self.galleries = galleries
         self.k = k
+        self.questioner = questioner or make_policy("info_gain", QuestionBank.from_synthpedes())
         self._indexes: dict[str, GalleryIndex] = {}
 
     def index_for(self, name: str, uploads: list[str] | None) -> GalleryIndex:
@@ -74,42 +83,99 @@ def _gallery_items(result) -> list[tuple[Image.Image, str]]:
     return items
 
 
+def _new_ranking(result) -> dict:
+    """The gallery update showing a new ranking, with no photo highlighted from the last click."""
+    return gr.update(value=_gallery_items(result), selected_index=None)
+
+
+def proposal_markdown(question: str, answers: tuple[str, ...] = (), policy: str | None = None) -> str:
+    """The proposed question as the page shows it (with its suggested answers, and who proposed it)."""
+    text = f"**{question}**"
+    if answers:
+        text += "  \n_e.g. " + " / ".join(answers) + "_"
+    if policy:
+        text += f"  \n<small>proposed by the {policy} questioner</small>"
+    return text
+
+
+def marked_markdown(marked: list[int]) -> str:
+    """The ranks the witness clicked, waiting for "Not this person"."""
+    if not marked:
+        return "Click photos in the ranking that are *not* the person, then press **Not this person**."
+    return "Marked: " + ", ".join(f"#{rank}" for rank in marked)
+
+
 def build_demo(backend: DemoBackend) -> gr.Blocks:
     """The Gradio app around a :class:`DemoBackend`."""
     choices = list(backend.galleries) + [UPLOADED]
+    first = proposal_markdown(FIRST_QUESTION)
+
+    def next_question(session: ChatSearchSession) -> tuple[str, str]:
+        """(question to answer next, its markdown): the questioner's proposal, or a prompt to ask one."""
+        proposal = backend.questioner.propose(session)
+        if proposal is None:
+            return "", "_No more questions to propose: ask your own below._"
+        return proposal.question, proposal_markdown(proposal.question, proposal.answers, proposal.policy)
 
     def load_gallery(name: str, uploads: list[str] | None):
         index = backend.index_for(name, uploads)
         session = ChatSearchSession(backend.model, backend.processor, index, k=backend.k, check_index=False)
         status = f"Gallery **{name}**: {len(index)} images. Describe the person you saw."
-        return session, status, [], [], gr.update(value=FIRST_QUESTION), gr.update(value="")
+        return session, FIRST_QUESTION, first, [], status, [], [], marked_markdown([]), "", ""
 
-    def add_round(session: ChatSearchSession | None, question: str, answer: str, chat: list[dict]):
+    def add_round(session: ChatSearchSession | None, proposed: str, own: str, answer: str, chat: list[dict]):
         if session is None:
             raise gr.Error("Load a gallery first.")
         if not answer or not answer.strip():
             raise gr.Error("Type an answer (the description, in the first round).")
-        question = question.strip() or FIRST_QUESTION
+        question = (own or "").strip() or proposed
+        if not question:
+            raise gr.Error("Nothing was proposed: type your own question.")
         result = session.add_round(question, answer.strip())
         chat = list(chat or []) + [
             {"role": "assistant", "content": question}, {"role": "user", "content": answer.strip()},
         ]
         status = (f"Round {result.round_index}: top {len(result.paths)} of {len(session.index)} "
                   f"(+{result.new_tokens} tokens this round).")
-        return session, chat, _gallery_items(result), status, gr.update(value=""), gr.update(value="")
+        proposed, shown = next_question(session)
+        return session, proposed, shown, chat, status, _new_ranking(result), [], marked_markdown([]), "", ""
+
+    def mark(marked: list[int], event: gr.SelectData):
+        rank = event.index + 1
+        marked = [r for r in marked if r != rank] if rank in marked else sorted([*marked, rank])
+        return marked, marked_markdown(marked)
+
+    def reject(session: ChatSearchSession | None, marked: list[int], chat: list[dict]):
+        if session is None or not session.results:
+            raise gr.Error("Describe the person first.")
+        if not marked:
+            raise gr.Error("Click the photos that are not the person first.")
+        try:
+            result = session.reject(marked)
+        except ValueError as error:
+            raise gr.Error(str(error)) from error
+        chat = list(chat or []) + [{"role": "user", "content": "Not " + ", ".join(f"#{r}" for r in marked) + "."}]
+        status = (f"Round {result.round_index}, not this person: {len(session.rejected)} photo(s) left out "
+                  f"(+0 tokens).")
+        proposed, shown = next_question(session)
+        return session, proposed, shown, chat, status, _new_ranking(result), [], marked_markdown([])
 
     def new_search(session: ChatSearchSession | None):
         if session is not None:
             session.reset()
-        return session, [], [], "New search: describe the person you saw.", gr.update(value=FIRST_QUESTION), gr.update(value="")
+        return (session, FIRST_QUESTION, first, [], "New search: describe the person you saw.", [], [],
+                marked_markdown([]), "", "")
 
     with gr.Blocks(title="DiaNA: chat-based person retrieval") as demo:
         gr.Markdown(
             "# DiaNA — chat-based person retrieval\n"
-            "Pick a gallery, describe the person you saw, then answer follow-up questions: the ranking "
-            "is recomputed after every answer. Only search photos you are entitled to search."
+            "Pick a gallery, describe the person you saw, then answer the questions the system asks (or ask "
+            "your own): the ranking is recomputed after every answer. Click photos that are not the person to "
+            "leave them out. Only search photos you are entitled to search."
         )
         session = gr.State(None)
+        proposed = gr.State(FIRST_QUESTION)  # the question the answer box answers unless one is typed
+        marked = gr.State([])  # ranks clicked in the ranking, 1-based
         with gr.Row():
             with gr.Column(scale=1):
                 gallery_choice = gr.Dropdown(choices, value=choices[0], label="Gallery", elem_id="gallery-choice")
@@ -118,19 +184,27 @@ def build_demo(backend: DemoBackend) -> gr.Blocks:
                 load = gr.Button("Load gallery", elem_id="load")
                 status = gr.Markdown("Load a gallery to start.", elem_id="status")
                 chat = gr.Chatbot(label="Dialogue", height=260, elem_id="chat")
-                question = gr.Textbox(value=FIRST_QUESTION, label="Question", elem_id="question")
-                answer = gr.Textbox(label="Answer (the witness)", placeholder="A woman in a red coat...",
-                                    elem_id="answer")
+                gr.Markdown("Question")
+                question = gr.Markdown(first, elem_id="proposed")
+                answer = gr.Textbox(label="Your answer", placeholder="A woman in a red coat...", elem_id="answer")
+                own = gr.Textbox(label="Or ask your own question (the answer above answers it)",
+                                 placeholder="Was she carrying anything?", elem_id="own-question")
                 with gr.Row():
-                    submit = gr.Button("Add round", variant="primary", elem_id="submit")
+                    submit = gr.Button("Answer", variant="primary", elem_id="submit")
                     reset = gr.Button("New search", elem_id="reset")
             with gr.Column(scale=2):
                 ranking = gr.Gallery(label="Ranking", columns=min(backend.k, 4), height=640, object_fit="contain",
-                                     elem_id="ranking")
-        load.click(load_gallery, [gallery_choice, uploads], [session, status, chat, ranking, question, answer])
-        submit.click(add_round, [session, question, answer, chat], [session, chat, ranking, status, question, answer])
-        answer.submit(add_round, [session, question, answer, chat], [session, chat, ranking, status, question, answer])
-        reset.click(new_search, [session], [session, chat, ranking, status, question, answer])
+                                     allow_preview=False, elem_id="ranking")
+                marked_text = gr.Markdown(marked_markdown([]), elem_id="marked")
+                not_this = gr.Button("Not this person", elem_id="reject")
+        round_outputs = [session, proposed, question, chat, status, ranking, marked, marked_text, answer, own]
+        load.click(load_gallery, [gallery_choice, uploads], [session, proposed, question, chat, status, ranking, marked,
+                                                             marked_text, answer, own])
+        submit.click(add_round, [session, proposed, own, answer, chat], round_outputs)
+        answer.submit(add_round, [session, proposed, own, answer, chat], round_outputs)
+        ranking.select(mark, [marked], [marked, marked_text])
+        not_this.click(reject, [session, marked, chat], round_outputs[:-2])
+        reset.click(new_search, [session], round_outputs)
     return demo
 
 

@@ -1,19 +1,22 @@
 """Terminal front end of the chat search: build / extend a gallery index, then search it by dialogue.
 
     # encode a folder of photos once (or a data set split), then add more later
-    python -m diana.processing.search.cli index --model MODEL_DIR --images photos/ --output gallery.safetensors
-    python -m diana.processing.search.cli index --model MODEL_DIR --images more/ --output gallery.safetensors --add
-    python -m diana.processing.search.cli index --model MODEL_DIR --chatpedes DATA_DIR --split test --output test.safetensors
+    python -m diana.processing.search.cli index --model_name_or_path MODEL_DIR --images photos/ --output gallery.safetensors
+    python -m diana.processing.search.cli index --model_name_or_path MODEL_DIR --images more/ --output gallery.safetensors --add
+    python -m diana.processing.search.cli index --model_name_or_path MODEL_DIR --chatpedes DATA_DIR --split test --output test.safetensors
 
-    # chat interactively (stdin), or replay dialogues from a JSON file
-    python -m diana.processing.search.cli search --model MODEL_DIR --index gallery.safetensors
-    python -m diana.processing.search.cli search --model MODEL_DIR --index gallery.safetensors \
-        --dialogue dialogue.json --top-k 8 --contact-sheet top.png
+    # chat on stdin: the system proposes each next question, you answer it, ask your own, or reject photos
+    python -m diana.processing.search.cli search --model_name_or_path MODEL_DIR --index_file gallery.safetensors \
+        --contact_sheet top.png
+    # or replay dialogues from a JSON file
+    python -m diana.processing.search.cli search --model_name_or_path MODEL_DIR --index_file gallery.safetensors \
+        --dialogue_file dialogue.json --top_k 8 --contact_sheet top.png
 
-The ranking is printed after every round; ``--contact-sheet`` saves a picture with one row per
-round and the top-k photos labelled with rank and score. A dialogue file holds one dialogue in any
-form the processor accepts (ChatPedes rounds, (question, answer) pairs, {"question", "answer"}
-dicts, a plain description) or ``{"dialogues": [dialogue, ...]}`` for several.
+The ranking is printed after every step with the tokens it ran through the dialogue tower;
+``--contact_sheet`` saves a picture with one row per step and the top-k photos labelled with rank
+and score. A dialogue file holds one dialogue in any form the processor accepts (ChatPedes rounds,
+(question, answer) pairs, {"question", "answer"} dicts, a plain description) or
+``{"dialogues": [dialogue, ...]}`` for several. ``search --help`` lists the chat's commands.
 """
 
 from __future__ import annotations
@@ -21,12 +24,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 from ..cli_errors import (
     ArgumentParser,
     UserInputError,
+    one_line,
     require_device,
     require_model_folder,
     require_path,
@@ -38,10 +43,14 @@ from ..model_loading import load_model_and_processor
 from ..processing_diana import normalize_dialogue
 from .contact_sheet import save_contact_sheet
 from .index import GalleryIndex
+from .questioner import QuestionBank, make_policy
 from .session import ChatSearchSession, RoundResult
 from .topk import faiss_available
 
 CHATPEDES_SPLITS = ("train", "validation", "test")
+# The questioner policies a live witness can use: "dataset" replays annotated questions and "oracle"
+# needs the gallery's true attributes (evaluation only); "none" proposes nothing (the witness asks).
+CHAT_POLICIES = ("info_gain", "random", "none")
 
 
 def read_dialogues(path: str | Path) -> list[Any]:
@@ -66,13 +75,18 @@ def read_dialogues(path: str | Path) -> list[Any]:
 
 
 def format_round(result: RoundResult) -> str:
-    """The ranking after one round, one line per photo."""
+    """The ranking after one round (or one "not this person" step), one line per photo."""
     flag = "  [truncated at max_length]" if result.truncated else ""
-    lines = [f"round {result.round_index} (+{result.new_tokens} tokens){flag}",
-             f"  Q: {result.question}", f"  A: {result.answer}"]
+    if result.is_rejection:
+        lines = [f"round {result.round_index}, not this person (+0 tokens): " + ", ".join(result.rejected_paths)]
+    else:
+        lines = [f"round {result.round_index} (+{result.new_tokens} tokens){flag}",
+                 f"  Q: {result.question}", f"  A: {result.answer}"]
     for rank, (score, path, person) in enumerate(zip(result.scores, result.paths, result.ids), start=1):
         label = f"  (id {person})" if person >= 0 else ""
         lines.append(f"  {rank:>3}. {score:+.4f}  {path}{label}")
+    if not result.paths:
+        lines.append("  (every photo has been rejected)")
     return "\n".join(lines)
 
 
@@ -103,32 +117,119 @@ def run_dialogues(session: ChatSearchSession, dialogues: list[Any], contact_shee
     return all_results
 
 
-def chat_loop(session: ChatSearchSession, contact_sheet: str | None, stdin: TextIO, out: TextIO) -> list[RoundResult]:
-    """Interactive search: a description, then question/answer rounds until an empty question."""
-    def ask(prompt: str) -> str | None:
+# ------------------------------------------------------------------------------- interactive chat
+
+CHAT_COMMANDS = """\
+interactive chat (without --dialogue_file):
+  First describe the person you saw. After every round the ranking is printed (and drawn into
+  --contact_sheet) with the tokens the round ran through the dialogue tower, then the system
+  proposes a question (--policy, from --question_bank). At the '>' prompt type:
+    ANSWER             answer the proposed question
+    ask QUESTION       ask your own question instead; its answer is asked for next
+    not N [N ...]      "not this person": drop the photos at ranks N of the latest ranking for
+                       the rest of the search (the search also moves away from them)
+    = TEXT             answer with TEXT even if it reads like a command (e.g. "= not 2 of them")
+    help               show this list
+    done               finish (so do an empty line and end of input)
+"""
+
+
+@dataclass(frozen=True)
+class WitnessInput:
+    """One line the witness typed at the prompt, parsed (see CHAT_COMMANDS)."""
+
+    kind: str  # "answer" | "ask" | "reject" | "help" | "done"
+    text: str = ""
+    ranks: tuple[int, ...] = ()
+
+
+def parse_witness_line(line: str) -> WitnessInput:
+    """What a prompt line asks for.
+
+    Raises:
+        ValueError: a command with a bad argument (``not`` without rank numbers, ``ask`` without a question).
+    """
+    text = line.strip()
+    word, _, rest = text.partition(" ")
+    word, rest = word.lower(), rest.strip()
+    if not text or (word == "done" and not rest):
+        return WitnessInput("done")
+    if word == "help" and not rest:
+        return WitnessInput("help")
+    if text.startswith("="):
+        return WitnessInput("answer", text[1:].strip())
+    if word == "ask":
+        if not rest:
+            raise ValueError("ask: type your question after it, e.g. ask Is she wearing a hat?")
+        return WitnessInput("ask", rest)
+    if word == "not" and rest[:1].isdigit():
+        numbers = rest.replace(",", " ").split()
+        if not all(number.isdigit() for number in numbers):
+            raise ValueError(f"not {rest}: give the ranks as numbers, e.g. not 2 5 (or '= not ...' to answer that)")
+        return WitnessInput("reject", ranks=tuple(int(number) for number in numbers))
+    return WitnessInput("answer", text)
+
+
+def _describe_proposal(proposal: Any) -> str:
+    """The proposed question with its suggested answers and the policy that picked it."""
+    hint = f"  [{' / '.join(proposal.answers)}]" if proposal.answers else ""
+    return f"Proposed question ({proposal.policy}): {proposal.question}{hint}"
+
+
+def chat_loop(
+    session: ChatSearchSession, contact_sheet: str | None, stdin: TextIO, out: TextIO, questioner: Any = None,
+) -> list[RoundResult]:
+    """Interactive search: a description, then rounds driven by the witness's commands (CHAT_COMMANDS).
+
+    Args:
+        questioner: proposes each next question (``propose(session) -> ProposedQuestion | None``); None
+            proposes nothing (the witness asks with ``ask QUESTION``).
+    """
+    def read(prompt: str) -> str | None:
         print(prompt, end="", file=out, flush=True)
         line = stdin.readline()
         return None if not line else line.strip()
 
-    description = ask("Describe the person you saw: ")
+    def show(result: RoundResult) -> None:
+        print(format_round(result), file=out)
+        if contact_sheet:
+            save_contact_sheet(session.results, contact_sheet, title=f"top-{session.k} after every step")
+            print(f"contact sheet: {contact_sheet}", file=out)
+
+    description = read("Describe the person you saw: ")
     while description is not None and not description:
-        description = ask("Describe the person you saw (not empty): ")
+        description = read("Describe the person you saw (not empty): ")
     if description is None:
         return []
-    print(format_round(session.start(description)), file=out)
+    show(session.start(description))
+    proposed_after = -1  # how many rankings the current proposal has seen (proposed again only after a new one)
     while True:
-        if contact_sheet:
-            save_contact_sheet(session.results, contact_sheet, title=f"top-{session.k} per round")
-        question = ask("Next question (empty line to finish): ")
-        if not question:
-            break
-        answer = ask("Answer: ")
-        if not answer:
-            print("(no answer: round skipped)", file=out)
-            continue
-        print(format_round(session.add_round(question, answer)), file=out)
-    if contact_sheet:
-        print(f"contact sheet: {contact_sheet}", file=out)
+        if proposed_after != len(session.results):
+            proposal = questioner.propose(session) if questioner is not None else None
+            proposed_after = len(session.results)
+        print(_describe_proposal(proposal) if proposal else "No question proposed: ask your own (ask QUESTION).",
+              file=out)
+        line = read("> ")
+        try:
+            command = parse_witness_line(line or "")
+            if command.kind == "done":
+                break
+            if command.kind == "help":
+                print(CHAT_COMMANDS, file=out)
+            elif command.kind == "reject":
+                show(session.reject(command.ranks))
+            elif command.kind == "ask":
+                answer = read("Answer: ")
+                if answer:
+                    show(session.add_round(command.text, answer))
+                else:
+                    print("(no answer: round skipped)", file=out)
+            elif proposal is None:
+                raise ValueError("no question was proposed: type ask QUESTION to ask one")
+            else:
+                show(session.add_round(proposal.question, command.text))
+        except ValueError as error:  # a typing slip costs one line, not the search
+            print(f"error: {one_line(error)}", file=out)
     return list(session.results)
 
 
@@ -137,9 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     def common(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument("--model", required=True, help="DiaNA model folder (an export or a training output) or Hub id")
-        sub.add_argument("--revision", help="Hub revision (commit) when --model is a Hub id")
-        sub.add_argument("--tokenizer-dir", help="tokenizer folder when the model folder has no processor files")
+        sub.add_argument("--model_name_or_path", required=True,
+                         help="DiaNA model folder (an export or a training output) or Hub id")
+        sub.add_argument("--revision", help="Hub revision (commit) when --model_name_or_path is a Hub id")
+        sub.add_argument("--tokenizer_dir", help="tokenizer folder when the model folder has no processor files")
         sub.add_argument("--device", help="cpu / cuda (default: cuda if available)")
         sub.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
 
@@ -159,18 +261,32 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--on-bad-image", choices=["error", "skip"], default="error",
                        help="unreadable image: stop with its name, or skip it and count it")
 
-    search = commands.add_parser("search", help="search an index by dialogue (interactive, or --dialogue FILE)")
+    search = commands.add_parser(
+        "search", help="search an index by dialogue (interactive, or --dialogue_file FILE)",
+        description="Search an index by dialogue: chat on stdin (the system proposes the questions), or "
+                    "replay the dialogues of --dialogue_file.",
+        epilog=CHAT_COMMANDS, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     common(search)
-    search.add_argument("--index", required=True, help="index file made by the index command")
-    search.add_argument("--dialogue", help="JSON dialogue file (batch); without it, chat on stdin")
-    search.add_argument("--top-k", type=int, default=10)
-    search.add_argument("--mode", choices=["global", "attribute", "fused"], help="score mode (default: the model's)")
+    search.add_argument("--index_file", required=True, help="index file made by the index command")
+    search.add_argument("--dialogue_file", help="JSON dialogue file (batch); without it, chat on stdin")
+    search.add_argument("--top_k", type=int, default=10, help="photos shown after every step")
+    search.add_argument("--score_mode", choices=["global", "attribute", "fused"], help="default: the model's")
     search.add_argument("--backend", choices=["exact", "faiss"], default="exact",
                         help="exact chunked matrix products, or FAISS (global score only)")
-    search.add_argument("--faiss-factory", default="Flat",
+    search.add_argument("--faiss_factory", default="Flat",
                         help="FAISS index factory: Flat (exact) or e.g. IVF4096,Flat / HNSW32 for millions of images")
-    search.add_argument("--contact-sheet", help="PNG with the top-k photos of every round")
-    search.add_argument("--output-json", help="write every round's ranking to this JSON file")
+    search.add_argument("--contact_sheet", help="PNG with the top-k photos of every step (redrawn after each)")
+    search.add_argument("--output_json", help="write every step's ranking to this JSON file")
+    search.add_argument("--question_bank", help="JSON question bank the system proposes from (default: the "
+                        "SynthPedes bank, the questions of the built-in data generator)")
+    search.add_argument("--policy", default="info_gain", choices=CHAT_POLICIES,
+                        help="how the next question is picked: info_gain (the bank question whose answers would "
+                             "split the current top candidates most evenly), random, or none (you ask)")
+    search.add_argument("--seed", type=int, default=0, help="seed of --policy random")
+    search.add_argument("--rejection_weight", type=float,
+                        help='how far "not N" moves the search from the rejected photos, in [0, 1] '
+                             "(default: the model config's rejection_weight)")
     return parser
 
 
@@ -182,10 +298,8 @@ def validate_arguments(args: argparse.Namespace) -> None:
         UserInputError (ValueError).
     """
     require_device("--device", args.device)
-    if args.command != "index":
-        require_range("--top-k", args.top_k, 1)
-    require_model_folder("--model", args.model, allow_hub_id=True)
-    require_path("--tokenizer-dir", args.tokenizer_dir, "folder")
+    require_model_folder("--model_name_or_path", args.model_name_or_path, allow_hub_id=True)
+    require_path("--tokenizer_dir", args.tokenizer_dir, "folder")
     if args.command == "index":
         require_path("--images", args.images, "folder")
         require_path("--chatpedes", args.chatpedes, "folder")
@@ -199,13 +313,24 @@ def validate_arguments(args: argparse.Namespace) -> None:
         if args.add and not output.is_file():
             raise FileNotFoundError(f"--add: there is no index {output} to extend yet")
         return
-    require_path("--index", args.index, "file")
-    require_path("--dialogue", args.dialogue, "file")
+    require_range("--top_k", args.top_k, 1)
+    require_range("--rejection_weight", args.rejection_weight, 0, 1)
+    require_path("--index_file", args.index_file, "file")
+    require_path("--dialogue_file", args.dialogue_file, "file")
+    require_path("--question_bank", args.question_bank, "file")
     if args.backend == "faiss" and not faiss_available():
         raise UserInputError("--backend faiss needs the faiss package (pip install faiss-cpu), or use --backend exact")
-    if args.backend == "faiss" and args.mode not in (None, "global"):
-        raise UserInputError(f"--mode {args.mode}: --backend faiss scores the global embeddings only (use --backend "
-                             "exact for attribute / fused)")
+    if args.backend == "faiss" and args.score_mode not in (None, "global"):
+        raise UserInputError(f"--score_mode {args.score_mode}: --backend faiss scores the global embeddings only "
+                             "(use --backend exact for attribute / fused)")
+
+
+def build_questioner(args: argparse.Namespace) -> Any:
+    """The questioner of --policy over --question_bank (None for --policy none)."""
+    if args.policy == "none":
+        return None
+    bank = QuestionBank.load(args.question_bank) if args.question_bank else QuestionBank.from_synthpedes()
+    return make_policy(args.policy, bank, **({"seed": args.seed} if args.policy == "random" else {}))
 
 
 def main(argv: list[str] | None = None, stdin: TextIO | None = None, out: TextIO | None = None) -> int:
@@ -213,8 +338,11 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None, out: TextIO
     stdin, out = stdin or sys.stdin, out or sys.stdout
     validate_arguments(args)
     output = Path(args.output) if args.command == "index" else None
-    dialogues = read_dialogues(args.dialogue) if args.command == "search" and args.dialogue else None
-    model, processor = load_model_and_processor(args.model, args.tokenizer_dir, args.device, args.dtype, args.revision)
+    dialogues = read_dialogues(args.dialogue_file) if args.command == "search" and args.dialogue_file else None
+    # A bad question bank fails before the model loads.
+    questioner = build_questioner(args) if args.command == "search" and not dialogues else None
+    model, processor = load_model_and_processor(args.model_name_or_path, args.tokenizer_dir, args.device, args.dtype,
+                                                args.revision)
     if args.command == "index":
         if args.add:
             index = GalleryIndex.load(output, model, processor)
@@ -235,13 +363,14 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None, out: TextIO
             print("unreadable: " + ", ".join(report.skipped_unreadable), file=out)
         return 0
 
-    index = GalleryIndex.load(args.index, model, processor)
-    session = ChatSearchSession(model, processor, index, k=args.top_k, mode=args.mode, backend=args.backend,
-                                faiss_factory=args.faiss_factory, check_index=False)
-    if args.dialogue:
+    index = GalleryIndex.load(args.index_file, model, processor)
+    session = ChatSearchSession(model, processor, index, k=args.top_k, mode=args.score_mode, backend=args.backend,
+                                faiss_factory=args.faiss_factory, check_index=False,
+                                rejection_weight=args.rejection_weight)
+    if dialogues:
         results = run_dialogues(session, dialogues, args.contact_sheet, out)
     else:
-        results = [chat_loop(session, args.contact_sheet, stdin, out)]
+        results = [chat_loop(session, args.contact_sheet, stdin, out, questioner)]
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(
             [[r.__dict__ for r in dialogue] for dialogue in results], indent=2))

@@ -20,8 +20,8 @@ def save_contact_sheet(
     title: str | None = None,
     thumb_width: float = 1.1,
 ) -> Path:
-    """Save a PNG grid: one row per round (its answer on the left), its top-k photos labelled
-    with rank, score and person id (when known)."""
+    """Save a PNG grid: one row per ranking (the round's answer, or the photos a "not this person"
+    step rejected, on the left), its top-k photos labelled with rank, score and person id (when known)."""
     matplotlib.use("Agg")  # draw without a display
     import matplotlib.pyplot as plt  # after use(): pyplot picks its back end on import
 
@@ -38,9 +38,12 @@ def save_contact_sheet(
     for row, result in enumerate(results):
         label_axis = axes[row][0]
         label_axis.axis("off")
-        answer = "\n".join(textwrap.wrap(result.answer, 24)[:6])
-        label_axis.text(0.0, 0.5, f"round {result.round_index}\n{answer}", fontsize=7, va="center", ha="left",
-                        transform=label_axis.transAxes)
+        if result.is_rejection:
+            names = ", ".join(Path(path).name for path in result.rejected_paths)
+            label = f"round {result.round_index}\nnot this person:\n" + "\n".join(textwrap.wrap(names, 24)[:5])
+        else:
+            label = f"round {result.round_index}\n" + "\n".join(textwrap.wrap(result.answer, 24)[:6])
+        label_axis.text(0.0, 0.5, label, fontsize=7, va="center", ha="left", transform=label_axis.transAxes)
         for column in range(columns):
             axis = axes[row][column + 1]
             axis.set_xticks([])

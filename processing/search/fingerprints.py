@@ -23,6 +23,8 @@ _VOLATILE_CONFIG_KEYS = frozenset({
     "transformers_version", "architectures", "auto_map", "dtype", "torch_dtype", "use_cache",
     "output_attentions", "output_hidden_states", "return_dict", "tie_word_embeddings",
     "pad_token_id", "bos_token_id", "eos_token_id",
+    # Search settings that change no embedding: an index stays valid when they change.
+    "rejection_weight",
 })
 # A fixed dialogue and a fixed picture whose processed form identifies a processor by behaviour
 # (resize, normalisation statistics, template, vocabulary) rather than by its config key names.

@@ -7,29 +7,66 @@ round's final punctuation merges with the next round's newline) and those few to
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache
 
 from ..processing_diana import DEFAULT_FIRST_QUESTION
 from .index import GalleryIndex
 
+# DiaNAConfig.rejection_weight's default, for model configs saved before that field existed.
+DEFAULT_REJECTION_WEIGHT = 0.15
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading ids `a` and `b` share."""
+    count = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        count += 1
+    return count
+
 
 @dataclass
 class RoundResult:
-    """The ranking after one round of a search session."""
+    """The ranking after one round of a search session, or after a "not this person" step."""
 
-    round_index: int  # 1-based
+    round_index: int  # 1-based: the dialogue rounds this ranking reads
     question: str
     answer: str
     indices: list[int]
     scores: list[float]
     paths: list[str]
     ids: list[int]
-    new_tokens: int  # tokens run through the dialogue tower for this round
+    new_tokens: int  # tokens run through the dialogue tower for this round (0 for a rejection)
     truncated: bool  # the dialogue hit the processor's max_length in this round
+    # Gallery indices (and paths) the witness rejected just before this ranking; empty for a dialogue round.
+    rejected: list[int] = field(default_factory=list)
+    rejected_paths: list[str] = field(default_factory=list)
+
+    @property
+    def is_rejection(self) -> bool:
+        """Whether this ranking follows a "not this person" step rather than a new round."""
+        return bool(self.rejected)
+
+
+def move_query_away(query: torch.Tensor, rejected: torch.Tensor, weight: float) -> torch.Tensor:
+    """Rocchio's negative feedback: ``normalise(query - weight * mean(rejected))`` along the last axis.
+
+    Args:
+        query: (1, D) dialogue vector, or (1, K, D) attribute slots.
+        rejected: (R, D) or (R, K, D) normalised embeddings of the rejected photos (R >= 1).
+        weight: how far to move (``DiaNAConfig.rejection_weight``).
+
+    Returns:
+        The moved query, same shape, unit length along the last axis (per slot for attribute slots).
+    """
+    return F.normalize(query - weight * rejected.to(query).mean(0), dim=-1)
 
 
 class ChatSearchSession:
@@ -41,6 +78,11 @@ class ChatSearchSession:
     ``config.text_pooling`` says); the encodings after round k equal ``model.encode_dialogues`` of
     the whole k-round dialogue, in every score mode and either processor tokenisation.
 
+    The witness may also reject shown photos (:meth:`reject`, "not this person"): they leave the
+    ranking for the rest of the search, and the query moves away from them by
+    :func:`move_query_away` with ``rejection_weight``. ``text_embeds`` stays the dialogue's own
+    encoding; ``query_embeds`` is what is searched (the same tensor while nothing is rejected).
+
     Args:
         model: a ``DiaNAModel`` (eval mode is set).
         processor: its ``DiaNAProcessor``.
@@ -50,6 +92,7 @@ class ChatSearchSession:
         backend: ``"exact"`` or ``"faiss"``.
         faiss_factory: FAISS index factory string (``"Flat"`` is exact; e.g. ``"IVF4096,Flat"`` or
             ``"HNSW32"`` for galleries of millions).
+        rejection_weight: in [0, 1]; default ``model.config.rejection_weight``.
     """
 
     def __init__(
@@ -63,27 +106,38 @@ class ChatSearchSession:
         backend: str = "exact",
         faiss_factory: str = "Flat",
         check_index: bool = True,
+        rejection_weight: float | None = None,
     ) -> None:
         if check_index:
             index.check_compatible(model, processor)
         self.model = model.eval()
         self.processor = processor
+        self._round_ids: dict[tuple[str, str], list[int]] = {}  # a later round's own ids (round-by-round tokenisation)
         self.index = index
         self.k = k
         self.mode = mode or getattr(model.config, "score_mode", "global")
         self.backend = backend
         self.faiss_factory = faiss_factory
+        if rejection_weight is None:
+            # A config saved before the field existed (e.g. older remote code on the Hub) has no value.
+            rejection_weight = getattr(model.config, "rejection_weight", DEFAULT_REJECTION_WEIGHT)
+        if not (isinstance(rejection_weight, (int, float)) and 0 <= rejection_weight <= 1):
+            raise ValueError(f"rejection_weight must be a number in [0, 1], got {rejection_weight!r}")
+        self.rejection_weight = float(rejection_weight)
         self.reset()
 
     def reset(self) -> None:
-        """Forget the dialogue (and the cache) to start a new search."""
+        """Forget the dialogue (and the cache) and every rejection, to start a new search."""
         self.rounds: list[tuple[str, str]] = []
         self.results: list[RoundResult] = []
+        self.rejected: list[int] = []  # gallery indices, in the order the witness rejected them
         self._ids: list[int] = []
         self._cache: Any = None
         self._token_states: torch.Tensor | None = None  # (1, L, D) projected tower tokens
         self.text_embeds: torch.Tensor | None = None  # (1, D) after the latest round
         self.text_attribute_embeds: torch.Tensor | None = None  # (1, K, D)
+        self.query_embeds: torch.Tensor | None = None  # text_embeds moved away from the rejected photos
+        self.query_attribute_embeds: torch.Tensor | None = None
 
     @property
     def first_question(self) -> str:
@@ -97,7 +151,7 @@ class ChatSearchSession:
 
     @torch.no_grad()
     def add_round(self, question: str, answer: str) -> RoundResult:
-        """Add one question/answer round and return the new top-k."""
+        """Add one question/answer round and return the new top-k (rejected photos excluded)."""
         if not isinstance(question, str) or not isinstance(answer, str):
             raise TypeError(f"round {len(self.rounds) + 1}: question and answer must be strings")
         if not answer.strip():
@@ -113,15 +167,93 @@ class ChatSearchSession:
         if encoding.text_attribute_embeds is not None:
             self.text_attribute_embeds = encoding.text_attribute_embeds.float()  # (1, K, D)
         self.rounds = rounds
+        self.query_embeds, self.query_attribute_embeds = self.queries_for(self.text_embeds, self.text_attribute_embeds)
+        return self._record_ranking(question, answer, new_tokens, truncated)
+
+    @torch.no_grad()
+    def reject(self, ranks: Iterable[int]) -> RoundResult:
+        """"Not this person": drop the photos at these 1-based ranks of the latest ranking for the rest of
+        the search, move the query away from them, and return the new top-k (no new dialogue round).
+
+        Raises:
+            ValueError: nothing shown yet, no rank given, or a rank the latest ranking did not show.
+        """
+        if not self.results:
+            raise ValueError("nothing to reject yet: describe the person first")
+        shown = self.results[-1]
+        ranks = list(ranks)
+        if not ranks:
+            raise ValueError("no rank to reject given")
+        for rank in ranks:
+            if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= len(shown.indices):
+                raise ValueError(f"rank {rank!r} was not shown: the latest ranking shows ranks 1-{len(shown.indices)}")
+        picked = list(dict.fromkeys(shown.indices[rank - 1] for rank in ranks))  # once each, in the given order
+        self.rejected += picked
+        self.query_embeds, self.query_attribute_embeds = self.queries_for(self.text_embeds, self.text_attribute_embeds)
+        question, answer = self.rounds[-1]
+        return self._record_ranking(question, answer, 0, shown.truncated, rejected=picked)
+
+    def queries_for(
+        self, text_embeds: torch.Tensor, text_attribute_embeds: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The vectors to search for a dialogue's encodings under this session's rejections.
+
+        With nothing rejected (or ``rejection_weight`` 0) they are the given tensors themselves, so the
+        search is exactly the plain one; otherwise each moves by :func:`move_query_away` from the
+        rejected photos' global (and, in the attribute / fused modes, per-slot attribute) embeddings.
+        """
+        if not self.rejected or self.rejection_weight == 0:
+            return text_embeds, text_attribute_embeds
+        rows = torch.tensor(self.rejected, dtype=torch.long)
+        moved = move_query_away(text_embeds, self.index.image_embeds[rows], self.rejection_weight)
+        moved_attributes = text_attribute_embeds
+        if text_attribute_embeds is not None and self.index.image_attribute_embeds is not None:
+            moved_attributes = move_query_away(
+                text_attribute_embeds, self.index.image_attribute_embeds[rows], self.rejection_weight
+            )
+        return moved, moved_attributes
+
+    def candidates(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The current top-``n`` under the session's rules: the query after the latest round moved away
+        from the rejected photos, which never appear.
+
+        Returns:
+            ``(scores (m,), indices (m,))`` best first, ties by gallery index; m = n, or fewer when the
+            gallery has fewer photos left.
+        """
+        if self.query_embeds is None:
+            raise ValueError("no round yet: describe the person first")
+        return self.rank(self.query_embeds, self.query_attribute_embeds, n)
+
+    @torch.no_grad()
+    def rank(
+        self, query_embeds: torch.Tensor, query_attribute_embeds: torch.Tensor | None, n: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-``n`` gallery photos for one query (already moved by :meth:`queries_for`), the rejected
+        ones left out, in this session's score mode and back end: ``(scores (m,), indices (m,))``."""
+        # Asking for len(rejected) more and dropping the rejected ones keeps the back end's own order
+        # (ties by gallery index) and works for exact and FAISS alike.
         scores, indices = self.index.search(
-            self.text_embeds, self.k, text_attribute_embeds=self.text_attribute_embeds, mode=self.mode,
+            query_embeds, n + len(self.rejected), text_attribute_embeds=query_attribute_embeds, mode=self.mode,
             model=self.model, backend=self.backend, faiss_factory=self.faiss_factory,
         )
-        picked = indices[0].tolist()
+        excluded = set(self.rejected)
+        keep = [j for j, i in enumerate(indices[0].tolist()) if i >= 0 and i not in excluded][:n]  # FAISS pads with -1
+        keep = torch.tensor(keep, dtype=torch.long)
+        return scores[0, keep], indices[0, keep]
+
+    def _record_ranking(
+        self, question: str, answer: str, new_tokens: int, truncated: bool, rejected: list[int] | None = None
+    ) -> RoundResult:
+        """Rank the gallery for the current query, store the result and return it."""
+        scores, indices = self.candidates(self.k)
+        picked = indices.tolist()
+        rejected = rejected or []
         result = RoundResult(
-            round_index=len(rounds), question=question, answer=answer, indices=picked,
-            scores=scores[0].tolist(), paths=[self.index.paths[i] for i in picked],
+            round_index=len(self.rounds), question=question, answer=answer, indices=picked,
+            scores=scores.tolist(), paths=[self.index.paths[i] for i in picked],
             ids=[int(self.index.ids[i]) for i in picked], new_tokens=new_tokens, truncated=truncated,
+            rejected=list(rejected), rejected_paths=[self.index.paths[i] for i in rejected],
         )
         self.results.append(result)
         return result
@@ -142,11 +274,7 @@ class ChatSearchSession:
         round tokenisation that is the new round's tokens; with the official tokenisation also the few
         tokens at the previous round's end that merge differently once a round follows.
         """
-        keep = 0
-        for cached, new in zip(self._ids, ids):
-            if cached != new:
-                break
-            keep += 1
+        keep = _common_prefix(self._ids, ids)
         if self._cache is None or keep == 0:
             self._cache, self._token_states = DynamicCache(config=self.model.text_model.config), None
         elif keep < len(self._ids):
@@ -163,6 +291,91 @@ class ChatSearchSession:
         states = model.text_projection(hidden)  # (1, n_new, D)
         self._token_states = states if self._token_states is None else torch.cat([self._token_states, states], 1)
         return len(ids) - keep
+
+    @torch.no_grad()
+    def score_next_rounds(
+        self, rounds: Sequence[tuple[str, str]], candidate_indices: torch.Tensor | Sequence[int]
+    ) -> torch.Tensor:
+        """(H, N) scores of gallery images `candidate_indices` after each hypothetical next round.
+
+        Row h scores the dialogue so far followed by ``rounds[h]`` (question, answer), exactly as
+        `add_round` would, without changing the session. All H dialogues run through the tower in ONE
+        batched pass on top of the session's key/value cache, expanded along the batch: only each
+        hypothesis's own new tokens are computed. The new tokens are right-padded; the tower is causal,
+        so padding after a hypothesis's last token cannot change its states, and the pooling reads only
+        its real tokens.
+        """
+        if not rounds:
+            raise ValueError("score_next_rounds needs at least one (question, answer) round")
+        states, token_mask = self._hypothesis_states(self._next_round_ids(rounds))
+        encoding = self.model.encode_text_tokens(states, token_mask, with_attributes=self.mode != "global")
+        index = torch.as_tensor(candidate_indices, dtype=torch.long).cpu()
+        attributes = self.index.image_attribute_embeds
+        device = states.device
+        # The same rejection rule as add_round: each hypothesis's query moves away from the rejected photos.
+        text, text_attributes = self.queries_for(
+            encoding.text_embeds.float(), None if self.mode == "global" else encoding.text_attribute_embeds.float()
+        )
+        return self.model.similarity(
+            text, self.index.image_embeds[index].to(device, torch.float32),
+            text_attribute_embeds=text_attributes,
+            image_attribute_embeds=None if self.mode == "global" else attributes[index].to(device, torch.float32),
+            mode=self.mode,
+        ).float()
+
+    def _next_round_ids(self, rounds: Sequence[tuple[str, str]]) -> list[list[int]]:
+        """The processor's ids of the dialogue so far followed by each of `rounds` (what `_dialogue_ids` of it
+        gives). With round-by-round tokenisation a later round's ids do not depend on what came before
+        (each round's text is tokenised on its own), so they are the cached ids plus the round's own ids,
+        found once per (question, answer) and kept; otherwise every dialogue is tokenised whole."""
+        if getattr(self.processor, "tokenization", None) != "rounds" or not self.rounds:
+            dialogues = [[*self.rounds, (question, answer)] for question, answer in rounds]
+            return [list(ids) for ids in self.processor(dialogues=dialogues, return_tensors=None, padding=False)["input_ids"]]
+        missing = list(dict.fromkeys(r for r in rounds if r not in self._round_ids))
+        if missing:
+            head = [(self.first_question, "-")]
+            calls = [head] + [[*head, pair] for pair in missing]
+            ids = self.processor(dialogues=calls, return_tensors=None, padding=False, truncation=False)["input_ids"]
+            for pair, row in zip(missing, ids[1:]):
+                if list(row[: len(ids[0])]) != list(ids[0]):  # not an id prefix: the property above fails
+                    raise RuntimeError("round-by-round ids are not prefix-consistent; use the official path")
+                self._round_ids[pair] = list(row[len(ids[0]):])
+        return [(self._ids + self._round_ids[pair])[: self.processor.max_length] for pair in rounds]
+
+    def _hypothesis_states(self, hypothesis_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projected tower states (H, L, D) of several continuations of the cached dialogue and the
+        (H, L) mask of each one's tokens, from one batched pass over the tokens past their shared head.
+
+        The cached head is the longest prefix that the cached ids share with every continuation, kept
+        short of each continuation's last token so that every row runs at least one token.
+        """
+        keep = min(min(_common_prefix(self._ids, ids), len(ids) - 1) for ids in hypothesis_ids)
+        if self._cache is None:
+            keep = 0
+        model = self.model
+        device = next(model.parameters()).device
+        count = len(hypothesis_ids)
+        tails = [ids[keep:] for ids in hypothesis_ids]
+        longest = max(map(len, tails))
+        pad = getattr(self.processor, "pad_token_id", 0) or 0
+        new_ids = torch.tensor([tail + [pad] * (longest - len(tail)) for tail in tails], device=device)  # (H, T)
+        cache = None
+        if keep:
+            # Each layer's cached keys / values of the shared head, repeated for every hypothesis.
+            cache = DynamicCache(
+                ddp_cache_data=[
+                    (layer.keys[:, :, :keep].expand(count, -1, -1, -1), layer.values[:, :, :keep].expand(count, -1, -1, -1))
+                    for layer in self._cache.layers
+                ],
+                config=model.text_model.config,
+            )
+        hidden = model.text_model(input_ids=new_ids, cache=cache, use_cache=cache is not None).last_hidden_state
+        states = model.text_projection(hidden)  # (H, T, D)
+        if keep:
+            states = torch.cat([self._token_states[:, :keep].expand(count, -1, -1), states], dim=1)
+        lengths = torch.tensor([len(ids) for ids in hypothesis_ids], device=device)
+        token_mask = torch.arange(states.shape[1], device=device)[None, :] < lengths[:, None]  # (H, L)
+        return states, token_mask
 
     @torch.no_grad()
     def encode_from_scratch(self) -> torch.Tensor:
