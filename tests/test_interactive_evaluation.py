@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from diana.modeling_diana import DiaNAModel
-from diana.processing.data import synthpedes
+from diana.processing.data import synthpedes, synthpedes_attributes
 from diana.processing.search import GalleryIndex
 from diana.processing.search.questioner import DONT_REMEMBER, ProposedQuestion, QuestionBank
 from diana.training import main_job
@@ -62,7 +62,7 @@ def model_dir(tmp_path_factory, tiny_processor):
 
 
 def _question(attribute, text=None):
-    return ProposedQuestion(text or synthpedes.QUESTIONS[attribute][0], (), attribute, "test")
+    return ProposedQuestion(text or synthpedes_attributes.QUESTIONS[attribute][0], (), attribute, "test")
 
 
 def test_synthpedes_witness_answers_in_the_generators_templates():
@@ -72,13 +72,13 @@ def test_synthpedes_witness_answers_in_the_generators_templates():
         if value is None:
             assert witness.answer(_question(attribute)) == DONT_REMEMBER  # a bag colour without a bag
             continue
-        table = synthpedes.ANSWERS[attribute]
+        table = synthpedes_attributes.ANSWERS[attribute]
         templates = table.get(value, table.get("*"))
         allowed = {t.format(v=value, V=value[:1].upper() + value[1:]) for t in templates}
         answers = {witness.answer(_question(attribute)) for _ in range(20)}
         assert answers <= allowed and (len(answers) > 1) == (len(allowed) > 1)  # the template varies
         # A bare question string of the generator names its attribute too.
-        assert witness.answer(synthpedes.QUESTIONS[attribute][-1]) in allowed
+        assert witness.answer(synthpedes_attributes.QUESTIONS[attribute][-1]) in allowed
     assert witness.answer("What was the weather like?") == DONT_REMEMBER
     assert witness.answer(ProposedQuestion("Weather?", (), None, "x")) == DONT_REMEMBER
 

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from diana.modeling_diana import DiaNAModel
-from diana.processing.data import synthpedes
+from diana.processing.data import synthpedes_attributes as synthpedes
 from diana.processing.search import ChatSearchSession, GalleryIndex
 from diana.processing.search import questioner as questioner_module
 from diana.processing.search.questioner import (

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -61,7 +60,7 @@ from diana.processing.cli_errors import (
     require_range,
     run_cli,
 )
-from diana.processing.data import synthpedes
+from diana.processing.data import synthpedes_attributes as synthpedes
 from diana.processing.data.annotations import load_json_list
 from diana.processing.data.chatpedes import find_images_dir, parse_entries
 from diana.processing.model_loading import load_model_and_processor
