@@ -201,5 +201,5 @@ def test_annotated_data_uses_its_own_rounds_and_refuses_the_oracle(synth, model_
     (["--temperature", "0"], "--temperature 0.0: must be > 0"),
 ])
 def test_command_errors_are_one_line(synth, model_dir, capsys, argv, message):
-    line = one_line_exit(capsys, interactive.main, ["--model", str(model_dir[0]), "--data", str(synth / "chatpedes"), *argv])
+    line = one_line_exit(capsys, interactive.main, ["--model_name_or_path", str(model_dir[0]), "--data_dir", str(synth / "chatpedes"), *argv])
     assert message in line

@@ -521,13 +521,13 @@ def write_interactive_report(results: Mapping[str, Any], output_dir: str | os.Pa
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """`diana evaluate-interactive`: parses, checks every flag, evaluates, prints the table."""
     parser = ArgumentParser(prog="diana evaluate-interactive", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", "--model_name_or_path", required=True, help="saved DiaNA folder (or Hub id)")
-    parser.add_argument("--data", "--data_dir", required=True, help="ChatPedes-layout folder")
+    parser.add_argument("--model_name_or_path", required=True, help="saved DiaNA folder (or Hub id)")
+    parser.add_argument("--data_dir", required=True, help="ChatPedes-layout folder")
     parser.add_argument("--split", default="test", choices=["test", "train"])
     parser.add_argument("--policies", nargs="+", default=["random", "info_gain", "oracle"],
                         help=f"questioner policies, of {', '.join(POLICIES)}")
     parser.add_argument("--rounds", type=int, default=10, help="rounds per search, the description included")
-    parser.add_argument("--bank", default=None, help="question bank JSON (default: SynthPedes' or the split's own)")
+    parser.add_argument("--question_bank", default=None, help="question bank JSON (default: SynthPedes' or the split's own)")
     parser.add_argument("--targets", default="image", choices=["image", "person"],
                         help="one search per image entry or per person")
     parser.add_argument("--max_targets", type=int, default=None)
@@ -540,8 +540,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--device", default=None)
     parser.add_argument("--output_dir", default=None, help="default: interactive_<model folder name>_<split>")
     args = parser.parse_args(argv)
-    require_model_folder("--model", args.model, allow_hub_id=True)
-    require_path("--data", args.data, "folder")
+    require_model_folder("--model_name_or_path", args.model_name_or_path, allow_hub_id=True)
+    require_path("--data_dir", args.data_dir, "folder")
     require_choices("--policies", args.policies, POLICIES)
     require_range("--rounds", args.rounds, 1)
     require_range("--max_targets", args.max_targets, 1)
@@ -549,23 +549,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.temperature is not None and not args.temperature > 0:
         raise UserInputError(f"--temperature {args.temperature!r}: must be > 0")
     require_range("--batch_size", args.batch_size, 1)
-    require_path("--bank", args.bank, "file")
+    require_path("--question_bank", args.question_bank, "file")
     bank = None
-    if args.bank:
+    if args.question_bank:
         try:
-            bank = QuestionBank.load(args.bank)
+            bank = QuestionBank.load(args.question_bank)
         except ValueError as error:
             raise UserInputError(str(error)) from error
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    model, processor = load_model_and_processor(args.model, device=args.device)
-    output_dir = args.output_dir or f"interactive_{Path(args.model).resolve().name}_{args.split}"
+    model, processor = load_model_and_processor(args.model_name_or_path, device=args.device)
+    output_dir = args.output_dir or f"interactive_{Path(args.model_name_or_path).resolve().name}_{args.split}"
     results = evaluate_interactive(
-        model, processor, args.data, split=args.split, policies=args.policies, rounds=args.rounds, bank=bank,
+        model, processor, args.data_dir, split=args.split, policies=args.policies, rounds=args.rounds, bank=bank,
         targets_per=args.targets, max_targets=args.max_targets, top_n=args.top_n, temperature=args.temperature,
         mode=args.score_mode, seed=args.seed, batch_size=args.batch_size, output_dir=output_dir,
     )
     meta = results["meta"]
-    print(f"\n{args.model} on {args.data} ({args.split}): {meta['num_targets']} targets, {meta['num_gallery']} images, "
+    print(f"\n{args.model_name_or_path} on {args.data_dir} ({args.split}): {meta['num_targets']} targets, {meta['num_gallery']} images, "
           f"witness from {meta['witness']}, {meta['score_mode']} scores\n")
     print(format_interactive_table(results))
     print(f"report: {os.path.abspath(output_dir)}")
