@@ -1,9 +1,10 @@
 """Top-k over a gallery: exact (chunked matrix products, ties by gallery index as in the
-evaluation protocol) and the optional FAISS back end."""
+evaluation protocol), the same exact ranking from a float16 scan and a float32 re-score of a
+certified shortlist, and the optional FAISS back end."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -80,6 +81,129 @@ def exact_topk(
             )
             best_values, best_indices = merged_values[:, :k], merged_indices[:, :k]
     return best_values.cpu(), best_indices.cpu()
+
+
+# |float16 score - float32 score| <= FP16_SCORE_ERROR * |q| * |g|: the query and the gallery rounded
+# to float16 (relative error 2^-11 each, products accumulated in float32) and the score rounded to
+# float16 (2^-11 of |score| <= |q||g|) give 3 * 2^-11 plus the float32 summation (768 * 2^-24) and
+# float16 subnormals (below 1e-4 here); 2^-8 leaves a margin of more than 2x.
+FP16_SCORE_ERROR = 2.0 ** -8
+
+
+@torch.no_grad()
+def scan_float16(
+    queries: torch.Tensor, blocks: Sequence[torch.Tensor], count: int, chunk_size: int = 65536,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Approximate top-``count`` of float16 gallery blocks (one after the other, global row numbers).
+
+    On the CPU the product runs in float16 storage with float32 accumulation (torch's CPU kernels do;
+    it reads 2 bytes per value); on a GPU each chunk is widened to float32 first (cuBLAS may reduce
+    float16 products in float16). Returns ``(scores (Q, count), rows (Q, count))`` best first.
+    """
+    device = queries.device
+    query16 = queries.to(torch.float16)
+    best_values, best_rows, offset = None, None, 0
+    for block in blocks:
+        for start in range(0, block.shape[0], chunk_size):
+            chunk = block[start:start + chunk_size]
+            if device.type == "cpu":
+                scores = (query16 @ chunk.T).float()  # (Q, n)
+            else:
+                scores = queries.float() @ chunk.to(device, non_blocking=True).float().T
+            values, rows = torch.topk(scores, min(count, chunk.shape[0]), dim=1)
+            rows = rows + offset + start
+            if best_values is not None:
+                values, rows = torch.cat([best_values, values], 1), torch.cat([best_rows, rows], 1)
+                values, order = torch.topk(values, min(count, values.shape[1]), dim=1)
+                rows = rows.gather(1, order)
+            best_values, best_rows = values, rows
+        offset += block.shape[0]
+    if best_values is None:
+        raise ValueError("cannot search an empty gallery")
+    return best_values.cpu(), best_rows.cpu()
+
+
+def rescore_exact(
+    query: torch.Tensor, rows: torch.Tensor, exact_rows: Callable[[torch.Tensor], torch.Tensor], k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact float32 top-k of one query (1, D) among candidate gallery ``rows``, ties by gallery index.
+
+    The score is the one `exact_topk` computes (float32 inner product); the candidates are put in
+    gallery order first, so `_topk_ties_by_index`'s column order is the gallery order.
+    """
+    rows = torch.unique(rows)  # sorted ascending
+    vectors = exact_rows(rows).to(query.device, torch.float32)  # (n, D)
+    values, columns = _topk_ties_by_index(query.float() @ vectors.T, k)
+    return values[0].cpu(), rows[columns[0].cpu()]
+
+
+@torch.no_grad()
+def rescored_topk(
+    queries: torch.Tensor,
+    scan_blocks: Sequence[torch.Tensor],
+    exact_rows: Callable[[torch.Tensor], torch.Tensor],
+    k: int,
+    *,
+    max_gallery_norm: float = 1.0,
+    shortlist: int = 64,
+    pool: int = 1024,
+    chunk_size: int = 65536,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact float32 top-k (what `exact_topk` returns) from a float16 scan and a float32 re-score.
+
+    The float16 scan keeps a pool of the best ``pool`` rows per query; the best ``shortlist`` of them
+    are re-scored exactly. That is provably the exact top-k when the k-th exact score beats the best
+    float16 score left out by more than the float16 error bound (``FP16_SCORE_ERROR * |q| *
+    max_gallery_norm``): no row outside can then reach it, not even as a tie. Otherwise the shortlist
+    grows 4x, up to the pool, then the pool grows 4x with a rescan (rare: many near-equal scores).
+
+    Args:
+        queries: (Q, D) query embeddings.
+        scan_blocks: the gallery's float16 vectors, as consecutive blocks of rows.
+        exact_rows: maps sorted gallery row numbers (n,) to their float32 vectors (n, D); reads only them.
+        k: results per query.
+        max_gallery_norm: an upper bound of the gallery rows' norms (1 for normalised embeddings).
+        shortlist: rows re-scored first.
+        pool: rows kept by the float16 scan.
+        chunk_size: rows scored at once by the scan.
+
+    Returns:
+        ``(scores (Q, k), indices (Q, k))``, best first, ties by gallery index.
+    """
+    total = sum(block.shape[0] for block in scan_blocks)
+    if total == 0:
+        raise ValueError("cannot search an empty gallery")
+    k = min(k, total)
+    pool = min(max(pool, shortlist, k), total)
+    pooled = scan_float16(queries, scan_blocks, pool, chunk_size)
+    results = [_certified_topk(queries[q:q + 1], pooled[0][q], pooled[1][q], scan_blocks, exact_rows, k,
+                               max(shortlist, k), chunk_size, FP16_SCORE_ERROR * float(queries[q].norm()) * max_gallery_norm)
+               for q in range(queries.shape[0])]
+    return torch.stack([r[0] for r in results]), torch.stack([r[1] for r in results])
+
+
+def _certified_topk(
+    query: torch.Tensor, pool_values: torch.Tensor, pool_rows: torch.Tensor, scan_blocks: Sequence[torch.Tensor],
+    exact_rows: Callable[[torch.Tensor], torch.Tensor], k: int, shortlist: int, chunk_size: int, error: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One query of `rescored_topk`: grow the re-scored shortlist until the result is provably exact."""
+    total = sum(block.shape[0] for block in scan_blocks)
+    while True:
+        size = min(shortlist, pool_values.shape[0])
+        values, rows = rescore_exact(query, pool_rows[:size], exact_rows, k)
+        if size == total:
+            return values, rows
+        # Rows outside the shortlist score at most the next pool score (or the pool's last, outside it).
+        best_left_out = float(pool_values[size] if size < pool_values.shape[0] else pool_values[-1])
+        if float(values[-1]) > best_left_out + error:
+            return values, rows
+        if size < pool_values.shape[0]:
+            shortlist = size * 4
+        else:
+            grown = min(pool_values.shape[0] * 4, total)
+            fresh = scan_float16(query, scan_blocks, grown, chunk_size)
+            pool_values, pool_rows = fresh[0][0], fresh[1][0]
+            shortlist = grown
 
 
 def faiss_available() -> bool:
