@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -430,10 +431,9 @@ def test_folder_of_shards_equals_single_file_and_memory(tmp_path):
     sharded, single = GalleryIndex.load(tmp_path / "sharded"), GalleryIndex.load(tmp_path / "single.safetensors")
     manifest = json.loads((tmp_path / "sharded" / "index.json").read_text())
     assert len(manifest["shards"]) == -(-len(gallery) // 97) and len(sharded.blocks) == len(manifest["shards"])
-    array = sharded.blocks[0].embeds.numpy()
-    while array is not None and not isinstance(array, np.memmap):
-        array = getattr(array, "base", None)
-    assert array is not None  # memory-mapped: read lazily, not loaded
+    mapped = Path("/proc/self/maps").read_text() if Path("/proc/self/maps").exists() else None
+    if mapped is not None:  # Linux: the shards are memory-mapped (read lazily), not loaded
+        assert str((tmp_path / "sharded" / "shard-00000.safetensors").resolve()) in mapped
     queries = gallery[:5] + 0.01 * torch.randn(5, gallery.shape[1])
     want = exact_topk(queries, gallery, 10)
     for loaded in (sharded, single):
@@ -456,8 +456,6 @@ def test_folder_of_shards_equals_single_file_and_memory(tmp_path):
 
 def test_single_file_index_of_the_previous_version_still_loads():
     """tests/data/gallery_index_v1.safetensors was written by the previous code (one float32 file)."""
-    from pathlib import Path
-
     old = GalleryIndex.load(Path(__file__).parent / "data" / "gallery_index_v1.safetensors")
     assert old.paths == [f"/photos/p{i}.jpg" for i in range(5)] and old.ids.tolist() == [3, 3, 7, -1, 9]
     assert old.model_fingerprint == "cfg0-w0" and old.image_attribute_embeds.shape == (5, 3, 8)

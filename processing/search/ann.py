@@ -22,20 +22,28 @@ ANN_MIN_IMAGES = 250_000
 ANN_CANDIDATES = 100
 
 
+# k-means of an inverted file wants at least this many training rows per list (FAISS warns below 39).
+TRAIN_ROWS_PER_LIST = 40
+
+
 def default_ann_factory(num_images: int) -> str:
-    """The FAISS factory string for a gallery of ``num_images``: an inverted file with ~4 sqrt(N)
-    lists (a power of two, FAISS's rule of thumb) storing float16 codes, half the memory of float32."""
-    lists = 2 ** round(math.log2(max(16.0, 4 * math.sqrt(max(num_images, 1)))))
-    return f"IVF{min(lists, 65536)},SQfp16"
+    """The FAISS factory string for a gallery of ``num_images``: an inverted file with ~sqrt(N) lists
+    (a power of two; k-means training and assignment cost grow with the list count, a query's scan
+    shrinks with it) storing float16 codes, half the memory of float32. Galleries too small to train
+    16 lists get a float16 flat scan."""
+    lists = 2 ** round(math.log2(max(1.0, math.sqrt(max(num_images, 1)))))
+    while lists >= 16 and lists * TRAIN_ROWS_PER_LIST > num_images:
+        lists //= 2
+    return f"IVF{min(lists, 65536)},SQfp16" if lists >= 16 else "SQfp16"
 
 
 def default_nprobe(factory: str) -> int:
-    """Lists visited per query: 1/32 of an inverted file's lists (at least 16), which on clustered
-    person embeddings kept recall@10 at or above 0.99 in the search benchmark (BENCHMARKS.md)."""
+    """Lists visited per query: 1/16 of an inverted file's lists (at least 8); the search benchmark
+    reports the recall@10 this gives (BENCHMARKS.md)."""
     if not factory.startswith("IVF"):
         return 0
     lists = int(factory[3:].split(",")[0])
-    return max(16, lists // 32)
+    return min(lists, max(8, lists // 16))
 
 
 def _faiss():
@@ -68,7 +76,7 @@ class AnnIndex:
 
     @classmethod
     def build(cls, blocks: Sequence[torch.Tensor], factory: str | None = None, nprobe: int | None = None,
-              *, train_size: int = 131_072, seed: int = 0) -> AnnIndex:
+              *, seed: int = 0) -> AnnIndex:
         """Train on an even sample of the rows (k-means of an inverted file needs ~40-256 per list),
         then add every row, one block at a time (float16 blocks are widened chunk by chunk)."""
         faiss = _faiss()
@@ -77,7 +85,11 @@ class AnnIndex:
         dim = blocks[0].shape[1]
         index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
         if not index.is_trained:
-            picked = np.sort(np.random.default_rng(seed).choice(total, min(train_size, total), replace=False))
+            try:
+                lists = faiss.extract_index_ivf(index).nlist
+            except RuntimeError:  # not an inverted file (e.g. a product quantiser)
+                lists = 1024
+            picked = np.sort(np.random.default_rng(seed).choice(total, min(TRAIN_ROWS_PER_LIST * lists, total), replace=False))
             index.train(_rows_as_float32(blocks, torch.from_numpy(picked)))
         ann = cls(index, factory, default_nprobe(factory) if nprobe is None else nprobe)
         ann.add(blocks)

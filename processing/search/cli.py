@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -259,16 +260,18 @@ def run_index(args: argparse.Namespace, out: TextIO) -> int:
         if args.split not in splits:
             raise KeyError(f"--split {args.split!r}: {args.data_dir} has splits {sorted(splits)}")
         paths, ids = dataset_paths_and_ids(splits[args.split])
+    started = time.perf_counter()
     report = index_images(index, paths, model, processor, group, target, ids=ids, batch_size=args.batch_size,
                           num_workers=args.num_workers, on_bad_image=args.on_bad_image)
+    seconds = time.perf_counter() - started
     if not group.is_main:
         return 0
     wants_ann = args.ann == "build" or (args.ann == "auto" and len(index) >= ANN_MIN_IMAGES)
     if wants_ann and target.suffix != ".safetensors" and (index.ann is None or len(index.ann) != len(index)):
         index.build_ann()
         index.save(target)
-    print(f"{target}: {report}; {len(index)} images in the index"
-          + (f" ({group.world_size} processes)" if group.world_size > 1 else ""), file=out)
+    print(f"{target}: {report}; {len(index)} images in the index; encoded in {seconds:.2f} s"
+          + (f" by {group.world_size} processes" if group.world_size > 1 else ""), file=out)
     if report.skipped_unreadable:
         print("unreadable: " + ", ".join(report.skipped_unreadable), file=out)
     return 0

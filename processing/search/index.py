@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
@@ -195,13 +196,14 @@ class GalleryIndex:
 
     def exact_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """(n, D) float32 vectors of the sorted gallery ``rows``, read from their blocks only."""
-        parts, offset = [], 0
+        # NumPy indexing: a few rows, single-threaded (torch would split it over busy cores).
+        parts, offset, rows = [], 0, rows.cpu().numpy()
         for block in self.blocks:
             inside = rows[(rows >= offset) & (rows < offset + len(block))] - offset
-            if inside.numel():
-                parts.append(block.embeds[inside])
+            if inside.size:
+                parts.append(block.embeds.numpy()[inside])
             offset += len(block)
-        return torch.cat(parts) if parts else torch.zeros(0, self.dim)
+        return torch.from_numpy(np.concatenate(parts)) if parts else torch.zeros(0, self.dim)
 
     def _append(self, block: Block, paths: list[str], ids: list[int]) -> None:
         if not len(block):

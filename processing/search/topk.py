@@ -98,8 +98,12 @@ def exact_scores(query: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
     Each product of two float32 numbers is exact in float64 and the sum's error (~1e-16) is far below
     float32's resolution, so the score depends on the two vectors only, not on where the row sits in
     a matrix product (BLAS blocking changes float32 sums in the last bit): equal rows tie exactly.
+    Computed with NumPy on the host: a shortlist is small, and torch would split these small
+    products over threads, which on a busy CPU costs more than the arithmetic.
     """
-    return (query.double() @ vectors.double().T).float()
+    query64 = query.detach().float().cpu().numpy().astype(np.float64)[0]
+    vectors64 = vectors.detach().float().cpu().numpy().astype(np.float64)
+    return torch.from_numpy((vectors64 @ query64).astype(np.float32))[None]
 
 
 # |float16 score - exact score| <= FP16_SCORE_ERROR * |q| * |g|: the query and the gallery rounded
@@ -157,10 +161,9 @@ def rescore_exact(
     The score is `exact_scores`; the candidates are put in gallery order first, so
     `_topk_ties_by_index`'s column order is the gallery order.
     """
-    rows = torch.unique(rows)  # sorted ascending
-    vectors = exact_rows(rows).to(query.device, torch.float32)  # (n, D)
-    values, columns = _topk_ties_by_index(exact_scores(query, vectors), k)
-    return values[0].cpu(), rows[columns[0].cpu()]
+    rows = torch.unique(rows.cpu())  # sorted ascending
+    values, columns = _topk_ties_by_index(exact_scores(query, exact_rows(rows)), k)
+    return values[0], rows[columns[0]]
 
 
 @torch.no_grad()
