@@ -204,9 +204,7 @@ def validate_arguments(args: argparse.Namespace) -> None:
     if args.command == "index":
         validate_index_arguments(args)
         return
-    # A folder index, or a single file (.safetensors)
-    require_path("--index", args.index, "file" if Path(args.index).suffix == ".safetensors" or Path(args.index).is_file()
-                 else "folder")
+    require_path("--index", args.index, "folder" if Path(args.index).is_dir() else "file")  # a folder or one file
     require_path("--dialogue", args.dialogue, "file")
     if args.backend == "faiss" and not faiss_available():
         raise UserInputError("--backend faiss needs the faiss package (pip install faiss-cpu), or use --backend exact")
