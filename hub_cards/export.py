@@ -441,8 +441,9 @@ PROCESSING_DIR = Path(diana.processing.__file__).resolve().parent
 # The part of `diana.processing` the Space app imports, copied under `diana/processing/` next to it
 # (the Space does not install this project; its model code comes from the Hub with the weights).
 SPACE_RUNTIME = (
-    "__init__.py", "image_loading.py", "processing_diana.py", "search/__init__.py", "search/contact_sheet.py",
-    "search/fingerprints.py", "search/index.py", "search/session.py", "search/topk.py",
+    "__init__.py", "image_loading.py", "processing_diana.py", "search/__init__.py", "search/ann.py",
+    "search/contact_sheet.py", "search/fingerprints.py", "search/index.py", "search/session.py", "search/storage.py",
+    "search/topk.py",
 )
 
 
