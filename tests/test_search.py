@@ -389,7 +389,7 @@ def test_float16_scan_and_float32_rescore_equal_exact_topk(shortlist, pool, chun
     crowd_member = (gallery @ gallery[0]).argmax()  # any row; plus the crowd's centre below
     queries = torch.cat([queries, gallery[crowd_member][None], gallery[(gallery[:, :3] > 0).all(1)][:2]])
     blocks = [gallery[:100].half(), gallery[100:101].half(), gallery[101:].half()]
-    exact_rows = lambda rows: gallery[rows]  # noqa: E731
+    exact_rows = lambda rows: gallery[rows]
     for k in (1, 10, 37):
         values, indices = rescored_topk(queries, blocks, exact_rows, k, shortlist=shortlist, pool=pool, chunk_size=chunk)
         want_values, want_indices = exact_topk(queries, gallery, k)
@@ -411,7 +411,7 @@ def test_rescore_grows_its_shortlist_through_a_crowd_of_float16_ties():
         read.append(rows.numel())
         return gallery[rows]
 
-    values, indices = rescored_topk(centre[None], [gallery.half()], exact_rows, 10, shortlist=8, pool=32)
+    _, indices = rescored_topk(centre[None], [gallery.half()], exact_rows, 10, shortlist=8, pool=32)
     assert torch.equal(indices, exact_topk(centre[None], gallery, 10)[1])
     assert max(read) >= 200  # the pool had to grow past the crowd (rescan), not stop at a guess
 

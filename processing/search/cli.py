@@ -41,8 +41,8 @@ from ..cli_errors import (
 from ..data.chatpedes import load_chatpedes
 from ..model_loading import load_model_and_processor
 from ..processing_diana import normalize_dialogue
-from .contact_sheet import save_contact_sheet
 from .ann import ANN_MIN_IMAGES
+from .contact_sheet import save_contact_sheet
 from .index import GalleryIndex, dataset_paths_and_ids, list_images
 from .parallel_indexing import ProcessGroup, index_images
 from .session import ChatSearchSession, RoundResult

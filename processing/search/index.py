@@ -5,7 +5,6 @@ scan copies; see `storage`) or, for small galleries and older files, one safeten
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
