@@ -265,8 +265,8 @@ def test_run_command_runs_both_suites_tiny_and_writes_json(tmp_path, tokenizer_d
 
 
 def test_clustered_gallery_puts_each_person_images_nearest_their_queries():
-    gallery, centres = search.clustered_gallery(400, 64, per_person=4)
-    assert gallery.shape == (400, 64) and centres.shape == (100, 64)
+    gallery, centres = search.clustered_gallery(400, 768, per_person=4)
+    assert gallery.shape == (400, 768) and centres.shape == (100, 768)
     torch.testing.assert_close(gallery.norm(dim=-1), torch.ones(400))
     queries = search.person_queries(centres, 30)
     persons = torch.topk(queries @ centres.T, 1).indices[:, 0]

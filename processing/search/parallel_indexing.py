@@ -55,8 +55,9 @@ def encode_share(
     share = share_of(len(paths), group.rank, group.world_size)
     share_paths = [paths[i] for i in share]
     share_ids = [ids[i] for i in share]
+    progress = encode_kwargs.pop("progress", True) and group.is_main  # one bar, the main process's
     encoded = encode_image_files(share_paths, model, processor, with_attributes=index.with_attributes,
-                                 progress=group.is_main and encode_kwargs.pop("progress", True), **encode_kwargs)
+                                 progress=progress, **encode_kwargs)
     part = GalleryIndex.empty(model, processor, with_attributes=index.with_attributes)
     part.append_encoded(encoded, share_paths, share_ids)
     parts.mkdir(parents=True, exist_ok=True)
