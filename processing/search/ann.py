@@ -15,9 +15,9 @@ import torch
 
 from .topk import rescore_exact
 
-# Below this many images the exact float16 scan answers one query in ~0.2 s on a 2-core CPU
-# (BENCHMARKS.md: 0.86 s per million) and an ANN would buy speed with approximation; from here on
-# `backend="auto"` searches the ANN.
+# Below this many images the exact search answers one query in ~50 ms on a 2-core CPU
+# (BENCHMARKS.md: ~0.2 s per million) and an ANN would buy little speed for its approximation; from
+# here on `backend="auto"` searches the ANN.
 ANN_MIN_IMAGES = 250_000
 # Candidates an ANN query hands to the exact re-score.
 ANN_CANDIDATES = 100
