@@ -188,8 +188,9 @@ PROCESSING_DIR = Path(diana.processing.__file__).resolve().parent
 # (the Space does not install this project; its model code comes from the Hub with the weights).
 SPACE_RUNTIME = (
     "image_loading.py", "dialogue_template.py", "round_tokenization.py", "processing_diana.py", "cli_errors.py",
-    "data/__init__.py", "data/synthpedes_attributes.py", "search/__init__.py", "search/contact_sheet.py", "search/fingerprints.py",
-    "search/index.py", "search/questioner.py", "search/session.py", "search/topk.py",
+    "data/__init__.py", "data/synthpedes_attributes.py", "search/__init__.py", "search/ann.py",
+    "search/contact_sheet.py", "search/fingerprints.py", "search/index.py", "search/questioner.py",
+    "search/session.py", "search/storage.py", "search/topk.py",
 )
 
 

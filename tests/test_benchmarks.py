@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from diana.modeling_diana import DiaNAModel
-from diana.training.benchmarks import gpu, harness, naive, run, workloads
+from diana.training.benchmarks import gpu, harness, naive, run, search, workloads
 from diana.training.benchmarks.cpu import tiny_model_config
 
 pytestmark = pytest.mark.xdist_group("benchmarks")
@@ -253,3 +253,22 @@ def test_run_command_runs_both_suites_tiny_and_writes_json(tmp_path, tokenizer_d
     assert len(ev["R@1_per_round_random_weights"]) == ev["rounds"]
     assert ev["naive_total_s_scaled"] > 0 and ev["fast_total_s"] > 0
     assert gpu_res["big_gallery_query"]["queries_per_s"] > 0
+    # The search figures ride along: exact fp16 + re-score equals the naive float32 search, recall is a
+    # fraction, indexing ran under accelerate launch with 1 and 2 (CPU) processes.
+    found = gpu_res["search"]
+    assert found["exact"]["same_ranking"] is True and found["bandwidth"]["read_bytes_per_s"] > 0
+    if "ann" in found:
+        assert 0 <= found["ann"]["recall_at_10"] <= 1 and found["ann"]["query_s"] > 0
+    assert len(found["chat_round"]["rounds"]) == len(search.ROUNDS)
+    assert found["indexing"]["1_process_images_per_s"] > 0 and found["indexing"]["2_process_images_per_s"] > 0
+    assert "search: exact top-10, fp16 scan + fp32 re-score" in printed
+
+
+def test_clustered_gallery_puts_each_person_images_nearest_their_queries():
+    gallery, centres = search.clustered_gallery(400, 768, per_person=4)
+    assert gallery.shape == (400, 768) and centres.shape == (100, 768)
+    torch.testing.assert_close(gallery.norm(dim=-1), torch.ones(400))
+    queries = search.person_queries(centres, 30)
+    persons = torch.topk(queries @ centres.T, 1).indices[:, 0]
+    nearest_images = torch.topk(queries @ gallery.T, 2).indices // 4  # image row -> its person
+    assert (nearest_images == persons[:, None]).float().mean() > 0.9

@@ -229,7 +229,7 @@ def search_setup(tiny_processor, tmp_path_factory) -> dict[str, Path]:
     for i in range(2):
         Image.fromarray(rng.integers(0, 255, (70, 30, 3), dtype=np.uint8)).save(photos / f"p{i}.png")
     index = root / "gallery.safetensors"
-    search_cli.main(["index", "--model_name_or_path", str(root / "model"), "--images", str(photos), "--output", str(index)],
+    search_cli.main(["index", "--model_name_or_path", str(root / "model"), "--images_dir", str(photos), "--index_file", str(index)],
                     out=open(os.devnull, "w"))
     return {"root": root, "photos": photos, "index": index}
 
@@ -242,21 +242,22 @@ def test_search_cli_user_errors_are_one_line(search_setup, capsys):
     assert line.startswith(f"error: {index} was built with another model (its weights differ)")
     # An existing output; a corrupt image.
     line = one_line_exit(capsys, search_cli.main,
-                         ["index", "--model_name_or_path", model, "--images", str(search_setup["photos"]), "--output", str(index)])
-    assert line == f"error: {index} exists: use --add to extend it, or another --output"
+                         ["index", "--model_name_or_path", model, "--images_dir", str(search_setup["photos"]),
+                          "--index_file", str(index)])
+    assert line == f"error: {index} exists: use --add to extend it, or another --index_file"
     corrupt = root / "corrupt"
     corrupt.mkdir()
     (corrupt / "broken.jpg").write_bytes(b"not a JPEG at all")
     line = one_line_exit(capsys, search_cli.main,
-                         ["index", "--model_name_or_path", model, "--images", str(corrupt), "--output", str(root / "new.safetensors")])
+                         ["index", "--model_name_or_path", model, "--images_dir", str(corrupt), "--index_file", str(root / "new")])
     assert "broken.jpg" in line
     # Flags refused before the model loads.
     assert one_line_exit(capsys, search_cli.main, ["search", "--model_name_or_path", model, "--index_file", str(root / "none.st")]) == (
         f"error: --index_file: file not found: {root / 'none.st'}")
     assert one_line_exit(capsys, search_cli.main, ["search", "--model_name_or_path", model, "--index_file", str(index), "--top_k", "0"]
                          ) == "error: --top_k 0: must be >= 1"
-    line = one_line_exit(capsys, search_cli.main, ["index", "--model_name_or_path", model, "--chatpedes", str(root), "--split",
-                                                   "dev", "--output", str(root / "x.safetensors")])
+    line = one_line_exit(capsys, search_cli.main, ["index", "--model_name_or_path", model, "--data_dir", str(root),
+                                                   "--split", "dev", "--index_file", str(root / "x")])
     assert "argument --split: invalid choice: 'dev'" in line
     missing = str(root / "model_v2")
     assert one_line_exit(capsys, search_cli.main, ["search", "--model_name_or_path", missing, "--index_file", str(index)]) == (

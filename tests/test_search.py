@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -446,13 +447,17 @@ def test_rejecting_a_rank_that_was_not_shown_names_it(model, tiny_processor, ind
 
 def test_cli_index_add_and_search_a_json_dialogue(model, model_dir, tiny_processor, gallery, tmp_path):
     root, first, second = gallery
-    index_file = tmp_path / "g.safetensors"
+    index_file = tmp_path / "g_index"
     out = io.StringIO()
-    search_cli.main(["index", "--model_name_or_path", str(model_dir), "--images", str(root / "first"), "--output", str(index_file)], out=out)
-    search_cli.main(["index", "--model_name_or_path", str(model_dir), "--images", str(root), "--output", str(index_file), "--add"], out=out)
+    index_argv = ["index", "--model_name_or_path", str(model_dir), "--index_file", str(index_file)]
+    search_cli.main([*index_argv, "--images_dir", str(root / "first"), "--ann", "build"], out=out)
+    search_cli.main([*index_argv, "--images_dir", str(root), "--add", "--num_workers", "1"], out=out)
     assert "added 6 image(s), skipped 0" in out.getvalue() and "added 4 image(s), skipped 6" in out.getvalue()
     with pytest.raises(FileExistsError, match="--add"):
-        search_cli.main(["index", "--model_name_or_path", str(model_dir), "--images", str(root), "--output", str(index_file)], out=out)
+        search_cli.main([*index_argv, "--images_dir", str(root)], out=out)
+    # Two shards (one per run), the ANN grown with the added rows and saved beside them.
+    manifest = json.loads((index_file / "index.json").read_text())
+    assert [s["num_images"] for s in manifest["shards"]] == [6, 4] and manifest["ann"]["num_images"] == 10
 
     dialogue_file = tmp_path / "dialogue.json"
     chatpedes_rounds = [[{"from": "gpt", "value": q}, {"from": "user", "value": a}] for q, a in DIALOGUE[:3]]
@@ -555,3 +560,156 @@ def test_cli_chat_where_the_system_asks(model, model_dir, tiny_processor, index,
     assert not set(expected[2].rejected) & {i for r in expected[2:] for i in r.indices}
     picture = Image.open(sheet)
     assert picture.height / picture.width > 2.5  # five rows of photos (one row is 0.55 as high as wide)
+
+
+# ------------------------------------------------------------- float16 scan, shards, ANN, processes
+
+
+def _near_tie_gallery(seed=0, count=600, dim=24):
+    """Normalised rows plus exact duplicates and rows 1e-6..1e-4 away from others: float16 cannot
+    tell them apart, float32 can (and duplicates must be ordered by gallery index)."""
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.nn.functional.normalize(torch.randn(count, dim, generator=generator), dim=-1)
+    near = [base[i] + scale * torch.randn(dim, generator=generator) for i, scale in
+            zip(range(0, 60, 2), [1e-6, 1e-5, 1e-4] * 10)]
+    crowd = base[7] + 2e-5 * torch.randn(200, dim, generator=generator)  # 200 rows within float16 rounding
+    gallery = torch.cat([base, torch.stack(near), base[:20], crowd])
+    gallery = torch.nn.functional.normalize(gallery, dim=-1)
+    return gallery[torch.randperm(gallery.shape[0], generator=generator)]
+
+
+@pytest.mark.parametrize("shortlist, pool, chunk", [(64, 1024, 65536), (4, 8, 50), (12, 40, 333)])
+def test_float16_scan_and_float32_rescore_equal_exact_topk(shortlist, pool, chunk):
+    from diana.processing.search.topk import rescored_topk
+
+    gallery = _near_tie_gallery()
+    queries = torch.cat([gallery[:6], torch.nn.functional.normalize(torch.randn(4, gallery.shape[1]), dim=-1)])
+    crowd_member = (gallery @ gallery[0]).argmax()  # any row; plus the crowd's centre below
+    queries = torch.cat([queries, gallery[crowd_member][None], gallery[(gallery[:, :3] > 0).all(1)][:2]])
+    blocks = [gallery[:100].half(), gallery[100:101].half(), gallery[101:].half()]
+    exact_rows = lambda rows: gallery[rows]
+    for k in (1, 10, 37):
+        values, indices = rescored_topk(queries, blocks, exact_rows, k, shortlist=shortlist, pool=pool, chunk_size=chunk)
+        want_values, want_indices = exact_topk(queries, gallery, k)
+        assert torch.equal(indices, want_indices)
+        torch.testing.assert_close(values, want_values, atol=0, rtol=0)
+
+
+def test_rescore_grows_its_shortlist_through_a_crowd_of_float16_ties():
+    """A crowd of 200 rows that float16 scores alike: the top-10 needs the whole crowd re-scored."""
+    from diana.processing.search.topk import rescored_topk
+
+    generator = torch.Generator().manual_seed(1)
+    centre = torch.nn.functional.normalize(torch.randn(16, generator=generator), dim=0)
+    crowd = torch.nn.functional.normalize(centre + 3e-5 * torch.randn(200, 16, generator=generator), dim=-1)
+    gallery = torch.cat([torch.nn.functional.normalize(torch.randn(300, 16, generator=generator), dim=-1), crowd])
+    read = []
+
+    def exact_rows(rows):
+        read.append(rows.numel())
+        return gallery[rows]
+
+    _, indices = rescored_topk(centre[None], [gallery.half()], exact_rows, 10, shortlist=8, pool=32)
+    assert torch.equal(indices, exact_topk(centre[None], gallery, 10)[1])
+    assert max(read) >= 200  # the pool had to grow past the crowd (rescan), not stop at a guess
+
+
+def _index_of(embeds, seed=0):
+    ids = torch.arange(embeds.shape[0]) % 7
+    return GalleryIndex(embeds, [f"/g/{seed}_{i}.jpg" for i in range(embeds.shape[0])], "cfg-w", "proc", ids=ids)
+
+
+def test_folder_of_shards_equals_single_file_and_memory(tmp_path):
+    gallery = _near_tie_gallery(seed=3)
+    attributes = torch.nn.functional.normalize(torch.randn(gallery.shape[0], 3, gallery.shape[1]), dim=-1)
+    index = GalleryIndex(gallery, [f"/g/{i}.jpg" for i in range(len(gallery))], "cfg-w", "proc",
+                         image_attribute_embeds=attributes, ids=torch.arange(len(gallery)) % 5)
+    index.save(tmp_path / "sharded", shard_size=97)
+    index.save(tmp_path / "single.safetensors")
+    sharded, single = GalleryIndex.load(tmp_path / "sharded"), GalleryIndex.load(tmp_path / "single.safetensors")
+    manifest = json.loads((tmp_path / "sharded" / "index.json").read_text())
+    assert len(manifest["shards"]) == -(-len(gallery) // 97) and len(sharded.blocks) == len(manifest["shards"])
+    mapped = Path("/proc/self/maps").read_text() if Path("/proc/self/maps").exists() else None
+    if mapped is not None:  # Linux: the shards are memory-mapped (read lazily), not loaded
+        assert str((tmp_path / "sharded" / "shard-00000.safetensors").resolve()) in mapped
+    queries = gallery[:5] + 0.01 * torch.randn(5, gallery.shape[1])
+    want = exact_topk(queries, gallery, 10)
+    for loaded in (sharded, single):
+        assert loaded.paths == index.paths and torch.equal(loaded.ids, index.ids)
+        assert torch.equal(loaded.image_embeds, gallery) and torch.equal(loaded.image_attribute_embeds, attributes)
+        values, indices = loaded.search(queries, 10)
+        assert torch.equal(indices, want[1]) and torch.equal(values, want[0])
+    # Adding writes new shards only; the old ones stay as they are.
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "sharded").glob("shard-*")}
+    sharded.extend(GalleryIndex(gallery[:3] * -1, [f"/new/{i}" for i in range(3)], "cfg-w", "proc",
+                                image_attribute_embeds=attributes[:3], ids=torch.tensor([1, 2, 3])))
+    sharded.save(tmp_path / "sharded", shard_size=97)
+    again = GalleryIndex.load(tmp_path / "sharded")
+    assert len(again) == len(gallery) + 3 and again.paths[-1] == "/new/2"
+    after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "sharded").glob("shard-*")}
+    assert len(after) == len(before) + 1 and all(after[name] == time for name, time in before.items())
+    with pytest.raises(IndexMismatchError):
+        again.extend(GalleryIndex(gallery[:1], ["x"], "cfg-other", "proc"))
+
+
+def test_single_file_index_of_the_previous_version_still_loads():
+    """tests/data/gallery_index_v1.safetensors was written by the previous code (one float32 file)."""
+    old = GalleryIndex.load(Path(__file__).parent / "data" / "gallery_index_v1.safetensors")
+    assert old.paths == [f"/photos/p{i}.jpg" for i in range(5)] and old.ids.tolist() == [3, 3, 7, -1, 9]
+    assert old.model_fingerprint == "cfg0-w0" and old.image_attribute_embeds.shape == (5, 3, 8)
+    generator = torch.Generator().manual_seed(0)  # how the file's vectors were drawn
+    expected = torch.nn.functional.normalize(torch.randn(5, 8, generator=generator), dim=-1)
+    assert torch.equal(old.image_embeds, expected)
+    assert old.search(expected[2:3], 2)[1][0, 0] == 2
+
+
+def test_recall_at_k_counts_overlap_per_query():
+    from diana.processing.search.ann import recall_at_k
+
+    truth = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    assert recall_at_k(truth, truth) == 1.0
+    assert recall_at_k(torch.tensor([[4, 3, 9, -1], [8, 0, 0, 0]]), truth) == pytest.approx((2 / 4 + 1 / 4) / 2)
+    with pytest.raises(ValueError, match="as many"):
+        recall_at_k(truth[:1], truth)
+
+
+def test_ann_rescores_exactly_finds_clustered_neighbours_and_is_saved_with_the_index(tmp_path):
+    pytest.importorskip("faiss")
+    from diana.processing.search.ann import recall_at_k
+
+    generator = torch.Generator().manual_seed(0)
+    persons = torch.nn.functional.normalize(torch.randn(300, 32, generator=generator), dim=-1)
+    gallery = torch.nn.functional.normalize(persons.repeat_interleave(4, 0) + 0.3 * torch.randn(1200, 32, generator=generator), dim=-1)
+    queries = torch.nn.functional.normalize(persons[:40] + 0.3 * torch.randn(40, 32, generator=generator), dim=-1)
+    index = _index_of(gallery)
+    truth_values, truth = exact_topk(queries, gallery, 10)
+    index.build_ann("IVF16,SQfp16", nprobe=16)  # every list visited: the candidates hold the exact top-10
+    values, found = index.search(queries, 10, backend="ann")
+    assert torch.equal(found, truth) and torch.equal(values, truth_values)
+    index.build_ann("IVF16,SQfp16", nprobe=1)  # one list of 16: recall drops, and is measured as such
+    partial = index.search(queries, 10, backend="ann")[1]
+    recall = recall_at_k(partial, truth)
+    assert 0.2 < recall < 1.0
+    index.save(tmp_path / "g")
+    loaded = GalleryIndex.load(tmp_path / "g")
+    assert loaded.ann is not None and loaded.ann.nprobe == 1
+    assert torch.equal(loaded.search(queries, 10, backend="ann")[1], partial)
+
+
+def test_indexing_in_two_processes_equals_one(model, tiny_processor, gallery, index, tmp_path):
+    """Two simulated `accelerate launch` ranks (the later-merging main one last) give the one-process index."""
+    from diana.processing.search.parallel_indexing import ProcessGroup, index_images, share_of
+
+    assert [list(share_of(5, r, 2)) for r in (0, 1)] == [[0, 1, 2], [3, 4]]
+    root, first, second = gallery
+    paths = first + second
+    target = tmp_path / "two"
+    copies = [GalleryIndex.empty(model, tiny_processor, with_attributes=True) for _ in range(2)]
+    reports = [index_images(copies[rank], paths, model, tiny_processor, ProcessGroup(rank, 2, lambda: None), target,
+                            batch_size=3, num_workers=rank, progress=False) for rank in (1, 0)]
+    assert reports[0] is None and reports[1].added == 10
+    merged = GalleryIndex.load(target)
+    assert merged.paths == index.paths
+    torch.testing.assert_close(merged.image_embeds, index.image_embeds, atol=1e-6, rtol=0)
+    torch.testing.assert_close(merged.image_attribute_embeds, index.image_attribute_embeds, atol=1e-6, rtol=0)
+    assert not (tmp_path / "two.parts").exists()

@@ -1,15 +1,19 @@
 """Terminal front end of the chat search: build / extend a gallery index, then search it by dialogue.
 
-    # encode a folder of photos once (or a data set split), then add more later
-    python -m diana.processing.search.cli index --model_name_or_path MODEL_DIR --images photos/ --output gallery.safetensors
-    python -m diana.processing.search.cli index --model_name_or_path MODEL_DIR --images more/ --output gallery.safetensors --add
-    python -m diana.processing.search.cli index --model_name_or_path MODEL_DIR --chatpedes DATA_DIR --split test --output test.safetensors
+    # encode a folder of photos once (or a data set split), then add more later; an index is a folder
+    # of shards (or one file when --index_file ends in .safetensors, for small galleries)
+    python -m diana.processing.search.cli index --model_name_or_path MODEL_DIR --images_dir photos/ --index_file gallery_index
+    python -m diana.processing.search.cli index --model_name_or_path MODEL_DIR --images_dir more/ --index_file gallery_index --add
+    python -m diana.processing.search.cli index --model_name_or_path MODEL_DIR --data_dir DATA_DIR --split test --index_file test_index
+    # several processes, each encoding a share (DataLoader workers decode the images)
+    ACCELERATE_USE_CPU=1 accelerate launch --num_processes 2 -m diana.processing.search.cli index \
+        --model_name_or_path MODEL_DIR --images_dir photos/ --index_file gallery_index --num_workers 2
 
     # chat on stdin: the system proposes each next question, you answer it, ask your own, or reject photos
-    python -m diana.processing.search.cli search --model_name_or_path MODEL_DIR --index_file gallery.safetensors \
+    python -m diana.processing.search.cli search --model_name_or_path MODEL_DIR --index_file gallery_index \
         --contact_sheet top.png
     # or replay dialogues from a JSON file
-    python -m diana.processing.search.cli search --model_name_or_path MODEL_DIR --index_file gallery.safetensors \
+    python -m diana.processing.search.cli search --model_name_or_path MODEL_DIR --index_file gallery_index \
         --dialogue_file dialogue.json --top_k 8 --contact_sheet top.png
 
 The ranking is printed after every step with the tokens it ran through the dialogue tower;
@@ -25,6 +29,7 @@ import argparse
 import json
 import sys
 from dataclasses import dataclass
+import time
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -41,8 +46,10 @@ from ..cli_errors import (
 from ..data.chatpedes import load_chatpedes
 from ..model_loading import load_model_and_processor
 from ..processing_diana import normalize_dialogue
+from .ann import ANN_MIN_IMAGES
 from .contact_sheet import save_contact_sheet
-from .index import GalleryIndex
+from .index import GalleryIndex, dataset_paths_and_ids, list_images
+from .parallel_indexing import ProcessGroup, index_images
 from .questioner import QuestionBank, make_policy
 from .session import ChatSearchSession, RoundResult
 from .topk import faiss_available
@@ -242,24 +249,31 @@ def build_parser() -> argparse.ArgumentParser:
                          help="DiaNA model folder (an export or a training output) or Hub id")
         sub.add_argument("--revision", help="Hub revision (commit) when --model_name_or_path is a Hub id")
         sub.add_argument("--tokenizer_dir", help="tokenizer folder when the model folder has no processor files")
-        sub.add_argument("--device", help="cpu / cuda (default: cuda if available)")
+        sub.add_argument("--device", help="cpu / cuda (default: cuda if available; under accelerate launch, "
+                                          "each process's own device)")
         sub.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
 
-    index = commands.add_parser("index", help="encode a folder of images or a data set split into an index file")
+    index = commands.add_parser("index", help="encode a folder of images or a data set split into a gallery index")
     common(index)
     source = index.add_mutually_exclusive_group(required=True)
-    source.add_argument("--images", help="folder of images (searched recursively)")
-    source.add_argument("--chatpedes", metavar="DATA_DIR", help="ChatPedes-layout folder; with --split")
-    index.add_argument("--split", default="test", choices=CHATPEDES_SPLITS, help="split of --chatpedes")
-    index.add_argument("--validation-persons", type=int, default=0,
+    source.add_argument("--images_dir", help="folder of images (searched recursively)")
+    source.add_argument("--data_dir", help="ChatPedes-layout folder; with --split")
+    index.add_argument("--split", default="test", choices=CHATPEDES_SPLITS, help="split of --data_dir")
+    index.add_argument("--validation_persons", type=int, default=0,
                        help="persons carved out of train into validation, as in the training run (--split validation)")
-    index.add_argument("--validation-seed", type=int, default=0, help="seed of that carve-out")
-    index.add_argument("--output", required=True, help="index file (.safetensors)")
-    index.add_argument("--add", action="store_true", help="add new images to the existing --output index")
-    index.add_argument("--with-attributes", action="store_true", help="also store attribute embeddings (attribute / fused modes)")
-    index.add_argument("--batch-size", type=int, default=32)
-    index.add_argument("--on-bad-image", choices=["error", "skip"], default="error",
+    index.add_argument("--validation_seed", type=int, default=0, help="seed of that carve-out")
+    index.add_argument("--index_file", required=True,
+                       help="the index: a folder of shards, or one file if the name ends in .safetensors")
+    index.add_argument("--add", action="store_true", help="add new images to the existing --index_file")
+    index.add_argument("--with_attributes", action="store_true",
+                       help="also store attribute embeddings (attribute / fused modes)")
+    index.add_argument("--batch_size", type=int, default=32, help="images per forward pass (per process)")
+    index.add_argument("--num_workers", type=int, default=0, help="DataLoader workers decoding images (per process)")
+    index.add_argument("--on_bad_image", choices=["error", "skip"], default="error",
                        help="unreadable image: stop with its name, or skip it and count it")
+    index.add_argument("--ann", choices=["auto", "build", "none"], default="auto",
+                       help=f"build the approximate-search structure and save it beside the shards: auto = from "
+                            f"{ANN_MIN_IMAGES:,} images (folder indexes only)")
 
     search = commands.add_parser(
         "search", help="search an index by dialogue (interactive, or --dialogue_file FILE)",
@@ -272,8 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--dialogue_file", help="JSON dialogue file (batch); without it, chat on stdin")
     search.add_argument("--top_k", type=int, default=10, help="photos shown after every step")
     search.add_argument("--score_mode", choices=["global", "attribute", "fused"], help="default: the model's")
-    search.add_argument("--backend", choices=["exact", "faiss"], default="exact",
-                        help="exact chunked matrix products, or FAISS (global score only)")
+    search.add_argument("--backend", choices=["auto", "exact", "ann", "faiss"], default="auto",
+                        help="exact (float16 scan + float32 re-score: the exact ranking), ann (the index's FAISS "
+                             "inverted file, re-scored; global score only), auto (ann from 250,000 images in global "
+                             "mode, else exact) or faiss (a FAISS index built at start-up)")
     search.add_argument("--faiss_factory", default="Flat",
                         help="FAISS index factory: Flat (exact) or e.g. IVF4096,Flat / HNSW32 for millions of images")
     search.add_argument("--contact_sheet", help="PNG with the top-k photos of every step (redrawn after each)")
@@ -301,28 +317,19 @@ def validate_arguments(args: argparse.Namespace) -> None:
     require_model_folder("--model_name_or_path", args.model_name_or_path, allow_hub_id=True)
     require_path("--tokenizer_dir", args.tokenizer_dir, "folder")
     if args.command == "index":
-        require_path("--images", args.images, "folder")
-        require_path("--chatpedes", args.chatpedes, "folder")
-        require_range("--batch-size", args.batch_size, 1)
-        require_range("--validation-persons", args.validation_persons, 0)
-        if args.split == "validation" and args.chatpedes and args.validation_persons <= 0:
-            raise UserInputError("--split validation needs --validation-persons N (as in the training run)")
-        output = Path(args.output)
-        if not args.add and output.exists():
-            raise FileExistsError(f"{output} exists: use --add to extend it, or another --output")
-        if args.add and not output.is_file():
-            raise FileNotFoundError(f"--add: there is no index {output} to extend yet")
+        validate_index_arguments(args)
         return
     require_range("--top_k", args.top_k, 1)
     require_range("--rejection_weight", args.rejection_weight, 0, 1)
-    require_path("--index_file", args.index_file, "file")
+    require_path("--index_file", args.index_file, "folder" if Path(args.index_file).is_dir() else "file")  # a folder or one file
     require_path("--dialogue_file", args.dialogue_file, "file")
     require_path("--question_bank", args.question_bank, "file")
-    if args.backend == "faiss" and not faiss_available():
-        raise UserInputError("--backend faiss needs the faiss package (pip install faiss-cpu), or use --backend exact")
-    if args.backend == "faiss" and args.score_mode not in (None, "global"):
-        raise UserInputError(f"--score_mode {args.score_mode}: --backend faiss scores the global embeddings only "
-                             "(use --backend exact for attribute / fused)")
+    if args.backend in ("faiss", "ann") and not faiss_available():
+        raise UserInputError(f"--backend {args.backend} needs the faiss package (pip install faiss-cpu), or use "
+                             "--backend exact")
+    if args.backend in ("faiss", "ann") and args.score_mode not in (None, "global"):
+        raise UserInputError(f"--score_mode {args.score_mode}: --backend {args.backend} scores the global embeddings "
+                             "only (use --backend exact for attribute / fused)")
 
 
 def build_questioner(args: argparse.Namespace) -> Any:
@@ -333,36 +340,79 @@ def build_questioner(args: argparse.Namespace) -> Any:
     return make_policy(args.policy, bank, **({"seed": args.seed} if args.policy == "random" else {}))
 
 
+def validate_index_arguments(args: argparse.Namespace) -> None:
+    """The `index` subcommand's checks (before the model loads)."""
+    require_path("--images_dir", args.images_dir, "folder")
+    require_path("--data_dir", args.data_dir, "folder")
+    require_range("--batch_size", args.batch_size, 1)
+    require_range("--num_workers", args.num_workers, 0)
+    require_range("--validation_persons", args.validation_persons, 0)
+    if args.split == "validation" and args.data_dir and args.validation_persons <= 0:
+        raise UserInputError("--split validation needs --validation_persons N (as in the training run)")
+    target = Path(args.index_file)
+    if not args.add and target.exists():
+        raise FileExistsError(f"{target} exists: use --add to extend it, or another --index_file")
+    if args.add and not target.exists():
+        raise FileNotFoundError(f"--add: there is no index {target} to extend yet")
+    if args.ann == "build" and target.suffix == ".safetensors":
+        raise UserInputError("--ann build: a single-file index (.safetensors) holds no ANN; give a folder --index_file")
+
+
+def process_group() -> tuple[ProcessGroup, str | None]:
+    """This process's rank among those `accelerate launch` started (rank 0 of 1 without it) and its device."""
+    from accelerate import PartialState  # only the index subcommand needs it
+
+    state = PartialState()
+    return ProcessGroup(state.process_index, state.num_processes, state.wait_for_everyone), str(state.device)
+
+
+def run_index(args: argparse.Namespace, out: TextIO) -> int:
+    """The `index` subcommand: every process encodes a share, the main one merges and saves."""
+    group, process_device = process_group()
+    device = args.device or (process_device if group.world_size > 1 else None)
+    model, processor = load_model_and_processor(args.model_name_or_path, args.tokenizer_dir, device, args.dtype,
+                                                args.revision)
+    target = Path(args.index_file)
+    if args.add:
+        index = GalleryIndex.load(target, model, processor)
+    else:
+        index = GalleryIndex.empty(model, processor, with_attributes=args.with_attributes)
+    if args.images_dir:
+        paths, ids = list_images(args.images_dir), None
+    else:
+        splits = load_chatpedes(args.data_dir, validation_persons=args.validation_persons,
+                                validation_seed=args.validation_seed)
+        if args.split not in splits:
+            raise KeyError(f"--split {args.split!r}: {args.data_dir} has splits {sorted(splits)}")
+        paths, ids = dataset_paths_and_ids(splits[args.split])
+    started = time.perf_counter()
+    report = index_images(index, paths, model, processor, group, target, ids=ids, batch_size=args.batch_size,
+                          num_workers=args.num_workers, on_bad_image=args.on_bad_image)
+    seconds = time.perf_counter() - started
+    if not group.is_main:
+        return 0
+    wants_ann = args.ann == "build" or (args.ann == "auto" and len(index) >= ANN_MIN_IMAGES)
+    if wants_ann and target.suffix != ".safetensors" and (index.ann is None or len(index.ann) != len(index)):
+        index.build_ann()
+        index.save(target)
+    print(f"{target}: {report}; {len(index)} images in the index; encoded in {seconds:.2f} s"
+          + (f" by {group.world_size} processes" if group.world_size > 1 else ""), file=out)
+    if report.skipped_unreadable:
+        print("unreadable: " + ", ".join(report.skipped_unreadable), file=out)
+    return 0
+
+
 def main(argv: list[str] | None = None, stdin: TextIO | None = None, out: TextIO | None = None) -> int:
     args = build_parser().parse_args(argv)
     stdin, out = stdin or sys.stdin, out or sys.stdout
     validate_arguments(args)
-    output = Path(args.output) if args.command == "index" else None
-    dialogues = read_dialogues(args.dialogue_file) if args.command == "search" and args.dialogue_file else None
+    if args.command == "index":
+        return run_index(args, out)
+    dialogues = read_dialogues(args.dialogue_file) if args.dialogue_file else None
     # A bad question bank fails before the model loads.
-    questioner = build_questioner(args) if args.command == "search" and not dialogues else None
+    questioner = build_questioner(args) if not dialogues else None
     model, processor = load_model_and_processor(args.model_name_or_path, args.tokenizer_dir, args.device, args.dtype,
                                                 args.revision)
-    if args.command == "index":
-        if args.add:
-            index = GalleryIndex.load(output, model, processor)
-        else:
-            index = GalleryIndex.empty(model, processor, with_attributes=args.with_attributes)
-        if args.images:
-            report = index.add_images(args.images, model, processor, batch_size=args.batch_size, on_bad_image=args.on_bad_image)
-        else:
-            splits = load_chatpedes(args.chatpedes, validation_persons=args.validation_persons,
-                                    validation_seed=args.validation_seed)
-            if args.split not in splits:
-                raise KeyError(f"--split {args.split!r}: {args.chatpedes} has splits {sorted(splits)}")
-            report = index.add_dataset(splits[args.split], model, processor, batch_size=args.batch_size,
-                                       on_bad_image=args.on_bad_image)
-        index.save(output)
-        print(f"{output}: {report}; {len(index)} images in the index", file=out)
-        if report.skipped_unreadable:
-            print("unreadable: " + ", ".join(report.skipped_unreadable), file=out)
-        return 0
-
     index = GalleryIndex.load(args.index_file, model, processor)
     session = ChatSearchSession(model, processor, index, k=args.top_k, mode=args.score_mode, backend=args.backend,
                                 faiss_factory=args.faiss_factory, check_index=False,

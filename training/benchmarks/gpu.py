@@ -37,7 +37,7 @@ import torch
 from diana.modeling_diana import DiaNAConfig, DiaNAModel
 from diana.processing import build_processor
 from diana.training import evaluation
-from diana.training.benchmarks import harness, naive, workloads
+from diana.training.benchmarks import harness, naive, search, workloads
 from diana.training.benchmarks.cpu import tiny_model_config
 from diana.training.benchmarks.harness import fmt
 from diana.training.evaluation.metrics import retrieval_metrics_and_first_hit_ranks
@@ -622,6 +622,8 @@ def run_gpu_suite(*, tiny: bool = False, device: str | None = None, settings: Gp
                         optional=True)
             if out is not None:
                 fits[key] = out
+    results["search"] = stage("search", lambda: search.run_search_suite(
+        tiny=tiny, device=str(dev), tokenizer_dir=tokenizer_dir), optional=True)
     for opts in optional:
         out = stage(f"training {opts.name()}", lambda opts=opts: train(opts), optional=True)
         if out is not None:
@@ -673,6 +675,8 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
     if bg:
         rows.append((f"1 query vs {bg['gallery']:,} images (top-10)", fmt(bg["single_query_latency_s"] * 1e3, "ms"), ""))
         rows.append((f"{bg['query_chunk']} queries vs {bg['gallery']:,} images", fmt(bg["queries_per_s"], "queries/s"), ""))
+    if results.get("search"):
+        rows += [(f"search: {name}", value, note) for name, value, note in search.table_rows(results["search"])]
     for name, error in results.get("errors", {}).items():
         rows.append((f"ERROR {name}", "failed", error[:100]))
     for skipped in results.get("skipped", []):

@@ -57,7 +57,8 @@ for pkg in transformers huggingface_hub tokenizers safetensors; do PINS+=("$pkg=
     -d "$BUNDLE/wheels" "${PINS[@]}"
 # Without their requirements: torch, numpy, pandas, pyarrow, xxhash, psutil come with the image.
 NODEPS=()
-for pkg in datasets evaluate accelerate peft dill multiprocess; do NODEPS+=("$pkg==$(version_of "$pkg")"); done
+# faiss-cpu: the search figures' ANN (its numpy comes with the GPU image)
+for pkg in datasets evaluate accelerate peft dill multiprocess faiss-cpu; do NODEPS+=("$pkg==$(version_of "$pkg")"); done
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$PY_VERSION" --implementation cp \
     "${PLATFORMS[@]}" -d "$BUNDLE/wheels" "${NODEPS[@]}"
 rm -f "$BUNDLE"/wheels/numpy-*.whl

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from diana.processing.search.topk import chunked_topk
 from diana.processing.tokenizer_setup import PAD_TOKEN_ID
 
 # The official fine-tuning length (the official code's): every dialogue was padded to it.
@@ -142,3 +143,12 @@ def naive_optimizer(model: torch.nn.Module, lr: float = 1e-5) -> torch.optim.Opt
     """AdamW as the official recipe builds it (β = (0.9, 0.999), wd 0.05), PyTorch's default
     implementation (for-each on a GPU, not fused)."""
     return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=0.05)
+
+
+def plain_exact_topk(queries: torch.Tensor, gallery: torch.Tensor, k: int, chunk_size: int = 65536):
+    """The previous exact search: float32 chunked matrix products over the float32 gallery (4 bytes
+    read per value), ties by gallery index; the baseline of the float16 scan + exact re-score."""
+    def inner_products(batch: torch.Tensor, rows: slice) -> torch.Tensor:
+        return batch.float() @ gallery[rows].to(batch.device, torch.float32).T
+
+    return chunked_topk(queries, gallery.shape[0], k, chunk_size, inner_products)
