@@ -229,7 +229,7 @@ def search_setup(tiny_processor, tmp_path_factory) -> dict[str, Path]:
     for i in range(2):
         Image.fromarray(rng.integers(0, 255, (70, 30, 3), dtype=np.uint8)).save(photos / f"p{i}.png")
     index = root / "gallery.safetensors"
-    search_cli.main(["index", "--model_name_or_path", str(root / "model"), "--images_dir", str(photos), "--index_file", str(index)],
+    search_cli.main(["index", "--model_name_or_path", str(root / "model"), "--images_dir", str(photos), "--index_path", str(index)],
                     out=open(os.devnull, "w"))
     return {"root": root, "photos": photos, "index": index}
 
@@ -238,31 +238,31 @@ def test_search_cli_user_errors_are_one_line(search_setup, capsys):
     root, index = search_setup["root"], search_setup["index"]
     model, other = str(root / "model"), str(root / "other_model")
     # An index built by another model.
-    line = one_line_exit(capsys, search_cli.main, ["search", "--model_name_or_path", other, "--index_file", str(index)])
+    line = one_line_exit(capsys, search_cli.main, ["search", "--model_name_or_path", other, "--index_path", str(index)])
     assert line.startswith(f"error: {index} was built with another model (its weights differ)")
     # An existing output; a corrupt image.
     line = one_line_exit(capsys, search_cli.main,
                          ["index", "--model_name_or_path", model, "--images_dir", str(search_setup["photos"]),
-                          "--index_file", str(index)])
-    assert line == f"error: {index} exists: use --add to extend it, or another --index_file"
+                          "--index_path", str(index)])
+    assert line == f"error: {index} exists: use --add to extend it, or another --index_path"
     corrupt = root / "corrupt"
     corrupt.mkdir()
     (corrupt / "broken.jpg").write_bytes(b"not a JPEG at all")
     line = one_line_exit(capsys, search_cli.main,
-                         ["index", "--model_name_or_path", model, "--images_dir", str(corrupt), "--index_file", str(root / "new")])
+                         ["index", "--model_name_or_path", model, "--images_dir", str(corrupt), "--index_path", str(root / "new")])
     assert "broken.jpg" in line
     # Flags refused before the model loads.
-    assert one_line_exit(capsys, search_cli.main, ["search", "--model_name_or_path", model, "--index_file", str(root / "none.st")]) == (
-        f"error: --index_file: file not found: {root / 'none.st'}")
-    assert one_line_exit(capsys, search_cli.main, ["search", "--model_name_or_path", model, "--index_file", str(index), "--top_k", "0"]
+    assert one_line_exit(capsys, search_cli.main, ["search", "--model_name_or_path", model, "--index_path", str(root / "none.st")]) == (
+        f"error: --index_path: file not found: {root / 'none.st'}")
+    assert one_line_exit(capsys, search_cli.main, ["search", "--model_name_or_path", model, "--index_path", str(index), "--top_k", "0"]
                          ) == "error: --top_k 0: must be >= 1"
     line = one_line_exit(capsys, search_cli.main, ["index", "--model_name_or_path", model, "--data_dir", str(root),
-                                                   "--split", "dev", "--index_file", str(root / "x")])
+                                                   "--split", "dev", "--index_path", str(root / "x")])
     assert "argument --split: invalid choice: 'dev'" in line
     missing = str(root / "model_v2")
-    assert one_line_exit(capsys, search_cli.main, ["search", "--model_name_or_path", missing, "--index_file", str(index)]) == (
+    assert one_line_exit(capsys, search_cli.main, ["search", "--model_name_or_path", missing, "--index_path", str(index)]) == (
         f"error: --model_name_or_path: model folder not found: {missing}")
-    search = ["search", "--model_name_or_path", model, "--index_file", str(index)]
+    search = ["search", "--model_name_or_path", model, "--index_path", str(index)]
     assert one_line_exit(capsys, search_cli.main, [*search, "--rejection_weight", "1.5"]) == (
         "error: --rejection_weight 1.5: must be in [0, 1]")
     line = one_line_exit(capsys, search_cli.main, [*search, "--policy", "oracle"])
@@ -273,7 +273,7 @@ def test_search_cli_user_errors_are_one_line(search_setup, capsys):
     line = one_line_exit(capsys, search_cli.main, [*search, "--question_bank", str(root / "bank.json")])
     assert line.startswith(f"error: question bank {root / 'bank.json'}: question 0")
     pytest.importorskip("faiss")  # the test extra installs it; without it the command says so instead
-    line = one_line_exit(capsys, search_cli.main, ["search", "--model_name_or_path", model, "--index_file", str(index), "--backend",
+    line = one_line_exit(capsys, search_cli.main, ["search", "--model_name_or_path", model, "--index_path", str(index), "--backend",
                                                    "faiss", "--score_mode", "fused"])
     assert line.startswith("error: --score_mode fused: --backend faiss scores the global embeddings only")
 

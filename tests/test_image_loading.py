@@ -283,7 +283,7 @@ def test_index_command_skips_a_bomb_in_the_gallery_folder(tiny_processor, files,
         shutil.copy(path, gallery)
     out = io.StringIO()
     search_cli.main(["index", "--model_name_or_path", str(folder), "--images_dir", str(gallery),
-                     "--index_file", str(tmp_path / "i"), "--on_bad_image", "skip", "--num_workers", "2"], out=out)
+                     "--index_path", str(tmp_path / "i"), "--on_bad_image", "skip", "--num_workers", "2"], out=out)
     text = out.getvalue()
     assert "added 3 image(s)" in text and "skipped 3 unreadable" in text
     assert all(str((gallery / os.path.basename(b)).resolve()) in text for b in broken)

@@ -449,7 +449,7 @@ def test_cli_index_add_and_search_a_json_dialogue(model, model_dir, tiny_process
     root, first, second = gallery
     index_file = tmp_path / "g_index"
     out = io.StringIO()
-    index_argv = ["index", "--model_name_or_path", str(model_dir), "--index_file", str(index_file)]
+    index_argv = ["index", "--model_name_or_path", str(model_dir), "--index_path", str(index_file)]
     search_cli.main([*index_argv, "--images_dir", str(root / "first"), "--ann", "build"], out=out)
     search_cli.main([*index_argv, "--images_dir", str(root), "--add", "--num_workers", "1"], out=out)
     assert "added 6 image(s), skipped 0" in out.getvalue() and "added 4 image(s), skipped 6" in out.getvalue()
@@ -464,7 +464,7 @@ def test_cli_index_add_and_search_a_json_dialogue(model, model_dir, tiny_process
     dialogue_file.write_text(json.dumps({"dialogues": [chatpedes_rounds, "A child in a yellow raincoat."]}))
     out = io.StringIO()
     sheet, rankings = tmp_path / "top.png", tmp_path / "rankings.json"
-    search_cli.main(["search", "--model_name_or_path", str(model_dir), "--index_file", str(index_file),
+    search_cli.main(["search", "--model_name_or_path", str(model_dir), "--index_path", str(index_file),
                      "--dialogue_file", str(dialogue_file), "--top_k", "3", "--contact_sheet", str(sheet),
                      "--output_json", str(rankings)], out=out)
     printed = out.getvalue()
@@ -485,7 +485,7 @@ def test_cli_index_add_and_search_a_json_dialogue(model, model_dir, tiny_process
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"dialogues": [[{"question": "Q?"}]]}))
     with pytest.raises(ValueError, match="bad.json', dialogue 1"):
-        search_cli.main(["search", "--model_name_or_path", str(model_dir), "--index_file", str(index_file),
+        search_cli.main(["search", "--model_name_or_path", str(model_dir), "--index_path", str(index_file),
                          "--dialogue_file", str(bad)], out=io.StringIO())
 
 
@@ -527,7 +527,7 @@ def test_cli_chat_where_the_system_asks(model, model_dir, tiny_processor, index,
     lines = [DIALOGUE[0][1], "help", "Yes, a black backpack.", "not 1 3", "not 9", f"ask {own_question}", own_answer,
              "Long brown hair.", ""]
     out, rankings, sheet = io.StringIO(), tmp_path / "chat.json", tmp_path / "chat.png"
-    search_cli.main(["search", "--model_name_or_path", str(model_dir), "--index_file", str(index_file), "--top_k", "3",
+    search_cli.main(["search", "--model_name_or_path", str(model_dir), "--index_path", str(index_file), "--top_k", "3",
                      "--question_bank", str(tmp_path / "bank.json"), "--contact_sheet", str(sheet),
                      "--output_json", str(rankings)],
                     stdin=io.StringIO("\n".join(lines) + "\n"), out=out)

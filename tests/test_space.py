@@ -240,8 +240,8 @@ def test_prepared_space_folder_is_self_contained(tmp_path):
 
 
 @pytest.mark.parametrize("argv, says", [
-    (["--model", "m", "--top-k", "x"], "argument --top-k: invalid int value: 'x'"),
-    (["--model", "no/such/folder"], "--model: model folder not found: no/such/folder"),
+    (["--model_name_or_path", "m", "--top_k", "x"], "argument --top_k: invalid int value: 'x'"),
+    (["--model_name_or_path", "no/such/folder"], "--model_name_or_path: model folder not found: no/such/folder"),
 ])
 def test_app_errors_are_one_line_exit_2(argv, says, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -6,7 +6,7 @@ On a Hugging Face Space this file runs as is: the model comes from the Hub repos
 the ``MODEL_ID`` variable (pinned by ``MODEL_REVISION``) through ``trust_remote_code``, and the
 example galleries are the sub-folders of ``examples/`` next to it. Locally:
 
-    python hub_cards/space/app.py --model path/to/exported_folder --examples path/to/galleries
+    python hub_cards/space/app.py --model_name_or_path path/to/exported_folder --examples_dir path/to/galleries
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from PIL import Image
 
 # The installed project (local runs, tests), or on the Space the `diana/processing/` copy that
 # `diana export --space` puts next to this file (Python puts the script's folder first on sys.path).
+from diana.processing.cli_errors import debug_requested
 from diana.processing.image_loading import load_rgb_pil
 from diana.processing.processing_diana import DEFAULT_FIRST_QUESTION
 from diana.processing.search import ChatSearchSession, GalleryIndex, list_images
@@ -228,7 +229,7 @@ def load_backend(model_ref: str, revision: str | None, examples: str | None, k: 
 
     looks_local = model_ref.startswith((".", "/", "~")) or model_ref.count("/") != 1
     if looks_local and not Path(model_ref).expanduser().is_dir():
-        raise FileNotFoundError(f"--model: model folder not found: {model_ref}")
+        raise FileNotFoundError(f"--model_name_or_path: model folder not found: {model_ref}")
     model = AutoModel.from_pretrained(model_ref, trust_remote_code=True, revision=revision)
     processor = AutoProcessor.from_pretrained(model_ref, trust_remote_code=True, revision=revision)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
@@ -245,17 +246,17 @@ class _OneLineParser(argparse.ArgumentParser):
 
 def main(argv: list[str] | None = None) -> None:
     parser = _OneLineParser(description="DiaNA chat search demo")
-    parser.add_argument("--model", default=os.environ.get("MODEL_ID") or default_model_id(),
+    parser.add_argument("--model_name_or_path", default=os.environ.get("MODEL_ID") or default_model_id(),
                         help="exported folder or Hub id (default: env MODEL_ID, else README models[0])")
     parser.add_argument("--revision", default=os.environ.get("MODEL_REVISION"), help="Hub revision (env MODEL_REVISION)")
-    parser.add_argument("--examples", default=str(HERE / "examples"), help="folder of example galleries (sub-folders)")
-    parser.add_argument("--top-k", type=int, default=8)
+    parser.add_argument("--examples_dir", default=str(HERE / "examples"), help="folder of example galleries (sub-folders)")
+    parser.add_argument("--top_k", type=int, default=8)
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", 7860)))
     args = parser.parse_args(argv)
-    if not args.model:
-        parser.error("--model (or the MODEL_ID variable, or models: in README.md) is required")
-    demo = build_demo(load_backend(args.model, args.revision, args.examples, args.top_k))
+    if not args.model_name_or_path:
+        parser.error("--model_name_or_path (or the MODEL_ID variable, or models: in README.md) is required")
+    demo = build_demo(load_backend(args.model_name_or_path, args.revision, args.examples_dir, args.top_k))
     demo.launch(server_name=args.host, server_port=args.port)
 
 
@@ -265,8 +266,7 @@ def cli(argv: list[str] | None = None) -> None:
     try:
         main(argv)
     except (OSError, ValueError) as error:
-        # The rule of diana.processing.cli_errors.debug_requested (this file cannot import the project).
-        if os.environ.get("DIANA_DEBUG", "").strip().lower() not in ("", "0", "false", "no"):
+        if debug_requested():
             raise
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         raise SystemExit(2) from None

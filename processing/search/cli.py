@@ -1,19 +1,19 @@
 """Terminal front end of the chat search: build / extend a gallery index, then search it by dialogue.
 
     # encode a folder of photos once (or a data set split), then add more later; an index is a folder
-    # of shards (or one file when --index_file ends in .safetensors, for small galleries)
-    python -m diana.processing.search.cli index --model_name_or_path MODEL_DIR --images_dir photos/ --index_file gallery_index
-    python -m diana.processing.search.cli index --model_name_or_path MODEL_DIR --images_dir more/ --index_file gallery_index --add
-    python -m diana.processing.search.cli index --model_name_or_path MODEL_DIR --data_dir DATA_DIR --split test --index_file test_index
+    # of shards (or one file when --index_path ends in .safetensors, for small galleries)
+    python -m diana.processing.search.cli index --model_name_or_path MODEL_DIR --images_dir photos/ --index_path gallery_index
+    python -m diana.processing.search.cli index --model_name_or_path MODEL_DIR --images_dir more/ --index_path gallery_index --add
+    python -m diana.processing.search.cli index --model_name_or_path MODEL_DIR --data_dir DATA_DIR --split test --index_path test_index
     # several processes, each encoding a share (DataLoader workers decode the images)
     ACCELERATE_USE_CPU=1 accelerate launch --num_processes 2 -m diana.processing.search.cli index \
-        --model_name_or_path MODEL_DIR --images_dir photos/ --index_file gallery_index --num_workers 2
+        --model_name_or_path MODEL_DIR --images_dir photos/ --index_path gallery_index --num_workers 2
 
     # chat on stdin: the system proposes each next question, you answer it, ask your own, or reject photos
-    python -m diana.processing.search.cli search --model_name_or_path MODEL_DIR --index_file gallery_index \
+    python -m diana.processing.search.cli search --model_name_or_path MODEL_DIR --index_path gallery_index \
         --contact_sheet top.png
     # or replay dialogues from a JSON file
-    python -m diana.processing.search.cli search --model_name_or_path MODEL_DIR --index_file gallery_index \
+    python -m diana.processing.search.cli search --model_name_or_path MODEL_DIR --index_path gallery_index \
         --dialogue_file dialogue.json --top_k 8 --contact_sheet top.png
 
 The ranking is printed after every step with the tokens it ran through the dialogue tower;
@@ -262,9 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--validation_persons", type=int, default=0,
                        help="persons carved out of train into validation, as in the training run (--split validation)")
     index.add_argument("--validation_seed", type=int, default=0, help="seed of that carve-out")
-    index.add_argument("--index_file", required=True,
+    index.add_argument("--index_path", required=True,
                        help="the index: a folder of shards, or one file if the name ends in .safetensors")
-    index.add_argument("--add", action="store_true", help="add new images to the existing --index_file")
+    index.add_argument("--add", action="store_true", help="add new images to the existing --index_path")
     index.add_argument("--with_attributes", action="store_true",
                        help="also store attribute embeddings (attribute / fused modes)")
     index.add_argument("--batch_size", type=int, default=32, help="images per forward pass (per process)")
@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=CHAT_COMMANDS, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     common(search)
-    search.add_argument("--index_file", required=True, help="index file made by the index command")
+    search.add_argument("--index_path", required=True, help="index made by the index command (a folder, or one .safetensors file)")
     search.add_argument("--dialogue_file", help="JSON dialogue file (batch); without it, chat on stdin")
     search.add_argument("--top_k", type=int, default=10, help="photos shown after every step")
     search.add_argument("--score_mode", choices=["global", "attribute", "fused"], help="default: the model's")
@@ -321,7 +321,7 @@ def validate_arguments(args: argparse.Namespace) -> None:
         return
     require_range("--top_k", args.top_k, 1)
     require_range("--rejection_weight", args.rejection_weight, 0, 1)
-    require_path("--index_file", args.index_file, "folder" if Path(args.index_file).is_dir() else "file")  # a folder or one file
+    require_path("--index_path", args.index_path, "folder" if Path(args.index_path).is_dir() else "file")  # a folder or one file
     require_path("--dialogue_file", args.dialogue_file, "file")
     require_path("--question_bank", args.question_bank, "file")
     if args.backend in ("faiss", "ann") and not faiss_available():
@@ -349,13 +349,13 @@ def validate_index_arguments(args: argparse.Namespace) -> None:
     require_range("--validation_persons", args.validation_persons, 0)
     if args.split == "validation" and args.data_dir and args.validation_persons <= 0:
         raise UserInputError("--split validation needs --validation_persons N (as in the training run)")
-    target = Path(args.index_file)
+    target = Path(args.index_path)
     if not args.add and target.exists():
-        raise FileExistsError(f"{target} exists: use --add to extend it, or another --index_file")
+        raise FileExistsError(f"{target} exists: use --add to extend it, or another --index_path")
     if args.add and not target.exists():
         raise FileNotFoundError(f"--add: there is no index {target} to extend yet")
     if args.ann == "build" and target.suffix == ".safetensors":
-        raise UserInputError("--ann build: a single-file index (.safetensors) holds no ANN; give a folder --index_file")
+        raise UserInputError("--ann build: a single-file index (.safetensors) holds no ANN; give a folder --index_path")
 
 
 def process_group() -> tuple[ProcessGroup, str | None]:
@@ -372,7 +372,7 @@ def run_index(args: argparse.Namespace, out: TextIO) -> int:
     device = args.device or (process_device if group.world_size > 1 else None)
     model, processor = load_model_and_processor(args.model_name_or_path, args.tokenizer_dir, device, args.dtype,
                                                 args.revision)
-    target = Path(args.index_file)
+    target = Path(args.index_path)
     if args.add:
         index = GalleryIndex.load(target, model, processor)
     else:
@@ -413,7 +413,7 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None, out: TextIO
     questioner = build_questioner(args) if not dialogues else None
     model, processor = load_model_and_processor(args.model_name_or_path, args.tokenizer_dir, args.device, args.dtype,
                                                 args.revision)
-    index = GalleryIndex.load(args.index_file, model, processor)
+    index = GalleryIndex.load(args.index_path, model, processor)
     session = ChatSearchSession(model, processor, index, k=args.top_k, mode=args.score_mode, backend=args.backend,
                                 faiss_factory=args.faiss_factory, check_index=False,
                                 rejection_weight=args.rejection_weight)

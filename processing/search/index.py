@@ -457,7 +457,7 @@ class GalleryIndex:
             raise IndexMismatchError(
                 f"{source} was built with another model (its {what} differ): index model fingerprint "
                 f"{self.model_fingerprint}, this model {found}. Rebuild the index with this model "
-                f"(python -m diana.processing.search.cli index --model_name_or_path ... --images_dir ... --index_file ...) "
+                f"(python -m diana.processing.search.cli index --model_name_or_path ... --images_dir ... --index_path ...) "
                 f"or search it with the model that built it."
             )
         if processor is not None:

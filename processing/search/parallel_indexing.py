@@ -3,7 +3,7 @@ the images not indexed yet and writes it as a part file; the main process then a
 rank order, so the index equals the one a single process builds (same rows, same order).
 
     ACCELERATE_USE_CPU=1 accelerate launch --num_processes 2 -m diana.processing.search.cli index \\
-        --model_name_or_path MODEL_DIR --images_dir photos/ --index_file gallery_index
+        --model_name_or_path MODEL_DIR --images_dir photos/ --index_path gallery_index
 
 Without ``accelerate launch`` the same code runs as one process (rank 0 of 1).
 """

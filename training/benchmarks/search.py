@@ -186,7 +186,7 @@ def indexing_figures(model: DiaNAModel, processor: Any, count: int, processes: t
             command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(number),
                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                        "-m", "diana.processing.search.cli", "index", "--model_name_or_path", str(root / "model"),
-                       "--images_dir", str(root / "photos"), "--index_file", str(root / f"index_{number}"),
+                       "--images_dir", str(root / "photos"), "--index_path", str(root / f"index_{number}"),
                        "--num_workers", "1", "--batch_size", "32"]
             environment = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // number))}
             if use_cpu:
