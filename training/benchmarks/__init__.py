@@ -1,4 +1,4 @@
-"""DiaNA benchmark suite (issue 7): one command, a table on stdout and a JSON file.
+"""DiaNA benchmark suite: one command, a table on stdout and a JSON file.
 
 `python -m diana.training.benchmarks.run [--suite cpu|gpu|all] [--tiny] --output_file FILE.json`
 

@@ -3,7 +3,7 @@
 1. Per-round evaluation cost: one causal pass read at every round end
    (`model.encode_dialogues(..., round_end_positions)`) against re-encoding every round prefix,
    padded to 400 (the official code) and padded to the prefix batch's longest (isolating the
-   R passes), and against one pass without round ends (the issue's "<= 1.3x one pass" goal).
+   R passes), and against one pass without round ends (the "<= 1.3x one pass" goal).
    Real tokenizer, ChatPedes-length 10-round dialogues, a small real-shaped model (Llama layers
    at hidden 256 with the Llama-3.2-1B head layout and the real 128k vocabulary).
    The same with the official tokenisation (each prefix's text tokenised whole, as converted official
