@@ -189,7 +189,8 @@ PROCESSING_DIR = Path(diana.processing.__file__).resolve().parent
 SPACE_RUNTIME = (
     "image_loading.py", "dialogue_template.py", "round_tokenization.py", "processing_diana.py", "cli_errors.py",
     "data/__init__.py", "data/synthpedes_attributes.py", "search/__init__.py", "search/ann.py",
-    "search/contact_sheet.py", "search/fingerprints.py", "search/index.py", "search/questioner.py",
+    "search/contact_sheet.py", "search/fingerprints.py", "search/index.py", "search/question_bank.py",
+    "search/questioner.py",
     "search/session.py", "search/storage.py", "search/topk.py",
 )
 

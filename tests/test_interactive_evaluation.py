@@ -18,17 +18,19 @@ from diana.processing.search.questioner import DONT_REMEMBER, ProposedQuestion, 
 from diana.training import main_job
 from diana.training.evaluation import interactive
 from diana.training.evaluation.interactive import (
-    DialogueWitness,
-    SynthPedesWitness,
-    best_log_rank_integral,
     build_questioners,
     encode_written_dialogues,
-    interactive_metrics,
+    run_sessions,
+    write_dialogues,
+)
+from diana.training.evaluation.metrics import best_log_rank_integral, interactive_metrics
+from diana.training.evaluation.witness import (
+    DialogueWitness,
+    SynthPedesWitness,
+    Target,
     load_split_entries,
     make_witness,
     pick_targets,
-    run_sessions,
-    write_dialogues,
 )
 from tests.helpers import tiny_config, tiny_text_config
 from tests.test_cli_errors import one_line_exit
@@ -92,9 +94,9 @@ def test_dialogue_witness_answers_from_the_targets_own_rounds():
     assert witness.answer(ProposedQuestion("Hat?", ("No.",), None, "random")) == "A cap."
     assert witness.answer("Please describe the person you saw.") == DONT_REMEMBER  # round 1 is the description
     assert witness.answer("Bag?") == DONT_REMEMBER
-    target = interactive.Target(1, "a.png", [[("Please describe the person you saw.", "A man.")]], None)
+    target = Target(1, "a.png", [[("Please describe the person you saw.", "A man.")]], None)
     assert isinstance(make_witness(target), DialogueWitness)
-    assert isinstance(make_witness(interactive.Target(1, "a.png", target.dialogues, PERSON)), SynthPedesWitness)
+    assert isinstance(make_witness(Target(1, "a.png", target.dialogues, PERSON)), SynthPedesWitness)
 
 
 # -------------------------------------------------------------------------------------------- metrics

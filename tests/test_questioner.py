@@ -14,7 +14,7 @@ from PIL import Image
 from diana.modeling_diana import DiaNAModel
 from diana.processing.data import synthpedes_attributes as synthpedes
 from diana.processing.search import ChatSearchSession, GalleryIndex
-from diana.processing.search import questioner as questioner_module
+from diana.processing.search import question_bank as question_bank_module
 from diana.processing.search.questioner import (
     BankQuestion,
     QuestionBank,
@@ -177,12 +177,12 @@ def test_build_command_writes_the_bank_and_fails_in_one_line(tmp_path, capsys):
     rounds = [[{"from": "gpt", "value": DESCRIBE}, {"from": "user", "value": "A man."}],
               [{"from": "gpt", "value": "Hat?"}, {"from": "user", "value": "No hat."}]]
     (data / "train_reid.json").write_text(json.dumps([{"id": 1, "file_path": "a.png", "chats": rounds}]))
-    questioner_module.main(["build", "--data_dir", str(data), "--output_file", str(tmp_path / "bank.json")])
+    question_bank_module.main(["build", "--data_dir", str(data), "--output_file", str(tmp_path / "bank.json")])
     assert QuestionBank.load(tmp_path / "bank.json").questions == [BankQuestion("Hat?", ("No hat.",))]
-    line = one_line_exit(capsys, questioner_module.main,
+    line = one_line_exit(capsys, question_bank_module.main,
                          ["build", "--data_dir", str(data), "--split", "test", "--output_file", str(tmp_path / "b.json")])
     assert "no test_reid.json" in line
-    line = one_line_exit(capsys, questioner_module.main, ["build", "--output_file", str(tmp_path / "b.json")])
+    line = one_line_exit(capsys, question_bank_module.main, ["build", "--output_file", str(tmp_path / "b.json")])
     assert "--data_dir" in line and "--synthpedes" in line
 
 

@@ -30,7 +30,7 @@ SUBCOMMANDS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "probe": ("diana.training.evaluation.attribute_probe", (), "attribute probe of a model's embeddings (SynthPedes)"),
     "index": ("diana.processing.search.cli", ("index",), "index a folder of photos or a data set split"),
     "search": ("diana.processing.search.cli", ("search",), "chat with an indexed gallery"),
-    "build-question-bank": ("diana.processing.search.questioner", ("build",),
+    "build-question-bank": ("diana.processing.search.question_bank", ("build",),
                             "build a questioner's question bank (JSON) from dialogues or SynthPedes"),
     "export": ("diana.hub_cards.export", (), "export a Hub-ready folder (card, code, checks), optionally push"),
     "convert": ("diana.hub_cards.convert_official_checkpoint", (), "convert an official DiaNA checkpoint"),

@@ -7,7 +7,8 @@
 - `ann`: the approximate back end for millions of images (FAISS inverted file, exact re-score) and recall@k;
 - `parallel_indexing`: indexing across `accelerate launch` processes (each encodes a share);
 - `session`: `ChatSearchSession`, one witness's rounds, each encoding only its new tokens;
-- `questioner`: the question bank and the policies that pick the next question (`make_policy`);
+- `question_bank`: the questions a questioner may ask (JSON file, `diana build-question-bank`);
+- `questioner`: the policies that pick the next question (`make_policy`);
 - `contact_sheet`: the ranked photos of every round as one picture;
 - `fingerprints`: what ties an index to a model and a processor;
 - `cli`: `diana index` / `diana search` (`python -m diana.processing.search.cli`).
@@ -20,7 +21,8 @@ templates (FAISS lazily, when the ANN is used), so the Space carries it as is.
 from .contact_sheet import save_contact_sheet
 from .fingerprints import config_hash, model_fingerprint, processor_fingerprint, weights_checksum
 from .index import AddReport, GalleryIndex, IndexMismatchError, list_images
-from .questioner import BankQuestion, ProposedQuestion, QuestionBank, Questioner, make_policy
+from .question_bank import BankQuestion, QuestionBank
+from .questioner import ProposedQuestion, Questioner, make_policy
 from .session import ChatSearchSession, RoundResult
 from .topk import FaissSearcher, exact_topk, faiss_available
 

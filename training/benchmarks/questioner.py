@@ -2,8 +2,8 @@
 over the top-N in one batched pass on the key/value cache) beside encoding one round with the cache
 (`ChatSearchSession.add_round`), same model, same dialogue, same run, interleaved.
 
-    python -m diana.training.benchmarks.questioner --model outputs/main_job/stage2 \\
-        --data outputs/main_job/synthpedes/chatpedes --top-n 50
+    python -m diana.training.benchmarks.questioner --model_name_or_path outputs/main_job/stage2 \\
+        --data_dir outputs/main_job/synthpedes/chatpedes --top_n 50
 """
 
 from __future__ import annotations
@@ -33,12 +33,12 @@ PERSON = {"hair_colour": "gray", "hair_length": "long", "hat": "green", "upper_c
 
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="python -m diana.training.benchmarks.questioner", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="DiaNA folder (the main job's stage2)")
-    parser.add_argument("--data", help="ChatPedes-layout folder whose test images make the gallery (default: a "
-                                       "random gallery of --gallery-size embeddings)")
-    parser.add_argument("--gallery-size", type=int, default=400)
-    parser.add_argument("--bank", help="question bank JSON (default: SynthPedes')")
-    parser.add_argument("--top-n", type=int, default=50)
+    parser.add_argument("--model_name_or_path", required=True, help="DiaNA folder (the main job's stage2)")
+    parser.add_argument("--data_dir", help="ChatPedes-layout folder whose test images make the gallery (default: a "
+                                       "random gallery of --gallery_size embeddings)")
+    parser.add_argument("--gallery_size", type=int, default=400)
+    parser.add_argument("--question_bank", help="question bank JSON (default: SynthPedes')")
+    parser.add_argument("--top_n", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=5, help="measure before rounds 2..R")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1,
@@ -47,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _gallery(model, processor, args) -> GalleryIndex:
-    if args.data:
-        _, gallery = load_split_entries(args.data, "test")
+    if args.data_dir:
+        _, gallery = load_split_entries(args.data_dir, "test")
         return GalleryIndex.build(gallery.paths, model, processor, ids=gallery.person_ids, progress=False)
     generator = torch.Generator().manual_seed(0)
     embeds = torch.nn.functional.normalize(torch.randn(args.gallery_size, model.config.projection_dim, generator=generator), dim=-1)
@@ -59,9 +59,9 @@ def _gallery(model, processor, args) -> GalleryIndex:
 def benchmark(args: argparse.Namespace, out: TextIO) -> list[dict[str, float]]:
     """Prints, before each round, the proposal's and the cached round's times and their ratio."""
     torch.set_num_threads(args.threads)
-    model, processor = load_model_and_processor(args.model, device="cpu")
+    model, processor = load_model_and_processor(args.model_name_or_path, device="cpu")
     index = _gallery(model, processor, args)
-    bank = QuestionBank.load(args.bank) if args.bank else QuestionBank.from_synthpedes()
+    bank = QuestionBank.load(args.question_bank) if args.question_bank else QuestionBank.from_synthpedes()
     questioner = make_policy("info_gain", bank, top_n=args.top_n)
     session = ChatSearchSession(model, processor, index, check_index=False)  # the model's own score mode
     asked = [(QUESTIONS[a][0], ANSWERS[a].get(PERSON[a], ANSWERS[a].get("*"))[0].format(
@@ -102,11 +102,11 @@ def benchmark(args: argparse.Namespace, out: TextIO) -> list[dict[str, float]]:
 
 def main(argv: list[str] | None = None, out: TextIO | None = None) -> list[dict[str, float]]:
     args = build_parser().parse_args(argv)
-    require_model_folder("--model", args.model, allow_hub_id=True)
-    require_path("--data", args.data, "folder")
-    require_path("--bank", args.bank, "file")
-    require_range("--gallery-size", args.gallery_size, 1)
-    require_range("--top-n", args.top_n, 2)
+    require_model_folder("--model_name_or_path", args.model_name_or_path, allow_hub_id=True)
+    require_path("--data_dir", args.data_dir, "folder")
+    require_path("--question_bank", args.question_bank, "file")
+    require_range("--gallery_size", args.gallery_size, 1)
+    require_range("--top_n", args.top_n, 2)
     require_range("--rounds", args.rounds, 2, len(ATTRIBUTE_NAMES) - 1)
     require_range("--repeats", args.repeats, 1)
     require_range("--threads", args.threads, 1)

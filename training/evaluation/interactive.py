@@ -42,11 +42,10 @@ import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -60,24 +59,19 @@ from diana.processing.cli_errors import (
     require_range,
     run_cli,
 )
-from diana.processing.data import synthpedes_attributes as synthpedes
-from diana.processing.data.annotations import load_json_list
-from diana.processing.data.chatpedes import find_images_dir, parse_entries
 from diana.processing.model_loading import load_model_and_processor
-from diana.processing.processing_diana import DEFAULT_FIRST_QUESTION, normalize_dialogue
+from diana.processing.processing_diana import DEFAULT_FIRST_QUESTION
 from diana.processing.search import ChatSearchSession, GalleryIndex
 from diana.processing.search.questioner import (
-    DONT_REMEMBER,
     POLICIES,
-    ProposedQuestion,
     QuestionBank,
     Questioner,
     make_policy,
-    normalize_text,
 )
 
-from .metrics import cumulative_hits_at_k, first_hit_ranks
+from .metrics import first_hit_ranks, interactive_metrics
 from .protocol import encode_queries, score, tokenize_dialogues
+from .witness import Gallery, Target, load_split_entries, make_witness, pick_targets
 
 logger = logging.getLogger(__name__)
 
@@ -90,156 +84,6 @@ MODEL_POLICIES = ("info_gain",)
 
 
 # ------------------------------------------------------------------------------------------ targets
-
-
-@dataclass
-class Target:
-    """One simulated search: the person sought, the description and what the witness knows."""
-
-    person_id: int
-    file_path: str
-    dialogues: list[list[tuple[str, str]]]  # the entry's annotated dialogues; round 1 of the first = description
-    attributes: dict[str, str | None] | None = None  # SynthPedes ground truth
-
-    @property
-    def description(self) -> str:
-        return self.dialogues[0][0][1]
-
-
-@dataclass
-class Gallery:
-    """Every distinct image of a split with its person and (SynthPedes) attributes."""
-
-    paths: list[str]
-    person_ids: list[int]
-    attributes: list[dict[str, str | None] | None] = field(default_factory=list)
-
-    def person_attributes(self) -> list[dict[str, str | None]]:
-        """One attribute dict per distinct person (what the oracle knows)."""
-        seen: dict[int, dict[str, str | None]] = {}
-        for pid, attrs in zip(self.person_ids, self.attributes):
-            if attrs is not None:
-                seen.setdefault(pid, attrs)
-        return list(seen.values())
-
-
-def load_split_entries(data_dir: str | os.PathLike, split: str = "test") -> tuple[list[Target], Gallery]:
-    """Targets (one per image entry) and the gallery of a ChatPedes-layout folder's `{split}_reid.json`.
-
-    Raises:
-        FileNotFoundError; AnnotationError naming the file and entry.
-    """
-    path = os.path.join(str(data_dir), f"{split}_reid.json")
-    raw = load_json_list(path)
-    images_dir = find_images_dir(str(data_dir))
-    targets, paths, ids, attributes, seen = [], [], [], [], set()
-    for entry, parsed in zip(raw, parse_entries(path, raw)):
-        truth = (entry.get("synthpedes") or {}).get("attributes") if isinstance(entry, dict) else None
-        dialogues = [normalize_dialogue(d, index=parsed["entry_index"]) for d in parsed["dialogues"]]
-        targets.append(Target(parsed["person_id"], parsed["file_path"], dialogues, truth))
-        if parsed["file_path"] not in seen:
-            seen.add(parsed["file_path"])
-            paths.append(os.path.join(images_dir, parsed["file_path"]))
-            ids.append(parsed["person_id"])
-            attributes.append(truth)
-    return targets, Gallery(paths, ids, attributes)
-
-
-def pick_targets(targets: Sequence[Target], per: str = "image", max_targets: int | None = None) -> list[Target]:
-    """Every entry ("image") or each person's first entry ("person"), the first `max_targets` of them."""
-    if per not in ("image", "person"):
-        raise ValueError(f"targets per must be 'image' or 'person', got {per!r}")
-    chosen, persons = [], set()
-    for target in targets:
-        if per == "person" and target.person_id in persons:
-            continue
-        persons.add(target.person_id)
-        chosen.append(target)
-    return chosen if max_targets is None else chosen[:max_targets]
-
-
-# ------------------------------------------------------------------------------------------ witnesses
-
-
-class SynthPedesWitness:
-    """Answers from a SynthPedes person's attributes in the generator's answer templates."""
-
-    def __init__(self, attributes: Mapping[str, str | None], seed: int = 0) -> None:
-        self.attributes = dict(attributes)
-        self.rng = np.random.default_rng(seed)
-        # The generator's questions name their attribute too (for questions given as bare strings).
-        self._by_question = {normalize_text(q): a for a, qs in synthpedes.QUESTIONS.items() for q in qs}
-
-    def answer(self, question: ProposedQuestion | str) -> str:
-        text = question if isinstance(question, str) else question.question
-        attribute = None if isinstance(question, str) else question.attribute
-        attribute = attribute or self._by_question.get(normalize_text(text))
-        value = self.attributes.get(attribute) if attribute in synthpedes.ANSWERS else None
-        if value is None:
-            return DONT_REMEMBER
-        templates = synthpedes.ANSWERS[attribute]
-        options = templates.get(value, templates.get("*"))
-        template = options[int(self.rng.integers(len(options)))]
-        return template.format(v=value, V=value[:1].upper() + value[1:])
-
-
-class DialogueWitness:
-    """Answers from the target's own annotated rounds (past round 1): the answer of the first round whose
-    question equals the asked one after `normalize_text`, else "I don't remember."."""
-
-    def __init__(self, dialogues: Sequence[Sequence[tuple[str, str]]]) -> None:
-        self._answers: dict[str, str] = {}
-        for dialogue in dialogues:
-            for question, answer in dialogue[1:]:
-                self._answers.setdefault(normalize_text(question), answer)
-
-    def answer(self, question: ProposedQuestion | str) -> str:
-        text = question if isinstance(question, str) else question.question
-        return self._answers.get(normalize_text(text), DONT_REMEMBER)
-
-
-def make_witness(target: Target, seed: int = 0) -> SynthPedesWitness | DialogueWitness:
-    """The SynthPedes witness when the target carries ground truth, else the dialogue witness."""
-    if target.attributes is not None:
-        return SynthPedesWitness(target.attributes, seed)
-    return DialogueWitness(target.dialogues)
-
-
-# ------------------------------------------------------------------------------------------ metrics
-
-
-def best_log_rank_integral(ranks: torch.Tensor) -> torch.Tensor:
-    """PlugIR's BRI after each round (see the module docstring), averaged over targets.
-
-    Args:
-        ranks: (R, T) 1-based rank of each target's first hit after each round.
-
-    Returns:
-        (R,) float64: entry r-1 is BRI over rounds 1..r.
-    """
-    best = torch.cummin(torch.as_tensor(ranks).double(), dim=0).values.log()  # (R, T) log b_t
-    trapezoids = (best[1:] + best[:-1]) / 2  # (R-1, T)
-    areas = torch.cat([best[:1], trapezoids.cumsum(0) / torch.arange(1, best.shape[0], dtype=torch.float64)[:, None]])
-    return areas.mean(dim=1)
-
-
-def interactive_metrics(first_hits: torch.Tensor) -> list[dict[str, float]]:
-    """Per-round metrics from (R, T) 0-based ranks of the first hit (R@1, R@10, Hits@10, mean_rank, BRI)."""
-    first_hits = torch.as_tensor(first_hits)
-    hits10 = cumulative_hits_at_k(first_hits, k=10)
-    bri = best_log_rank_integral(first_hits + 1)
-    rows = []
-    for r in range(first_hits.shape[0]):
-        ranks = first_hits[r].double()
-        rows.append({
-            "round": r + 1,
-            "R@1": float((ranks < 1).double().mean() * 100), "R@10": float((ranks < 10).double().mean() * 100),
-            "Hits@10": hits10[r], "mean_rank": float((ranks + 1).mean()), "BRI": float(bri[r]),
-        })
-    return rows
-
-
-# ------------------------------------------------------------------------------------------ running
 
 
 @dataclass
@@ -573,10 +417,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 __all__ = [
-    "DialogueWitness", "SynthPedesWitness", "Target", "best_log_rank_integral", "evaluate_interactive",
-    "evaluate_interactive_folder",
-    "format_interactive_table", "interactive_metrics", "load_split_entries", "main", "make_witness",
-    "pick_targets", "plot_interactive", "write_interactive_report",
+    "evaluate_interactive", "evaluate_interactive_folder", "format_interactive_table", "main", "plot_interactive",
+    "write_interactive_report",
 ]
 
 if __name__ == "__main__":

@@ -17,8 +17,10 @@ from collections.abc import Iterator, Sequence
 import torch
 
 __all__ = [
+    "best_log_rank_integral",
     "cumulative_hits_at_k",
     "first_hit_ranks",
+    "interactive_metrics",
     "metric_keys",
     "retrieval_metrics",
     "retrieval_metrics_and_first_hit_ranks",
@@ -221,3 +223,34 @@ def cumulative_hits_at_k(per_round_first_hit_ranks: torch.Tensor, k: int = 10) -
         raise ValueError(f"k must be >= 1, got {k}")
     best_so_far = torch.cummin(ranks, dim=0).values  # (R, Q) best rank over rounds <= r
     return [float(x) for x in (best_so_far < k).double().mean(dim=1) * 100.0]
+
+
+def best_log_rank_integral(ranks: torch.Tensor) -> torch.Tensor:
+    """PlugIR's BRI after each round (see the module docstring), averaged over targets.
+
+    Args:
+        ranks: (R, T) 1-based rank of each target's first hit after each round.
+
+    Returns:
+        (R,) float64: entry r-1 is BRI over rounds 1..r.
+    """
+    best = torch.cummin(torch.as_tensor(ranks).double(), dim=0).values.log()  # (R, T) log b_t
+    trapezoids = (best[1:] + best[:-1]) / 2  # (R-1, T)
+    areas = torch.cat([best[:1], trapezoids.cumsum(0) / torch.arange(1, best.shape[0], dtype=torch.float64)[:, None]])
+    return areas.mean(dim=1)
+
+
+def interactive_metrics(first_hits: torch.Tensor) -> list[dict[str, float]]:
+    """Per-round metrics from (R, T) 0-based ranks of the first hit (R@1, R@10, Hits@10, mean_rank, BRI)."""
+    first_hits = torch.as_tensor(first_hits)
+    hits10 = cumulative_hits_at_k(first_hits, k=10)
+    bri = best_log_rank_integral(first_hits + 1)
+    rows = []
+    for r in range(first_hits.shape[0]):
+        ranks = first_hits[r].double()
+        rows.append({
+            "round": r + 1,
+            "R@1": float((ranks < 1).double().mean() * 100), "R@10": float((ranks < 10).double().mean() * 100),
+            "Hits@10": hits10[r], "mean_rank": float((ranks + 1).mean()), "BRI": float(bri[r]),
+        })
+    return rows
