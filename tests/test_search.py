@@ -13,10 +13,17 @@ import torch
 from PIL import Image
 
 from diana.modeling_diana import DiaNAModel
-from diana.processing.search import cli as search_cli
 from diana.processing.search import (
-    ChatSearchSession, GalleryIndex, IndexMismatchError, config_hash, exact_topk, list_images, model_fingerprint,
+    ChatSearchSession,
+    GalleryIndex,
+    IndexMismatchError,
+    config_hash,
+    exact_topk,
+    list_images,
+    model_fingerprint,
 )
+from diana.processing.search import cli as search_cli
+from diana.processing.search.session import _common_prefix
 from tests.helpers import tiny_config, tiny_text_config
 
 DIALOGUE = [
@@ -214,15 +221,6 @@ def pooled_models(tiny_processor, gallery):
             first + second, model, tiny_processor, with_attributes=True, batch_size=5, progress=False
         )
     return out
-
-
-def _common_prefix(a, b):
-    count = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        count += 1
-    return count
 
 
 @pytest.mark.parametrize("tokenization", ["rounds", "official"])
