@@ -3,6 +3,7 @@ encoded, the command and the main job's step, on tiny data and a tiny model."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import shutil
@@ -205,3 +206,17 @@ def test_annotated_data_uses_its_own_rounds_and_refuses_the_oracle(synth, model_
 def test_command_errors_are_one_line(synth, model_dir, capsys, argv, message):
     line = one_line_exit(capsys, interactive.main, ["--model_name_or_path", str(model_dir[0]), "--data_dir", str(synth / "chatpedes"), *argv])
     assert message in line
+
+
+def test_questioner_benchmark_times_a_proposal_beside_a_cached_round(synth, model_dir):
+    """The benchmark script runs on a saved model and a split's gallery and reports both timings per round
+    (a check of the script; its figures are in BENCHMARKS.md)."""
+    from diana.training.benchmarks import questioner as questioner_benchmark
+
+    out = io.StringIO()
+    rows = questioner_benchmark.main(["--model_name_or_path", str(model_dir[0]), "--data_dir", str(synth / "chatpedes"),
+                                      "--rounds", "3", "--repeats", "2"], out=out)
+    assert [row["round"] for row in rows] == [2, 3]
+    assert all(row["hypotheses"] > 0 and row["propose_min_ms"] > 0 and row["round_min_ms"] > 0 for row in rows)
+    assert [round(row["ratio"], 2) for row in rows] == [round(row["propose_min_ms"] / row["round_min_ms"], 2) for row in rows]
+    assert "ratio (min/min)" in out.getvalue()

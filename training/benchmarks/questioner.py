@@ -18,7 +18,7 @@ from typing import TextIO
 import torch
 
 from diana.processing.cli_errors import ArgumentParser, require_model_folder, require_path, require_range, run_cli
-from diana.processing.data.synthpedes import ANSWERS, ATTRIBUTE_NAMES, QUESTIONS
+from diana.processing.data.synthpedes_attributes import ANSWERS, ATTRIBUTE_NAMES, QUESTIONS
 from diana.processing.model_loading import load_model_and_processor
 from diana.processing.search import ChatSearchSession, GalleryIndex
 from diana.processing.search.fingerprints import model_fingerprint, processor_fingerprint
