@@ -263,12 +263,23 @@ def test_batched_cached_hypotheses_equal_each_dialogue_encoded_alone(models, tin
     session = ChatSearchSession(model, processor, index, k=3, mode=mode, check_index=False)
     session.start("The person had gray hair and wore a white top.")
     session.add_round("Were they wearing a hat?", "A green hat.")
-    hypotheses = [("What colour were the shoes?", "The shoes were red."), ("Did the person have a bag?", "No bag."),
-                  ("Anything else?", "A long, long answer that is much longer than the others, with commas!")]
+    # Answers to one question share a packed row (tree mask): short and long answers, one that begins
+    # like another, one that does not.
+    shoes = "What colour were the shoes?"
+    hypotheses = [(shoes, "The shoes were red."), ("Did the person have a bag?", "No bag."), (shoes, "Red."),
+                  ("Anything else?", "A long, long answer that is much longer than the others, with commas!"),
+                  (shoes, "The shoes were red and white, with long laces.")]
     scores, candidates = session.candidates(5)
     assert candidates.shape == (5,) and torch.all(scores[:-1] >= scores[1:])
-    batched = session.score_next_rounds(hypotheses, candidates)
-    assert batched.shape == (3, 5)
+    rows = []
+    hook = model.text_model.register_forward_hook(lambda module, args, kwargs, out: rows.append(kwargs["input_ids"].shape[0]),
+                                                  with_kwargs=True)
+    try:
+        batched = session.score_next_rounds(hypotheses, candidates)
+    finally:
+        hook.remove()
+    assert rows == [3]  # one tower pass, one row per question
+    assert batched.shape == (5, 5)
     for row, hypothesis in enumerate(hypotheses):
         with torch.no_grad():
             alone = model.encode_dialogues(**processor(dialogues=[[*session.rounds, hypothesis]], return_tensors="pt"))

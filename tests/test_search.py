@@ -23,7 +23,8 @@ from diana.processing.search import (
     model_fingerprint,
 )
 from diana.processing.search import cli as search_cli
-from diana.processing.search.session import _common_prefix
+from diana.processing.search.questioner import QuestionBank, make_policy
+from diana.processing.search.session import CANDIDATE_POOL, _common_prefix
 from tests.helpers import tiny_config, tiny_text_config
 
 DIALOGUE = [
@@ -711,3 +712,27 @@ def test_indexing_in_two_processes_equals_one(model, tiny_processor, gallery, in
     torch.testing.assert_close(merged.image_embeds, index.image_embeds, atol=1e-6, rtol=0)
     torch.testing.assert_close(merged.image_attribute_embeds, index.image_attribute_embeds, atol=1e-6, rtol=0)
     assert not (tmp_path / "two.parts").exists()
+
+
+def test_one_gallery_search_serves_the_round_and_the_questioners_top_n(model, tiny_processor, monkeypatch):
+    """A round searches the gallery once, for at least CANDIDATE_POOL photos; its top-k and the proposal's
+    top-N are prefixes of that search, equal to searching for them alone; a new query searches again."""
+    generator = torch.Generator().manual_seed(3)
+    embeds = torch.nn.functional.normalize(torch.randn(3 * CANDIDATE_POOL, model.config.projection_dim,
+                                                       generator=generator), dim=-1)
+    gallery = GalleryIndex(embeds, [str(i) for i in range(len(embeds))], model_fingerprint(model), "test")
+    searches = []
+    plain_search = gallery.search
+    monkeypatch.setattr(gallery, "search", lambda *args, **kwargs: searches.append(args[1]) or plain_search(*args, **kwargs))
+    session = ChatSearchSession(model, tiny_processor, gallery, k=5, mode="global", check_index=False)
+    result = session.add_round(*DIALOGUE[0])
+    make_policy("info_gain", QuestionBank.from_synthpedes(), top_n=CANDIDATE_POOL).propose(session)
+    assert searches == [CANDIDATE_POOL]  # the round's search served the proposal too
+    for n in (1, 5, CANDIDATE_POOL, len(gallery)):
+        scores, indices = session.candidates(n)
+        alone = plain_search(session.query_embeds, n)
+        assert torch.equal(indices, alone[1][0]) and torch.equal(scores, alone[0][0])
+    assert result.indices == session.candidates(5)[1].tolist()
+    assert searches == [CANDIDATE_POOL, len(gallery)]  # a longer top searched once more
+    session.reject([1])
+    assert 0 < len(session.candidates(3)[1]) and searches[-1] == CANDIDATE_POOL + 1  # the moved query: a new search

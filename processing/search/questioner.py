@@ -208,17 +208,21 @@ def expected_entropies(
         (Q,) one per question.
     """
     belief = torch.softmax(inverse_temperature * scores.double(), dim=0)  # (N,)
-    out = []
-    for block in torch.split(inverse_temperature * next_scores.double(), list(answer_counts)):  # (A, N)
-        likelihood = torch.softmax(block, dim=0)  # p(a | c), (A, N)
-        p_answer = likelihood @ belief  # (A,)
-        if posterior == "bayes":
-            after = likelihood * belief[None, :] / p_answer[:, None].clamp_min(1e-300)  # b(c | a)
-        else:
-            after = torch.softmax(block, dim=1)
-        entropy = -(after * torch.log(after.clamp_min(1e-300))).sum(dim=1)  # (A,)
-        out.append(float((p_answer * entropy).sum()))
-    return torch.tensor(out, dtype=torch.float64)
+    counts = torch.as_tensor(list(answer_counts))
+    # Questions side by side: (Q, A, N), answers past a question's own count are absent (-inf logits).
+    question_of = torch.repeat_interleave(torch.arange(len(counts)), counts)
+    answer_of = torch.arange(len(question_of)) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+    logits = torch.full((len(counts), int(counts.max()), next_scores.shape[1]), -math.inf, dtype=torch.float64)
+    logits[question_of, answer_of] = inverse_temperature * next_scores.double()
+    present = torch.isfinite(logits[:, :, :1])  # (Q, A, 1)
+    likelihood = torch.softmax(logits, dim=1)  # p(a | c)
+    p_answer = likelihood @ belief  # (Q, A)
+    if posterior == "bayes":
+        after = likelihood * belief / p_answer[..., None].clamp_min(1e-300)  # b(c | a)
+    else:
+        after = torch.softmax(logits.masked_fill(~present, 0.0), dim=2)
+    entropy = -(after * torch.log(after.clamp_min(1e-300))).sum(dim=2)  # (Q, A)
+    return (p_answer * entropy).masked_fill(~present[..., 0], 0.0).sum(dim=1)
 
 
 class CallableQuestioner(Questioner):

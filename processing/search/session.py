@@ -18,6 +18,9 @@ from transformers import DynamicCache
 from ..processing_diana import DEFAULT_FIRST_QUESTION
 from .index import GalleryIndex
 
+# Photos ranked per query at least (the questioner's default top-N), so proposing a question after a
+# round reuses the round's gallery search instead of scanning the gallery again.
+CANDIDATE_POOL = 50
 # DiaNAConfig.rejection_weight's default, for model configs saved before that field existed.
 DEFAULT_REJECTION_WEIGHT = 0.15
 
@@ -30,6 +33,53 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
             break
         count += 1
     return count
+
+
+def _pack_continuations(
+    tails: Sequence[Sequence[int]], groups: Iterable[Any]
+) -> tuple[list[list[int]], list[list[int]], list[tuple[int, int]]]:
+    """Packs id sequences into rows, one row per group key: the ids all of a group's sequences begin
+    with (segment 0; at most each one's length - 1, so each keeps a token of its own), then each
+    sequence's rest (segment 1, 2, ...).
+
+    Returns:
+        ``(rows, segments, placement)``: the ids of each row, the segment number of each id, and for
+        each input sequence its ``(row, segment)``; a sequence is its row's segment 0 plus its own.
+    """
+    members: dict[Any, list[int]] = {}
+    for number, key in enumerate(groups):
+        members.setdefault(key, []).append(number)
+    rows, segments, placement = [], [], [(0, 0)] * len(tails)
+    for row, numbers in enumerate(members.values()):
+        shared = min(len(tails[n]) - 1 for n in numbers)
+        for n in numbers[1:]:
+            shared = min(shared, _common_prefix(tails[numbers[0]], tails[n]))
+        ids, segment = list(tails[numbers[0]][:shared]), [0] * shared
+        for own, n in enumerate(numbers, start=1):
+            ids += tails[n][shared:]
+            segment += [own] * (len(tails[n]) - shared)
+            placement[n] = (row, own)
+        rows.append(ids)
+        segments.append(segment)
+    return rows, segments, placement
+
+
+def _tree_attention(segment: torch.Tensor, head: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The additive 4-d mask (G, 1, T, head + T) and positions (G, T) of packed rows (`_pack_continuations`;
+    segment -1 = padding) run on a cached head of ``head`` tokens.
+
+    A token sees the head, the earlier shared tokens (segment 0) and the earlier tokens of its own
+    segment, so it computes what it would in its sequence alone; its position is the number of tokens
+    it sees, itself included, minus one. Padding (never read) sees the head and the shared tokens.
+    """
+    length = segment.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=segment.device).tril()
+    visible = (segment[:, None, :] == 0) | (segment[:, None, :] == segment[:, :, None])  # (G, T, T)
+    allowed = (visible & (segment[:, None, :] >= 0) & causal) | torch.eye(length, dtype=torch.bool, device=segment.device)
+    allowed = torch.cat([torch.ones(*allowed.shape[:2], head, dtype=torch.bool, device=segment.device), allowed], dim=2)
+    positions = allowed.sum(-1) - 1  # (G, T)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=segment.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return mask[:, None], positions
 
 
 @dataclass
@@ -138,6 +188,7 @@ class ChatSearchSession:
         self.text_attribute_embeds: torch.Tensor | None = None  # (1, K, D)
         self.query_embeds: torch.Tensor | None = None  # text_embeds moved away from the rejected photos
         self.query_attribute_embeds: torch.Tensor | None = None
+        self._ranked: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (n asked, top-n) of the latest query
 
     @property
     def first_question(self) -> str:
@@ -168,6 +219,7 @@ class ChatSearchSession:
             self.text_attribute_embeds = encoding.text_attribute_embeds.float()  # (1, K, D)
         self.rounds = rounds
         self.query_embeds, self.query_attribute_embeds = self.queries_for(self.text_embeds, self.text_attribute_embeds)
+        self._ranked = None
         return self._record_ranking(question, answer, new_tokens, truncated)
 
     @torch.no_grad()
@@ -190,6 +242,7 @@ class ChatSearchSession:
         picked = list(dict.fromkeys(shown.indices[rank - 1] for rank in ranks))  # once each, in the given order
         self.rejected += picked
         self.query_embeds, self.query_attribute_embeds = self.queries_for(self.text_embeds, self.text_attribute_embeds)
+        self._ranked = None
         question, answer = self.rounds[-1]
         return self._record_ranking(question, answer, 0, shown.truncated, rejected=picked)
 
@@ -223,7 +276,13 @@ class ChatSearchSession:
         """
         if self.query_embeds is None:
             raise ValueError("no round yet: describe the person first")
-        return self.rank(self.query_embeds, self.query_attribute_embeds, n)
+        # One gallery search per query serves both the shown top-k and the questioner's top-N: the ranking
+        # is a fixed order (score, then gallery index), so a shorter top is a prefix of a longer one.
+        if self._ranked is None or n > self._ranked[0]:
+            asked = max(n, CANDIDATE_POOL)
+            self._ranked = (asked, *self.rank(self.query_embeds, self.query_attribute_embeds, asked))
+        _, scores, indices = self._ranked
+        return scores[:n], indices[:n]
 
     @torch.no_grad()
     def rank(
@@ -300,14 +359,13 @@ class ChatSearchSession:
 
         Row h scores the dialogue so far followed by ``rounds[h]`` (question, answer), exactly as
         `add_round` would, without changing the session. All H dialogues run through the tower in ONE
-        batched pass on top of the session's key/value cache, expanded along the batch: only each
-        hypothesis's own new tokens are computed. The new tokens are right-padded; the tower is causal,
-        so padding after a hypothesis's last token cannot change its states, and the pooling reads only
-        its real tokens.
+        batched pass on top of the session's key/value cache (`_hypothesis_states`): only their own new
+        tokens are computed, and the tokens that the answers to one question share (the question and the
+        template around it) only once.
         """
         if not rounds:
             raise ValueError("score_next_rounds needs at least one (question, answer) round")
-        states, token_mask = self._hypothesis_states(self._next_round_ids(rounds))
+        states, token_mask = self._hypothesis_states(self._next_round_ids(rounds), [q for q, _ in rounds])
         encoding = self.model.encode_text_tokens(states, token_mask, with_attributes=self.mode != "global")
         index = torch.as_tensor(candidate_indices, dtype=torch.long).cpu()
         attributes = self.index.image_attribute_embeds
@@ -342,40 +400,60 @@ class ChatSearchSession:
                 self._round_ids[pair] = list(row[len(ids[0]):])
         return [(self._ids + self._round_ids[pair])[: self.processor.max_length] for pair in rounds]
 
-    def _hypothesis_states(self, hypothesis_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _hypothesis_states(
+        self, hypothesis_ids: list[list[int]], groups: Sequence[Any] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Projected tower states (H, L, D) of several continuations of the cached dialogue and the
-        (H, L) mask of each one's tokens, from one batched pass over the tokens past their shared head.
+        (H, L) mask of each one's tokens, from one batched pass over the tokens past the cached head.
 
         The cached head is the longest prefix that the cached ids share with every continuation, kept
-        short of each continuation's last token so that every row runs at least one token.
+        short of each continuation's last token so that every row runs at least one token. Continuations
+        with the same ``groups`` key (the answers to one question) share one row: the tokens they all
+        begin with come first, then each one's own rest, and a tree-shaped mask lets a token see the
+        head, the shared tokens and its own segment only, with the positions it has alone. So the states
+        are those of each continuation run alone, while the question's tokens run once, not once per
+        answer (a causal pass with the head's cache expanded along the batch when the attention
+        implementation takes no 4-d mask, e.g. FlashAttention).
         """
         keep = min(min(_common_prefix(self._ids, ids), len(ids) - 1) for ids in hypothesis_ids)
         if self._cache is None:
             keep = 0
         model = self.model
         device = next(model.parameters()).device
-        count = len(hypothesis_ids)
         tails = [ids[keep:] for ids in hypothesis_ids]
-        longest = max(map(len, tails))
+        if groups is None or "flash" in str(model.text_model.config._attn_implementation):
+            groups = range(len(tails))  # one row each: a causal pass
+        rows, segments, placement = _pack_continuations(tails, groups)
+        length = max(map(len, rows))
         pad = getattr(self.processor, "pad_token_id", 0) or 0
-        new_ids = torch.tensor([tail + [pad] * (longest - len(tail)) for tail in tails], device=device)  # (H, T)
+        new_ids = torch.tensor([row + [pad] * (length - len(row)) for row in rows], device=device)  # (G, T)
+        segment = torch.tensor([seg + [-1] * (length - len(seg)) for seg in segments], device=device)  # (G, T)
         cache = None
         if keep:
-            # Each layer's cached keys / values of the shared head, repeated for every hypothesis.
+            # Each layer's cached keys / values of the head, repeated for every row.
             cache = DynamicCache(
                 ddp_cache_data=[
-                    (layer.keys[:, :, :keep].expand(count, -1, -1, -1), layer.values[:, :, :keep].expand(count, -1, -1, -1))
+                    (layer.keys[:, :, :keep].expand(len(rows), -1, -1, -1),
+                     layer.values[:, :, :keep].expand(len(rows), -1, -1, -1))
                     for layer in self._cache.layers
                 ],
                 config=model.text_model.config,
             )
-        hidden = model.text_model(input_ids=new_ids, cache=cache, use_cache=cache is not None).last_hidden_state
-        states = model.text_projection(hidden)  # (H, T, D)
+        if len(rows) == len(tails):
+            hidden = model.text_model(input_ids=new_ids, cache=cache, use_cache=cache is not None).last_hidden_state
+        else:
+            mask, positions = _tree_attention(segment, keep, model.text_model.get_input_embeddings().weight.dtype)
+            hidden = model.text_model(input_ids=new_ids, attention_mask=mask, position_ids=positions, cache=cache,
+                                      use_cache=cache is not None).last_hidden_state
+        states = model.text_projection(hidden)  # (G, T, D)
         if keep:
-            states = torch.cat([self._token_states[:, :keep].expand(count, -1, -1), states], dim=1)
-        lengths = torch.tensor([len(ids) for ids in hypothesis_ids], device=device)
-        token_mask = torch.arange(states.shape[1], device=device)[None, :] < lengths[:, None]  # (H, L)
-        return states, token_mask
+            states = torch.cat([self._token_states[:, :keep].expand(len(rows), -1, -1), states], dim=1)
+        row_of = torch.tensor([row for row, _ in placement], device=device)
+        own = torch.tensor([seg for _, seg in placement], device=device)[:, None]  # (H, 1)
+        tokens = segment[row_of]  # (H, T)
+        token_mask = torch.cat([torch.ones(len(tails), keep, dtype=torch.bool, device=device),
+                                (tokens == 0) | (tokens == own)], dim=1)  # head, shared, own segment
+        return states[row_of], token_mask
 
     @torch.no_grad()
     def encode_from_scratch(self) -> torch.Tensor:
