@@ -25,6 +25,7 @@ from diana.processing.search import (
 from diana.processing.search import cli as search_cli
 from diana.processing.search.questioner import QuestionBank, make_policy
 from diana.processing.search.session import CANDIDATE_POOL, _common_prefix
+from diana.training.benchmarks.search import clustered_gallery, person_queries
 from tests.helpers import tiny_config, tiny_text_config
 
 DIALOGUE = [
@@ -736,3 +737,21 @@ def test_one_gallery_search_serves_the_round_and_the_questioners_top_n(model, ti
     assert searches == [CANDIDATE_POOL, len(gallery)]  # a longer top searched once more
     session.reject([1])
     assert 0 < len(session.candidates(3)[1]) and searches[-1] == CANDIDATE_POOL + 1  # the moved query: a new search
+
+
+def test_default_ann_has_about_four_sqrt_n_lists_and_finds_clustered_neighbours():
+    pytest.importorskip("faiss")
+    from diana.processing.search.ann import default_ann_factory, default_nprobe, recall_at_k
+
+    assert [default_ann_factory(n) for n in (1_000_000, 250_000, 1_000, 500)] == [
+        "IVF4096,SQfp16", "IVF2048,SQfp16", "IVF16,SQfp16", "SQfp16"]  # >= 40 training rows per list
+    assert [default_nprobe(f) for f in ("IVF4096,SQfp16", "IVF2048,SQfp16", "IVF16,SQfp16", "SQfp16")] == [32, 16, 16, 0]
+    # The search benchmark's clustered vectors (groups of look-alike persons, 4 images each), smaller:
+    # the default index (256 lists, 16 probed) keeps nearly all of the exact top-10.
+    gallery, centres = clustered_gallery(20_000, 64, 4)
+    queries = person_queries(centres, 100)
+    index = _index_of(gallery)
+    ann = index.build_ann()
+    assert (ann.factory, ann.nprobe) == ("IVF256,SQfp16", 16)
+    recall = recall_at_k(index.search(queries, 10, backend="ann")[1], exact_topk(queries, gallery, 10)[1])
+    assert recall >= 0.95, recall

@@ -28,23 +28,27 @@ TRAIN_ROWS_PER_LIST = 40
 
 
 def default_ann_factory(num_images: int) -> str:
-    """The FAISS factory string for a gallery of ``num_images``: an inverted file with ~sqrt(N) lists
-    (a power of two; k-means training and assignment cost grow with the list count, a query's scan
-    shrinks with it) storing float16 codes, half the memory of float32. Galleries too small to train
-    16 lists get a float16 flat scan."""
-    lists = 2 ** round(math.log2(max(1.0, math.sqrt(max(num_images, 1)))))
+    """The FAISS factory string for a gallery of ``num_images``: an inverted file with ~4 sqrt(N) lists
+    (a power of two; FAISS's guideline is 4-16 sqrt(N): k-means training and assignment cost grow with
+    the list count, a query's scan shrinks with it) storing float16 codes, half the memory of float32.
+    Galleries too small to train 16 lists get a float16 flat scan.
+
+    Why not sqrt(N): on a million clustered vectors (groups of look-alike persons), 1,024 lists mix
+    several groups each, and a query's look-alikes spread over many of them (recall@10 0.80 with 64
+    lists probed, 5.4 ms); with 4,096 lists, 32 probed give 0.99 in 1.3 ms (BENCHMARKS.md)."""
+    lists = 2 ** round(math.log2(max(1.0, 4 * math.sqrt(max(num_images, 1)))))
     while lists >= 16 and lists * TRAIN_ROWS_PER_LIST > num_images:
         lists //= 2
     return f"IVF{min(lists, 65536)},SQfp16" if lists >= 16 else "SQfp16"
 
 
 def default_nprobe(factory: str) -> int:
-    """Lists visited per query: 1/16 of an inverted file's lists (at least 8); the search benchmark
-    reports the recall@10 this gives (BENCHMARKS.md)."""
+    """Lists visited per query: 1/128 of an inverted file's lists, at least 16 (all of a small one). On
+    a million clustered vectors (4,096 lists) 32 lists give recall@10 0.99 in ~1.3 ms (BENCHMARKS.md)."""
     if not factory.startswith("IVF"):
         return 0
-    lists = int(factory[3:].split(",")[0])
-    return min(lists, max(8, lists // 16))
+    lists = int(factory[3:].split(",")[0].split("_")[0])
+    return min(lists, max(16, lists // 128))
 
 
 def _faiss():
@@ -87,7 +91,7 @@ class AnnIndex:
         index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
         if not index.is_trained:
             try:
-                lists = faiss.extract_index_ivf(index).nlist
+                lists = faiss.extract_index_ivf(index).nlist  # trained by spherical k-means (FAISS, inner product)
             except RuntimeError:  # not an inverted file (e.g. a product quantiser)
                 lists = 1024
             picked = np.sort(np.random.default_rng(seed).choice(total, min(TRAIN_ROWS_PER_LIST * lists, total), replace=False))

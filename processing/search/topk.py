@@ -140,8 +140,16 @@ def scan_blocks(
                 scores = (query16 @ chunk.T).float()  # (Q, n)
             else:
                 scores = queries.float() @ chunk.to(device, non_blocking=True).float().T
-            values, rows = torch.topk(scores, min(count, chunk.shape[0]), dim=1)
-            rows = rows + offset + start
+            if best_values is not None and best_values.shape[1] == count:
+                # Once the pool is full only rows above some query's lowest pooled score can enter it: a
+                # comparison instead of a top-k over the whole chunk (most chunks have few such rows).
+                columns = (scores > best_values[:, -1:]).any(0).nonzero().squeeze(1)
+                if columns.numel() == 0:
+                    continue
+                values, rows = scores[:, columns], (columns + offset + start).expand(scores.shape[0], -1)
+            else:
+                values, rows = torch.topk(scores, min(count, chunk.shape[0]), dim=1)
+                rows = rows + offset + start
             if best_values is not None:
                 values, rows = torch.cat([best_values, values], 1), torch.cat([best_rows, rows], 1)
                 values, order = torch.topk(values, min(count, values.shape[1]), dim=1)
