@@ -212,9 +212,9 @@ def expected_entropies(
     # Questions side by side: (Q, A, N), answers past a question's own count are absent (-inf logits).
     question_of = torch.repeat_interleave(torch.arange(len(counts)), counts)
     answer_of = torch.arange(len(question_of)) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+    present = torch.arange(int(counts.max()))[None, :, None] < counts[:, None, None]  # (Q, A, 1)
     logits = torch.full((len(counts), int(counts.max()), next_scores.shape[1]), -math.inf, dtype=torch.float64)
     logits[question_of, answer_of] = inverse_temperature * next_scores.double()
-    present = torch.isfinite(logits[:, :, :1])  # (Q, A, 1)
     likelihood = torch.softmax(logits, dim=1)  # p(a | c)
     p_answer = likelihood @ belief  # (Q, A)
     if posterior == "bayes":

@@ -218,8 +218,7 @@ class ChatSearchSession:
         if encoding.text_attribute_embeds is not None:
             self.text_attribute_embeds = encoding.text_attribute_embeds.float()  # (1, K, D)
         self.rounds = rounds
-        self.query_embeds, self.query_attribute_embeds = self.queries_for(self.text_embeds, self.text_attribute_embeds)
-        self._ranked = None
+        self._move_query()
         return self._record_ranking(question, answer, new_tokens, truncated)
 
     @torch.no_grad()
@@ -241,10 +240,14 @@ class ChatSearchSession:
                 raise ValueError(f"rank {rank!r} was not shown: the latest ranking shows ranks 1-{len(shown.indices)}")
         picked = list(dict.fromkeys(shown.indices[rank - 1] for rank in ranks))  # once each, in the given order
         self.rejected += picked
-        self.query_embeds, self.query_attribute_embeds = self.queries_for(self.text_embeds, self.text_attribute_embeds)
-        self._ranked = None
+        self._move_query()
         question, answer = self.rounds[-1]
         return self._record_ranking(question, answer, 0, shown.truncated, rejected=picked)
+
+    def _move_query(self) -> None:
+        """The query after the latest round and rejections; the ranking of the previous one no longer holds."""
+        self.query_embeds, self.query_attribute_embeds = self.queries_for(self.text_embeds, self.text_attribute_embeds)
+        self._ranked = None
 
     def queries_for(
         self, text_embeds: torch.Tensor, text_attribute_embeds: torch.Tensor | None

@@ -1,7 +1,8 @@
 """Search at gallery scale, every figure beside its naive baseline in the same run: the machine's
 memory bandwidth, exact top-k (plain float32 chunked products vs the float16 scan + exact re-score),
 the ANN (FAISS inverted file) with recall@k against exact, one chat round (tokens, search and the
-questioner's proposal) on the main job's model size, and indexing images/s with 1 and 2 processes (``accelerate launch``).
+questioner's proposal) on the main job's model size, and indexing images/s with 1 and 2 processes
+(``accelerate launch``).
 
     python -m diana.training.benchmarks.search --gallery_size 1000000 --output_file outputs/bench_search.json
     python -m diana.training.benchmarks.search --tiny --output_file /tmp/search_tiny.json
